@@ -1,0 +1,264 @@
+//! Wires the stages into a running agent: the inotify watcher, the ingest thread that drives
+//! [`Ingest`], and the archive worker.
+//!
+//! Ingest runs on a thread of its own rather than on the async runtime: it does blocking file
+//! I/O and CPU-bound compression, and owning its state outright keeps the hot path free of
+//! locks. Everything reaches it as a [`Msg`] on one channel, so events are handled in order.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use notify::Watcher;
+use tracing::{error, info, warn};
+
+use crate::archive::Archive;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{ArchiveJob, ArchiveOutcome, DirWatcher, Ingest, PipelineError};
+use crate::task::TaskIdentity;
+
+/// Everything the ingest thread reacts to.
+pub enum Msg {
+    Fs(notify::Result<notify::Event>),
+    Archived(ArchiveOutcome),
+    /// The worker dropped a queued job because the agent is stopping; the next agent redoes it.
+    ArchiveSkipped,
+    Shutdown,
+}
+
+/// What an embedding program (the demo, tests) may want to hear about.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    Archived(ArchiveOutcome),
+}
+
+struct NotifyWatcher {
+    inner: notify::INotifyWatcher,
+    watched: HashSet<PathBuf>,
+}
+
+impl DirWatcher for NotifyWatcher {
+    fn watch(&mut self, dir: &Path) -> Result<(), String> {
+        if self.watched.contains(dir) {
+            return Ok(());
+        }
+        self.inner
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| e.to_string())?;
+        self.watched.insert(dir.to_owned());
+        Ok(())
+    }
+
+    fn unwatch(&mut self, dir: &Path) {
+        if self.watched.remove(dir) {
+            // The kernel drops the watch of a deleted directory by itself; this only tidies up.
+            let _ = self.inner.unwatch(dir);
+        }
+    }
+}
+
+/// A running agent. Dropping it without [`Agent::shutdown`] leaves the threads running.
+pub struct Agent {
+    tx: Sender<Msg>,
+    ingest: JoinHandle<()>,
+    worker: JoinHandle<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Agent {
+    /// Restores state, starts watching and reading. Fails if the state directory or the
+    /// checkpoint cannot be used, or inotify cannot be initialised at all.
+    pub fn start(
+        cfg: &Config,
+        identity: Box<dyn TaskIdentity>,
+        mut archive: Box<dyn Archive>,
+        observer: Option<Sender<AgentEvent>>,
+    ) -> Result<Agent, StartError> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let fs_tx = tx.clone();
+        let inner = notify::INotifyWatcher::new(
+            move |res| {
+                let _ = fs_tx.send(Msg::Fs(res));
+            },
+            notify::Config::default(),
+        )
+        .map_err(StartError::Inotify)?;
+        let watcher = NotifyWatcher {
+            inner,
+            watched: HashSet::new(),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
+
+        let (jobs_tx, jobs_rx) = mpsc::channel::<ArchiveJob>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_stop = stop.clone();
+        let done_tx = tx.clone();
+        let worker = std::thread::Builder::new()
+            .name("archive".into())
+            .spawn(move || {
+                for job in jobs_rx {
+                    if worker_stop.load(Ordering::Relaxed) {
+                        let _ = done_tx.send(Msg::ArchiveSkipped);
+                        continue;
+                    }
+                    let result = archive
+                        .put(&job.task, &job.spool, job.len)
+                        .map_err(|e| e.to_string());
+                    let outcome = ArchiveOutcome {
+                        pod_dir: job.pod_dir,
+                        task: job.task,
+                        len: job.len,
+                        result,
+                    };
+                    if done_tx.send(Msg::Archived(outcome)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(StartError::Thread)?;
+
+        let timing = Timing {
+            poll: Duration::from_millis(cfg.poll_interval_ms),
+            rescan: Duration::from_secs(cfg.rescan_interval_secs.max(1)),
+            commit: Duration::from_millis(cfg.commit_interval_ms),
+            shutdown_grace: Duration::from_secs(cfg.shutdown_timeout_secs),
+        };
+        let ingest = std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || run_loop(ingest, rx, jobs_tx, stop, timing, observer))
+            .map_err(StartError::Thread)?;
+        Ok(Agent {
+            tx,
+            ingest,
+            worker,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops reading, seals and commits, waits (up to the grace period) for the archive that
+    /// is in flight, and returns once everything is durable.
+    pub fn shutdown(self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        drop(self.tx);
+        if self.ingest.join().is_err() {
+            error!("ingest thread panicked");
+        }
+        let _ = self.worker.join();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot initialise inotify: {0}")]
+    Inotify(notify::Error),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+struct Timing {
+    poll: Duration,
+    rescan: Duration,
+    commit: Duration,
+    shutdown_grace: Duration,
+}
+
+fn run_loop(
+    mut ingest: Ingest,
+    rx: Receiver<Msg>,
+    jobs_tx: Sender<ArchiveJob>,
+    stop: Arc<AtomicBool>,
+    t: Timing,
+    observer: Option<Sender<AgentEvent>>,
+) {
+    let start = Instant::now();
+    let mut next_poll = start;
+    let mut next_rescan = start + t.rescan;
+    let mut in_flight = 0usize;
+    let mut more = true;
+    let mut stopping = false;
+    let on_msg =
+        |ingest: &mut Ingest, msg: Msg, in_flight: &mut usize, stopping: &mut bool| match msg {
+            Msg::Fs(Ok(ev)) => ingest.on_fs_event(&ev),
+            Msg::Fs(Err(e)) => ingest.on_watch_error(&e.to_string()),
+            Msg::Archived(o) => {
+                *in_flight = in_flight.saturating_sub(1);
+                ingest.archive_finished(&o, Instant::now());
+                if let Some(obs) = &observer {
+                    let _ = obs.send(AgentEvent::Archived(o));
+                }
+            }
+            Msg::ArchiveSkipped => *in_flight = in_flight.saturating_sub(1),
+            Msg::Shutdown => *stopping = true,
+        };
+    while !stopping {
+        let now = Instant::now();
+        let wait = if more || ingest.has_work_queued() {
+            Duration::ZERO
+        } else {
+            next_poll.saturating_duration_since(now).min(t.commit)
+        };
+        match rx.recv_timeout(wait) {
+            Ok(msg) => {
+                on_msg(&mut ingest, msg, &mut in_flight, &mut stopping);
+                // Take what else is queued before reading, so a burst of inotify events for
+                // one file costs one read.
+                for msg in rx.try_iter().take(100_000) {
+                    on_msg(&mut ingest, msg, &mut in_flight, &mut stopping);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if stopping {
+            break;
+        }
+        let now = Instant::now();
+        if now >= next_rescan {
+            ingest.scan_all();
+            next_rescan = now + t.rescan;
+        }
+        more = ingest.process(now);
+        if now >= next_poll {
+            ingest.tick(now);
+            next_poll = now + t.poll;
+        }
+        ingest.commit_if_due(now, t.commit);
+        for job in ingest.take_archive_jobs() {
+            in_flight += 1;
+            if jobs_tx.send(job).is_err() {
+                error!("archive worker is gone; archives will resume after a restart");
+            }
+        }
+    }
+    info!("shutting down: sealing spools and committing");
+    stop.store(true, Ordering::Relaxed);
+    drop(jobs_tx);
+    let deadline = Instant::now() + t.shutdown_grace;
+    while in_flight > 0 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(msg) => on_msg(&mut ingest, msg, &mut in_flight, &mut stopping),
+            Err(_) => {
+                warn!(
+                    in_flight,
+                    "archives still running at the end of the grace period; the next agent redoes them"
+                );
+                break;
+            }
+        }
+    }
+    if !ingest.shutdown() {
+        error!("final checkpoint failed; the next agent re-reads from the previous one");
+    }
+}

@@ -1,0 +1,207 @@
+//! The checkpoint: what the agent vouches for after a crash.
+//!
+//! One file, `checkpoint.json`, replaced atomically: write a temp file, fsync it, rename it over
+//! the old one, fsync the directory. If the agent dies at any instant, either the old or the new
+//! checkpoint is in place, and every spool byte it refers to was fsynced before it was written.
+//! The format is a versioned enum so that a later agent can read an older checkpoint.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{FileDecodeState, LineState};
+
+pub const FILE_NAME: &str = "checkpoint.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "checkpoint {path} cannot be read: {source}; move it aside to start over (logs already archived may be archived again)"
+    )]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The file's top level; `version` selects the layout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "version")]
+pub enum Checkpoint {
+    #[serde(rename = "1")]
+    V1(State),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    /// Wall-clock time of the commit, milliseconds since the Unix epoch.
+    pub committed_at_ms: u64,
+    pub tasks: Vec<TaskState>,
+}
+
+/// Identifies a file across renames and guards against inode reuse: the inode alone may be
+/// handed to a new file once the old one is deleted, the first bytes of a log differ.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+    /// Birth time in nanoseconds (statx), 0 where the filesystem does not record it. Tells a
+    /// reused inode number apart even when the file is empty and has no fingerprint yet.
+    #[serde(default)]
+    pub born_ns: u64,
+    /// How many leading bytes `fp` covers (up to 64; fewer while the file was shorter).
+    pub fp_len: u32,
+    /// CRC-32 of those bytes.
+    pub fp: u32,
+}
+
+/// Where the lifecycle of a task stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum Phase {
+    /// Sources may still grow.
+    Running,
+    /// All sources drained, everything sealed and committed; the archive is due.
+    Ended,
+    /// The archive holds exactly `archived_len` bytes of this spool.
+    Archived { at_ms: u64, archived_len: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceState {
+    /// The container's restart number: `<n>` in `<n>.log`.
+    pub restart: u32,
+    pub key: FileKey,
+    /// Next byte to read; everything before it is in the spool's committed part.
+    pub offset: u64,
+    /// Where the file was last seen; only a hint, the key decides.
+    pub path: PathBuf,
+    pub decode: FileDecodeState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskState {
+    /// The pod log directory name, `<namespace>_<pod>_<uid>`: the task's stable key on a node.
+    pub pod_dir: String,
+    pub container: String,
+    pub task_id: Option<String>,
+    /// Committed length of the spool file (compressed bytes).
+    pub spool_file_len: u64,
+    /// Bytes of log text in that committed part.
+    pub log_len: u64,
+    pub phase: Phase,
+    /// Files still being read, in log order.
+    pub sources: Vec<SourceState>,
+    /// Files read to their end, so a rescan never reads them again.
+    pub done: Vec<FileKey>,
+    /// Highest restart number taken into the log so far.
+    pub last_restart: Option<u32>,
+    pub lines: [LineState; 2],
+}
+
+/// Reads the checkpoint in `dir`; a missing file is an empty state (first start).
+pub fn load(dir: &Path) -> Result<State, CheckpointError> {
+    let path = dir.join(FILE_NAME);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(source) => {
+            return Err(CheckpointError::Io {
+                path,
+                op: "read",
+                source,
+            });
+        }
+    };
+    match serde_json::from_slice::<Checkpoint>(&bytes) {
+        Ok(Checkpoint::V1(s)) => Ok(s),
+        Err(source) => Err(CheckpointError::Parse { path, source }),
+    }
+}
+
+/// Replaces the checkpoint in `dir` with `state`, atomically and durably.
+pub fn commit(dir: &Path, state: &State) -> Result<(), CheckpointError> {
+    let path = dir.join(FILE_NAME);
+    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+    let io = |op, source| CheckpointError::Io {
+        path: path.clone(),
+        op,
+        source,
+    };
+    let bytes = serde_json::to_vec(&Checkpoint::V1(state.clone()))
+        .expect("checkpoint state always serializes");
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        // A half-written temp file is harmless (never read) but wastes the space we lack.
+        let _ = fs::remove_file(&tmp);
+        return Err(io("write temp file", e));
+    }
+    // If we die here the old checkpoint is still whole and still matches the spools, whose
+    // committed parts are never rewritten.
+    fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
+    sync_dir(dir).map_err(|e| io("fsync directory", e))
+}
+
+/// Makes a rename or unlink in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_versioned_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), State::default());
+        let st = State {
+            committed_at_ms: 5,
+            tasks: vec![TaskState {
+                pod_dir: "druid_peon-1_abc".into(),
+                container: "main".into(),
+                task_id: Some("index_kafka_x".into()),
+                spool_file_len: 10,
+                log_len: 20,
+                phase: Phase::Archived {
+                    at_ms: 9,
+                    archived_len: 20,
+                },
+                sources: vec![],
+                done: vec![FileKey {
+                    dev: 1,
+                    ino: 2,
+                    born_ns: 7,
+                    fp_len: 64,
+                    fp: 3,
+                }],
+                last_restart: Some(0),
+                lines: Default::default(),
+            }],
+        };
+        commit(dir.path(), &st).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), st);
+        let text = fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(text.starts_with(r#"{"version":"1","#), "{text}");
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE_NAME), b"{\"version\":\"1\",\x00").unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("move it aside"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! druid-log-agent: ships Druid peon pod logs from a node's log files to where Druid reads task
+//! logs, through a crash-safe compressed spool. See docs/ARCHITECTURE.md for the map.
+
+pub mod agent;
+pub mod archive;
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod loadgen;
+pub mod metrics;
+pub mod pipeline;
+pub mod spool;
+pub mod tail;
+pub mod task;

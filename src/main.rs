@@ -1,0 +1,211 @@
+//! The `druid-log-agent` binary: parses the command line and wires the library together.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use druid_log_agent::agent::Agent;
+use druid_log_agent::archive::DirArchive;
+use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
+use druid_log_agent::demo;
+use druid_log_agent::task::DirNameIdentity;
+
+#[derive(Parser)]
+#[command(
+    name = "druid-log-agent",
+    version,
+    about = "Ships Druid peon pod logs from this node to where Druid reads task logs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the DaemonSet's job).
+    Run(Box<RunArgs>),
+    /// Run the pipeline on a synthetic node in a temporary directory and check the archives
+    /// byte for byte against what the synthetic peons wrote. Needs no cluster and no cloud.
+    Demo {
+        /// Build the demo tree here instead of a new temporary directory (it is wiped first).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the tree afterwards to look at the spools and archives.
+        #[arg(long)]
+        keep: bool,
+        /// How many peon pods to simulate.
+        #[arg(long, default_value_t = 3)]
+        peons: usize,
+        /// Log bytes each peon writes.
+        #[arg(long, default_value_t = 12 << 20)]
+        bytes_per_peon: u64,
+    },
+}
+
+/// Every setting of the config file can be overridden here; flags win over environment
+/// variables, which win over the file, which wins over the defaults shown.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file; every key is optional.
+    #[arg(long, env = "DLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name [default: unset].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the kubelet writes pod logs [default: /var/log/pods].
+    #[arg(long, env = "DLA_LOG_ROOT")]
+    log_root: Option<PathBuf>,
+    /// Spools and checkpoint; must survive restarts [default: /var/lib/druid-log-agent].
+    #[arg(long, env = "DLA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Archive finished logs as {dir}/{taskId}.log, Druid's FileTaskLogs layout
+    /// [default: /var/lib/druid-log-agent/archive].
+    #[arg(long, env = "DLA_ARCHIVE_DIR")]
+    archive_dir: Option<PathBuf>,
+    /// The container whose log is the task log [default: main].
+    #[arg(long, env = "DLA_CONTAINER")]
+    container: Option<String>,
+    /// Longest line kept; longer ones are cut and marked [default: 1048576].
+    #[arg(long, env = "DLA_LINE_MAX_BYTES")]
+    line_max_bytes: Option<usize>,
+    /// Uncompressed spool block size [default: 65536].
+    #[arg(long, env = "DLA_BLOCK_BYTES")]
+    block_bytes: Option<usize>,
+    /// Seal a block after this long even if not full [default: 2000].
+    #[arg(long, env = "DLA_BLOCK_MAX_AGE_MS")]
+    block_max_age_ms: Option<u64>,
+    /// gzip level of spool blocks, 0-9 [default: 1].
+    #[arg(long, env = "DLA_COMPRESSION_LEVEL")]
+    compression_level: Option<u32>,
+    /// Checkpoint interval [default: 1000].
+    #[arg(long, env = "DLA_COMMIT_INTERVAL_MS")]
+    commit_interval_ms: Option<u64>,
+    /// Read every open file this often even without inotify events [default: 1000].
+    #[arg(long, env = "DLA_POLL_INTERVAL_MS")]
+    poll_interval_ms: Option<u64>,
+    /// Rescan the whole log tree this often [default: 60].
+    #[arg(long, env = "DLA_RESCAN_INTERVAL_SECS")]
+    rescan_interval_secs: Option<u64>,
+    /// Archive a task whose log has not grown for this long; 0 = only when its pod directory
+    /// is removed [default: 600].
+    #[arg(long, env = "DLA_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Keep a spool this long after its archive is complete and its pod is gone [default: 3600].
+    #[arg(long, env = "DLA_RETENTION_SECS")]
+    retention_secs: Option<u64>,
+    /// On SIGTERM, wait this long for archives in flight [default: 25].
+    #[arg(long, env = "DLA_SHUTDOWN_TIMEOUT_SECS")]
+    shutdown_timeout_secs: Option<u64>,
+    /// Format of the agent's own log lines [default: text].
+    #[arg(long, env = "DLA_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = &self.$f { c.$f = v.clone(); })* };
+        }
+        set!(
+            log_root,
+            state_dir,
+            container,
+            line_max_bytes,
+            block_bytes,
+            block_max_age_ms,
+            compression_level,
+            commit_interval_ms,
+            poll_interval_ms,
+            rescan_interval_secs,
+            idle_timeout_secs,
+            retention_secs,
+            shutdown_timeout_secs,
+            log_format
+        );
+        if let Some(n) = &self.node_name {
+            c.node_name = Some(n.clone());
+        }
+        if let Some(d) = &self.archive_dir {
+            c.archive = ArchiveConfig::Dir { dir: d.clone() };
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Demo {
+            dir,
+            keep,
+            peons,
+            bytes_per_peon,
+        } => {
+            init_logging(LogFormat::Text);
+            demo::run(&demo::DemoOptions {
+                dir,
+                keep,
+                peons,
+                bytes_per_peon,
+            })
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("druid-log-agent: error: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.config()?;
+    init_logging(cfg.log_format);
+    let ArchiveConfig::Dir { dir } = &cfg.archive;
+    let agent = Agent::start(
+        &cfg,
+        Box::new(DirNameIdentity),
+        Box::new(DirArchive::new(dir)),
+        None,
+    )
+    .context("cannot start the agent")?;
+    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        }
+        anyhow::Ok(())
+    })?;
+    agent.shutdown();
+    Ok(ExitCode::SUCCESS)
+}

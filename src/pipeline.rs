@@ -1,0 +1,1058 @@
+//! The ingest engine: log files in, spools and checkpoints out, archive jobs when tasks end.
+//!
+//! [`Ingest`] is synchronous and owns all mutable state of the hot path; it is driven by
+//! [`crate::agent`] from inotify events and timers, and directly by tests, which makes every
+//! interleaving of writes, renames and crashes reproducible.
+//!
+//! Crash safety rests on one rule: a task's checkpoint entry is a snapshot taken right after a
+//! seal, when the unsealed tail is empty, so the spool's sealed length and the source offsets in
+//! it describe the same bytes. The commit fsyncs the spools before it replaces the checkpoint.
+//! After `kill -9`, spools are cut back to their committed length and sources resume at their
+//! committed offsets: what was in the lost tail is read again, once.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, error, info, warn};
+
+use crate::checkpoint::{self, FileKey, Phase, SourceState, State, TaskState};
+use crate::config::Config;
+use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
+use crate::metrics::Metrics;
+use crate::spool::{Spool, SpoolWriter};
+use crate::tail::{self, FINGERPRINT_LEN};
+use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
+
+/// Bytes read from one task before others, and inotify events, get their turn. Small enough
+/// that discovery (opening new files before the kubelet can gzip and delete them) is never
+/// stuck behind a long read.
+const READ_BUDGET: u64 = 1 << 20;
+const READ_BUF: usize = 256 << 10;
+/// How many drained files a task remembers so a rescan never reads them again; the kubelet
+/// keeps far fewer files per container.
+const DONE_MEMORY: usize = 64;
+const ARCHIVE_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("state directory {path}: {op}: {source}")]
+    StateDir {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+}
+
+/// Registers inotify watches; a trait so that tests can drive the engine without inotify.
+pub trait DirWatcher: Send {
+    fn watch(&mut self, dir: &Path) -> Result<(), String>;
+    fn unwatch(&mut self, dir: &Path);
+}
+
+/// For tests and for a polling-only mode.
+pub struct NoWatch;
+
+impl DirWatcher for NoWatch {
+    fn watch(&mut self, _dir: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn unwatch(&mut self, _dir: &Path) {}
+}
+
+/// A finished log to store; carries its own spool handle so the archive never touches the
+/// engine's state.
+#[derive(Debug, Clone)]
+pub struct ArchiveJob {
+    pub pod_dir: String,
+    pub task: TaskId,
+    pub spool: Arc<Spool>,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArchiveOutcome {
+    pub pod_dir: String,
+    pub task: TaskId,
+    pub len: u64,
+    pub result: Result<String, String>,
+}
+
+/// A task as the outside world may see it.
+#[derive(Debug, Clone)]
+pub struct TaskSummary {
+    pub pod_dir: String,
+    pub task_id: Option<String>,
+    pub phase: Phase,
+    pub log_len: u64,
+    pub open_files: usize,
+}
+
+struct Source {
+    restart: u32,
+    key: FileKey,
+    path: PathBuf,
+    file: File,
+    offset: u64,
+    decode: FileDecodeState,
+}
+
+struct Task {
+    pod: PodDir,
+    identity: Identity,
+    container_dir: PathBuf,
+    writer: SpoolWriter,
+    sources: VecDeque<Source>,
+    done: VecDeque<FileKey>,
+    last_restart: Option<u32>,
+    lines: [LineState; 2],
+    phase: Phase,
+    dir_gone: bool,
+    last_growth: Instant,
+    tail_since: Option<Instant>,
+    /// The state the next checkpoint records for this task: taken at the last seal.
+    snapshot: Option<TaskState>,
+    /// `snapshot` changed since the last commit.
+    unsaved: bool,
+    archive_in_flight: bool,
+    archive_retry_at: Option<Instant>,
+}
+
+impl Task {
+    fn task_id(&self) -> Option<&TaskId> {
+        match &self.identity {
+            Identity::Task(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// Settings the engine needs, resolved from [`Config`].
+#[derive(Debug, Clone)]
+struct Settings {
+    log_root: PathBuf,
+    state_dir: PathBuf,
+    spool_dir: PathBuf,
+    container: String,
+    block_bytes: usize,
+    block_max_age: Duration,
+    level: u32,
+    idle_timeout: Option<Duration>,
+    retention: Duration,
+}
+
+pub struct Ingest {
+    s: Settings,
+    decoder: Decoder,
+    identity: Box<dyn TaskIdentity>,
+    watcher: Box<dyn DirWatcher>,
+    metrics: Arc<Metrics>,
+    tasks: BTreeMap<String, Task>,
+    ignored: HashSet<String>,
+    warned: HashSet<PathBuf>,
+    buf: Vec<u8>,
+    dirty_read: BTreeSet<String>,
+    dirty_pods: BTreeSet<String>,
+    rescan_all: bool,
+    checkpoint_dirty: bool,
+    commit_now: bool,
+    last_commit: Instant,
+    jobs: Vec<ArchiveJob>,
+    /// Set when inotify cannot be trusted (watch limit reached); the tree is then rescanned
+    /// on every poll.
+    degraded: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Ingest {
+    /// Opens the state directory, restores every task of the last checkpoint (cutting spools
+    /// back to their committed length, reopening sources at their committed offsets), and
+    /// removes spools the checkpoint does not vouch for.
+    pub fn open(
+        cfg: &Config,
+        identity: Box<dyn TaskIdentity>,
+        watcher: Box<dyn DirWatcher>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Ingest, PipelineError> {
+        let s = Settings {
+            log_root: cfg.log_root.clone(),
+            state_dir: cfg.state_dir.clone(),
+            spool_dir: cfg.state_dir.join("spool"),
+            container: cfg.container.clone(),
+            block_bytes: cfg.block_bytes,
+            block_max_age: Duration::from_millis(cfg.block_max_age_ms),
+            level: cfg.compression_level,
+            idle_timeout: (cfg.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(cfg.idle_timeout_secs)),
+            retention: Duration::from_secs(cfg.retention_secs),
+        };
+        fs::create_dir_all(&s.spool_dir).map_err(|source| PipelineError::StateDir {
+            path: s.spool_dir.clone(),
+            op: "create",
+            source,
+        })?;
+        let state = checkpoint::load(&s.state_dir)?;
+        let mut ingest = Ingest {
+            decoder: Decoder::new(cfg.line_max_bytes),
+            identity,
+            watcher,
+            metrics,
+            tasks: BTreeMap::new(),
+            ignored: HashSet::new(),
+            warned: HashSet::new(),
+            buf: vec![0; READ_BUF],
+            dirty_read: BTreeSet::new(),
+            dirty_pods: BTreeSet::new(),
+            rescan_all: true,
+            checkpoint_dirty: false,
+            commit_now: false,
+            last_commit: Instant::now(),
+            jobs: Vec::new(),
+            degraded: false,
+            s,
+        };
+        for ts in state.tasks {
+            ingest.restore(ts);
+        }
+        ingest.remove_orphan_spools();
+        Ok(ingest)
+    }
+
+    fn spool_path(&self, pod_dir: &str) -> PathBuf {
+        self.s.spool_dir.join(format!("{pod_dir}.gz"))
+    }
+
+    fn restore(&mut self, ts: TaskState) {
+        let Some(pod) = PodDir::parse(&ts.pod_dir) else {
+            warn!(pod_dir = %ts.pod_dir, "checkpoint names an invalid pod directory; entry dropped");
+            return;
+        };
+        let path = self.spool_path(&pod.name);
+        let writer = match SpoolWriter::open(&path, ts.spool_file_len, self.s.level) {
+            Ok(w) if w.spool().len() == ts.log_len => w,
+            Ok(w) => {
+                self.set_aside(
+                    &path,
+                    &format!(
+                        "holds {} bytes of text, checkpoint says {}",
+                        w.spool().len(),
+                        ts.log_len
+                    ),
+                );
+                return;
+            }
+            Err(e) => {
+                self.set_aside(&path, &e.to_string());
+                return;
+            }
+        };
+        let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
+        let found = tail::list(&container_dir).unwrap_or_default();
+        let mut sources = VecDeque::new();
+        for ss in ts.sources.clone() {
+            let located = found
+                .iter()
+                .filter(|f| f.dev == ss.key.dev && f.ino == ss.key.ino)
+                .find_map(|f| {
+                    let file = File::open(&f.path).ok()?;
+                    tail::is_same(&file, &ss.key)
+                        .ok()?
+                        .then(|| (f.path.clone(), file))
+                });
+            match located {
+                Some((path, file)) => {
+                    self.metrics.files_opened.fetch_add(1, Relaxed);
+                    sources.push_back(Source {
+                        restart: ss.restart,
+                        key: ss.key,
+                        path,
+                        file,
+                        offset: ss.offset,
+                        decode: ss.decode,
+                    });
+                }
+                None => {
+                    self.metrics.lost_sources.fetch_add(1, Relaxed);
+                    warn!(
+                        pod_dir = %pod.name, file = %ss.path.display(), offset = ss.offset,
+                        "log file was rotated away or deleted while the agent was down; \
+                         its bytes after the committed offset cannot be read"
+                    );
+                }
+            }
+        }
+        let identity = match ts.task_id.as_deref().map(TaskId::new) {
+            Some(Ok(id)) => Identity::Task(id),
+            _ => Identity::Pending,
+        };
+        let snapshot = TaskState {
+            sources: sources.iter().map(source_state).collect(),
+            ..ts.clone()
+        };
+        let task = Task {
+            identity,
+            container_dir,
+            writer,
+            sources,
+            done: ts.done.into_iter().collect(),
+            last_restart: ts.last_restart,
+            lines: ts.lines,
+            phase: ts.phase,
+            dir_gone: false,
+            last_growth: Instant::now(),
+            tail_since: None,
+            snapshot: Some(snapshot),
+            unsaved: false,
+            archive_in_flight: false,
+            archive_retry_at: None,
+            pod,
+        };
+        info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = task.sources.len(), "resumed task from checkpoint");
+        self.dirty_read.insert(task.pod.name.clone());
+        self.tasks.insert(task.pod.name.clone(), task);
+    }
+
+    /// Moves a spool that does not match the checkpoint out of the way; its task is then read
+    /// again from the start of the files that are still there.
+    fn set_aside(&mut self, path: &Path, why: &str) {
+        let aside = path.with_extension(format!("corrupt-{}", now_ms()));
+        error!(spool = %path.display(), moved_to = %aside.display(), "spool does not match the checkpoint ({why}); set aside, the task's log is read again from its files");
+        self.metrics.spool_errors.fetch_add(1, Relaxed);
+        let _ = fs::rename(path, &aside);
+    }
+
+    fn remove_orphan_spools(&mut self) {
+        let Ok(rd) = fs::read_dir(&self.s.spool_dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".gz")) else {
+                continue;
+            };
+            if !self.tasks.contains_key(stem) {
+                // Written after the last commit: its sources restart from offset 0.
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn summaries(&self) -> Vec<TaskSummary> {
+        self.tasks
+            .values()
+            .map(|t| TaskSummary {
+                pod_dir: t.pod.name.clone(),
+                task_id: t.task_id().map(|i| i.to_string()),
+                phase: t.phase,
+                log_len: t.writer.spool().len(),
+                open_files: t.sources.len(),
+            })
+            .collect()
+    }
+
+    /// The spool of a task, for readers.
+    pub fn spool_of(&self, pod_dir: &str) -> Option<Arc<Spool>> {
+        self.tasks.get(pod_dir).map(|t| t.writer.spool().clone())
+    }
+
+    // ----- discovery -------------------------------------------------------------------------
+
+    /// Tells the engine what inotify saw. Events are hints: they only mark what to look at.
+    pub fn on_fs_event(&mut self, ev: &notify::Event) {
+        use notify::EventKind;
+        tracing::trace!(?ev, "inotify");
+        if ev.need_rescan() {
+            self.metrics.watch_errors.fetch_add(1, Relaxed);
+            warn!("inotify queue overflowed; rescanning the log tree");
+            self.rescan_all = true;
+            return;
+        }
+        // Opens, reads and closes (ours included: every readdir opens the directory) say
+        // nothing about new data; reacting to them would feed back into endless rescans.
+        if matches!(ev.kind, EventKind::Access(_)) {
+            return;
+        }
+        for p in &ev.paths {
+            let Ok(rel) = p.strip_prefix(&self.s.log_root) else {
+                continue;
+            };
+            let mut comps = rel.components().filter_map(|c| c.as_os_str().to_str());
+            let Some(pod) = comps.next() else {
+                self.rescan_all = true;
+                continue;
+            };
+            let container = comps.next();
+            let file = comps.next();
+            match (container, file) {
+                (Some(c), Some(_)) if c == self.s.container => {
+                    if !matches!(
+                        ev.kind,
+                        EventKind::Modify(notify::event::ModifyKind::Data(_))
+                    ) {
+                        self.dirty_pods.insert(pod.to_owned());
+                    }
+                    self.dirty_read.insert(pod.to_owned());
+                }
+                (Some(_), Some(_)) => {}
+                _ => {
+                    self.dirty_pods.insert(pod.to_owned());
+                }
+            }
+        }
+    }
+
+    /// inotify failed (watch limit, queue overflow): fall back to rescans.
+    pub fn on_watch_error(&mut self, err: &str) {
+        self.metrics.watch_errors.fetch_add(1, Relaxed);
+        warn!(error = err, "inotify error; rescanning the log tree");
+        self.rescan_all = true;
+    }
+
+    /// Lists the log root: new pod directories become tasks, vanished ones end their tasks.
+    pub fn scan_all(&mut self) {
+        self.rescan_all = false;
+        self.metrics.rescans.fetch_add(1, Relaxed);
+        let root = self.s.log_root.clone();
+        if let Err(e) = self.watcher.watch(&root) {
+            self.watch_failed(&root, &e);
+        }
+        let mut present = BTreeSet::new();
+        match fs::read_dir(&root) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    if let Some(name) = e.file_name().to_str() {
+                        present.insert(name.to_owned());
+                    }
+                }
+                self.warned.remove(&root);
+            }
+            Err(e) => {
+                if self.warned.insert(root.clone()) {
+                    error!(log_root = %root.display(), error = %e, "cannot list the log root; retrying");
+                }
+                return;
+            }
+        }
+        let known: Vec<String> = self.tasks.keys().cloned().collect();
+        for name in known.iter().filter(|n| !present.contains(*n)) {
+            self.scan_pod(name);
+        }
+        self.ignored.retain(|n| present.contains(n));
+        for name in &present {
+            self.scan_pod(name);
+        }
+    }
+
+    fn watch_failed(&mut self, dir: &Path, err: &str) {
+        self.metrics.watch_errors.fetch_add(1, Relaxed);
+        if !self.degraded {
+            warn!(dir = %dir.display(), error = err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
+        }
+        self.degraded = true;
+    }
+
+    fn scan_pod(&mut self, name: &str) {
+        let pod_path = self.s.log_root.join(name);
+        let exists = pod_path.is_dir();
+        if !exists {
+            if let Some(t) = self.tasks.get_mut(name)
+                && !t.dir_gone
+            {
+                debug!(pod_dir = name, "pod directory removed; draining its files");
+                t.dir_gone = true;
+                self.dirty_read.insert(name.to_owned());
+            }
+            self.watcher.unwatch(&pod_path);
+            return;
+        }
+        if self.ignored.contains(name) {
+            return;
+        }
+        if !self.tasks.contains_key(name) {
+            let Some(pod) = PodDir::parse(name) else {
+                self.ignored.insert(name.to_owned());
+                return;
+            };
+            let identity = self.identity.identify(&pod);
+            if identity == Identity::Ignore {
+                self.ignored.insert(name.to_owned());
+                return;
+            }
+            let path = self.spool_path(name);
+            let writer = match SpoolWriter::open(&path, 0, self.s.level) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.metrics.spool_errors.fetch_add(1, Relaxed);
+                    error!(pod_dir = name, error = %e, "cannot create spool; retrying on the next scan");
+                    return;
+                }
+            };
+            info!(pod_dir = name, identity = ?identity, "new pod log directory");
+            self.metrics.tasks_started.fetch_add(1, Relaxed);
+            let container_dir = pod_path.join(&self.s.container);
+            self.tasks.insert(
+                name.to_owned(),
+                Task {
+                    pod,
+                    identity,
+                    container_dir,
+                    writer,
+                    sources: VecDeque::new(),
+                    done: VecDeque::new(),
+                    last_restart: None,
+                    lines: Default::default(),
+                    phase: Phase::Running,
+                    dir_gone: false,
+                    last_growth: Instant::now(),
+                    tail_since: None,
+                    snapshot: None,
+                    unsaved: false,
+                    archive_in_flight: false,
+                    archive_retry_at: None,
+                },
+            );
+        }
+        let Some(t) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if t.identity == Identity::Pending {
+            t.identity = self.identity.identify(&t.pod);
+        }
+        t.dir_gone = false;
+        let cdir = t.container_dir.clone();
+        for d in [&pod_path, &cdir] {
+            if d.is_dir()
+                && let Err(e) = self.watcher.watch(d)
+            {
+                self.watch_failed(d, &e);
+            }
+        }
+        self.scan_container(name);
+        self.dirty_read.insert(name.to_owned());
+    }
+
+    /// Opens the container's files that are new to the task, in log order, behind the ones it
+    /// is already reading. A file is new unless it is being read, was read to its end, or
+    /// belongs to an older restart than one already taken.
+    fn scan_container(&mut self, name: &str) {
+        let Some(t) = self.tasks.get_mut(name) else {
+            return;
+        };
+        let found = match tail::list(&t.container_dir) {
+            Ok(f) => f,
+            Err(e) => {
+                if self.warned.insert(t.container_dir.clone()) {
+                    error!(dir = %t.container_dir.display(), error = %e, "cannot list container log directory; retrying");
+                }
+                return;
+            }
+        };
+        for f in found {
+            if let Some(s) = t
+                .sources
+                .iter_mut()
+                .find(|s| s.key.dev == f.dev && s.key.ino == f.ino)
+            {
+                s.path = f.path;
+                continue;
+            }
+            if t.last_restart.is_some_and(|r| f.name.restart() < r) {
+                continue;
+            }
+            let file = match File::open(&f.path) {
+                Ok(file) => file,
+                Err(e) => {
+                    self.metrics.unreadable_files.fetch_add(1, Relaxed);
+                    if self.warned.insert(f.path.clone()) {
+                        error!(file = %f.path.display(), error = %e, "cannot open log file; retrying on every rescan");
+                    }
+                    continue;
+                }
+            };
+            self.warned.remove(&f.path);
+            let was_read = t.done.iter().any(|k| {
+                k.dev == f.dev && k.ino == f.ino && tail::is_same(&file, k).unwrap_or(false)
+            });
+            if was_read {
+                continue;
+            }
+            let key = match tail::key_of(&file) {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!(file = %f.path.display(), error = %e, "cannot read log file; retrying");
+                    continue;
+                }
+            };
+            debug!(file = %f.path.display(), "following log file");
+            self.metrics.files_opened.fetch_add(1, Relaxed);
+            t.last_restart = Some(
+                t.last_restart
+                    .map_or(f.name.restart(), |r| r.max(f.name.restart())),
+            );
+            t.sources.push_back(Source {
+                restart: f.name.restart(),
+                key,
+                path: f.path,
+                file,
+                offset: 0,
+                decode: FileDecodeState::default(),
+            });
+        }
+    }
+
+    // ----- reading ---------------------------------------------------------------------------
+
+    /// Reads what inotify pointed at and what rescans found. Returns whether work is left
+    /// (a task hit its read budget), in which case the caller should call again soon.
+    pub fn process(&mut self, now: Instant) -> bool {
+        if self.rescan_all {
+            self.scan_all();
+        }
+        for name in std::mem::take(&mut self.dirty_pods) {
+            self.scan_pod(&name);
+        }
+        let mut more = false;
+        for name in std::mem::take(&mut self.dirty_read) {
+            if self.read_task(&name, now) {
+                self.dirty_read.insert(name);
+                more = true;
+            }
+        }
+        more
+    }
+
+    /// Reads one task's files in order until they are drained or the budget is spent.
+    fn read_task(&mut self, name: &str, now: Instant) -> bool {
+        let Some(t) = self.tasks.get_mut(name) else {
+            return false;
+        };
+        if t.task_id().is_none() {
+            return false;
+        }
+        let finished = t.dir_gone || self.identity.container_finished(&t.pod);
+        let mut total = 0u64;
+        let mut stats = DecodeStats::default();
+        let mut more = false;
+        loop {
+            if t.writer.tail_len() >= self.s.block_bytes && !seal(t, &self.metrics) {
+                // Disk full or similar: stop reading until the tail can be sealed.
+                break;
+            }
+            if total >= READ_BUDGET {
+                more = true;
+                break;
+            }
+            match read_step(
+                t,
+                &mut self.buf,
+                &self.decoder,
+                &mut stats,
+                finished,
+                &self.metrics,
+            ) {
+                Step::Read(n) => total += n,
+                Step::Closed => {}
+                Step::Wait => break,
+            }
+        }
+        if t.tail_since.is_none() && t.writer.tail_len() > 0 {
+            t.tail_since = Some(now);
+        }
+        if total > 0 {
+            t.last_growth = now;
+            if t.phase != Phase::Running {
+                info!(
+                    pod_dir = name,
+                    "task wrote more after its log was archived; it will be archived again when it ends"
+                );
+                t.phase = Phase::Running;
+            }
+        }
+        let m = &self.metrics;
+        m.bytes_read.fetch_add(total, Relaxed);
+        m.records.fetch_add(stats.records, Relaxed);
+        m.lines.fetch_add(stats.lines, Relaxed);
+        m.malformed_records.fetch_add(stats.malformed, Relaxed);
+        m.truncated_lines.fetch_add(stats.truncated_lines, Relaxed);
+        m.truncated_bytes.fetch_add(stats.truncated_bytes, Relaxed);
+        if finished && t.sources.is_empty() && t.phase == Phase::Running {
+            self.end_task(name);
+        }
+        more
+    }
+
+    // ----- time-driven work ------------------------------------------------------------------
+
+    /// The periodic pass: reads every task (in case an event was missed), seals tails that are
+    /// old enough, ends idle tasks, retries archives and drops expired spools.
+    pub fn tick(&mut self, now: Instant) {
+        if self.degraded {
+            self.rescan_all = true;
+        }
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        for name in &names {
+            self.dirty_read.insert(name.clone());
+        }
+        self.process(now);
+        for name in &names {
+            let Some(t) = self.tasks.get_mut(name) else {
+                continue;
+            };
+            if t.task_id().is_none() {
+                t.identity = self.identity.identify(&t.pod);
+                continue;
+            }
+            if t.tail_since
+                .is_some_and(|s| now.duration_since(s) >= self.s.block_max_age)
+            {
+                seal(t, &self.metrics);
+            }
+            let idle = self
+                .s
+                .idle_timeout
+                .is_some_and(|d| now.duration_since(t.last_growth) >= d);
+            if t.phase == Phase::Running && idle {
+                info!(
+                    pod_dir = name,
+                    "no new log lines for idle_timeout_secs; ending the task"
+                );
+                self.end_task(name);
+            }
+        }
+        self.collect_expired();
+    }
+
+    fn end_task(&mut self, name: &str) {
+        let Some(t) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if !seal(t, &self.metrics) {
+            return; // retried on the next tick
+        }
+        // The tail is empty now, so this snapshot is a valid checkpoint of the whole log.
+        t.phase = Phase::Ended;
+        t.snapshot = Some(snapshot(t));
+        t.unsaved = true;
+        self.metrics.tasks_ended.fetch_add(1, Relaxed);
+        info!(pod_dir = name, task = ?t.task_id().map(|i| i.as_str()), bytes = t.writer.spool().len(), "task log ended");
+        self.commit_now = true;
+    }
+
+    fn collect_expired(&mut self) {
+        let now = now_ms();
+        let retention = self.s.retention.as_millis() as u64;
+        let expired: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.dir_gone
+                    && matches!(t.phase, Phase::Archived { at_ms, .. } if now.saturating_sub(at_ms) >= retention)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            if let Some(t) = self.tasks.remove(&name) {
+                let _ = fs::remove_file(t.writer.spool().path());
+                debug!(pod_dir = %name, "retention over; spool removed");
+                self.checkpoint_dirty = true;
+            }
+        }
+    }
+
+    // ----- durability ------------------------------------------------------------------------
+
+    /// Commits the checkpoint when one is due (interval elapsed, or a task ended). On success,
+    /// tasks that ended become archive jobs.
+    pub fn commit_if_due(&mut self, now: Instant, interval: Duration) {
+        let due = self.commit_now || now.duration_since(self.last_commit) >= interval;
+        if due && (self.checkpoint_dirty || self.tasks.values().any(|t| t.unsaved)) {
+            self.commit(now);
+        }
+        self.queue_archives(now);
+    }
+
+    /// Syncs every spool with new blocks, then replaces the checkpoint. Returns success.
+    pub fn commit(&mut self, now: Instant) -> bool {
+        self.last_commit = now;
+        for t in self.tasks.values_mut() {
+            if let Err(e) = t.writer.sync() {
+                self.metrics.commit_errors.fetch_add(1, Relaxed);
+                error!(error = %e, "cannot sync spool; checkpoint not committed, retrying");
+                return false;
+            }
+        }
+        let state = State {
+            committed_at_ms: now_ms(),
+            tasks: self
+                .tasks
+                .values()
+                .filter_map(|t| t.snapshot.clone())
+                .collect(),
+        };
+        match checkpoint::commit(&self.s.state_dir, &state) {
+            Ok(()) => {
+                self.metrics.commits.fetch_add(1, Relaxed);
+                self.checkpoint_dirty = false;
+                for t in self.tasks.values_mut() {
+                    t.unsaved = false;
+                }
+                self.commit_now = false;
+                true
+            }
+            Err(e) => {
+                self.metrics.commit_errors.fetch_add(1, Relaxed);
+                error!(error = %e, "checkpoint not committed; retrying");
+                false
+            }
+        }
+    }
+
+    /// Tasks whose end is committed are handed to the archive. Only a committed end may be
+    /// archived: otherwise a crash could bring back an older, shorter log over the archive.
+    fn queue_archives(&mut self, now: Instant) {
+        for t in self.tasks.values_mut() {
+            if t.phase != Phase::Ended || t.unsaved || t.archive_in_flight {
+                continue;
+            }
+            if t.archive_retry_at.is_some_and(|at| now < at) {
+                continue;
+            }
+            let task = match &t.identity {
+                Identity::Task(id) => id.clone(),
+                _ => continue,
+            };
+            t.archive_in_flight = true;
+            self.jobs.push(ArchiveJob {
+                pod_dir: t.pod.name.clone(),
+                task,
+                spool: t.writer.spool().clone(),
+                len: t.writer.spool().len(),
+            });
+        }
+    }
+
+    pub fn take_archive_jobs(&mut self) -> Vec<ArchiveJob> {
+        std::mem::take(&mut self.jobs)
+    }
+
+    pub fn archive_finished(&mut self, o: &ArchiveOutcome, now: Instant) {
+        let Some(t) = self.tasks.get_mut(&o.pod_dir) else {
+            return;
+        };
+        t.archive_in_flight = false;
+        match &o.result {
+            Ok(location) => {
+                self.metrics.archives.fetch_add(1, Relaxed);
+                info!(task = %o.task, location = %location, bytes = o.len, "log archived");
+                t.archive_retry_at = None;
+                if t.phase == Phase::Ended && t.writer.spool().len() == o.len {
+                    t.phase = Phase::Archived {
+                        at_ms: now_ms(),
+                        archived_len: o.len,
+                    };
+                    if let Some(s) = &mut t.snapshot {
+                        s.phase = t.phase;
+                    }
+                    t.unsaved = true;
+                }
+            }
+            Err(e) => {
+                self.metrics.archive_errors.fetch_add(1, Relaxed);
+                error!(task = %o.task, error = %e, "archive failed; the spool is kept and the archive retried");
+                t.archive_retry_at = Some(now + ARCHIVE_RETRY);
+            }
+        }
+    }
+
+    /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
+    /// re-read.
+    pub fn shutdown(&mut self) -> bool {
+        for t in self.tasks.values_mut() {
+            seal(t, &self.metrics);
+        }
+        self.commit(Instant::now())
+    }
+
+    pub fn has_work_queued(&self) -> bool {
+        !self.dirty_read.is_empty() || !self.dirty_pods.is_empty() || self.rescan_all
+    }
+}
+
+/// Seals the tail and takes the task's checkpoint snapshot. Returns false if the spool write
+/// failed (the tail is kept for a retry).
+fn seal(t: &mut Task, m: &Metrics) -> bool {
+    if t.writer.tail_len() == 0 {
+        return true;
+    }
+    match t.writer.seal() {
+        Ok(()) => {
+            m.blocks_sealed.fetch_add(1, Relaxed);
+            t.tail_since = None;
+            t.snapshot = Some(snapshot(t));
+            t.unsaved = true;
+            true
+        }
+        Err(e) => {
+            m.spool_errors.fetch_add(1, Relaxed);
+            error!(pod_dir = %t.pod.name, error = %e, "cannot write spool block; reading of this task paused until it succeeds");
+            false
+        }
+    }
+}
+
+fn snapshot(t: &mut Task) -> TaskState {
+    debug_assert_eq!(t.writer.tail_len(), 0, "snapshot with an unsealed tail");
+    for s in &mut t.sources {
+        if s.key.fp_len < FINGERPRINT_LEN
+            && let Ok((len, fp)) = tail::fingerprint(&s.file, FINGERPRINT_LEN)
+        {
+            s.key.fp_len = len;
+            s.key.fp = fp;
+        }
+    }
+    TaskState {
+        pod_dir: t.pod.name.clone(),
+        container: t
+            .container_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned(),
+        task_id: t.task_id().map(|i| i.to_string()),
+        spool_file_len: t.writer.spool().file_len(),
+        log_len: t.writer.spool().len(),
+        phase: t.phase,
+        sources: t.sources.iter().map(source_state).collect(),
+        done: t.done.iter().copied().collect(),
+        last_restart: t.last_restart,
+        lines: t.lines,
+    }
+}
+
+fn source_state(s: &Source) -> SourceState {
+    SourceState {
+        restart: s.restart,
+        key: s.key,
+        offset: s.offset,
+        path: s.path.clone(),
+        decode: s.decode.clone(),
+    }
+}
+
+enum Step {
+    /// Consumed this many bytes.
+    Read(u64),
+    /// The front file was drained and closed; the next one may be read.
+    Closed,
+    /// Nothing more to read now.
+    Wait,
+}
+
+/// One read of the task's current file. The offset only ever moves past complete records, so
+/// a record still being written is read again in full later.
+fn read_step(
+    t: &mut Task,
+    buf: &mut [u8],
+    dec: &Decoder,
+    stats: &mut DecodeStats,
+    finished: bool,
+    m: &Metrics,
+) -> Step {
+    let Task {
+        sources,
+        writer,
+        lines,
+        done,
+        ..
+    } = t;
+    let Some(src) = sources.front_mut() else {
+        return Step::Wait;
+    };
+    let n = match src.file.read_at(buf, src.offset) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(file = %src.path.display(), error = %e, "read failed; retrying");
+            return Step::Wait;
+        }
+    };
+    if n > 0 {
+        let input = &buf[..n];
+        let mut used = writer
+            .append(|tail| dec.decode(&mut src.decode, lines, input, Tail::Growing, tail, stats));
+        if used == 0 && n == buf.len() {
+            // One record larger than the buffer: take it piecewise rather than never.
+            used = writer.append(|tail| {
+                dec.decode(&mut src.decode, lines, input, Tail::Oversized, tail, stats)
+            });
+        }
+        if used > 0 {
+            src.offset += used as u64;
+            return Step::Read(used as u64);
+        }
+    }
+    // At the end of the file, or only a record still being written is left.
+    let md = match src.file.metadata() {
+        Ok(md) => md,
+        Err(_) => return Step::Wait,
+    };
+    if md.len() < src.offset {
+        m.file_truncations.fetch_add(1, Relaxed);
+        warn!(file = %src.path.display(), was = src.offset, now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
+        src.offset = 0;
+        src.decode = FileDecodeState::default();
+        return Step::Read(0);
+    }
+    // A later file that has data (or belongs to a later container start) means the runtime
+    // has moved on: this one will not grow any more.
+    let superseded = sources.iter().skip(1).any(|next| {
+        next.restart > sources[0].restart || next.file.metadata().is_ok_and(|m| m.len() > 0)
+    });
+    let src = &mut sources[0];
+    if !(finished || superseded || md.nlink() == 0) {
+        return Step::Wait;
+    }
+    if n > 0 {
+        // The file will not grow: its unterminated last record is final.
+        let input = &buf[..n];
+        let used = writer
+            .append(|tail| dec.decode(&mut src.decode, lines, input, Tail::Final, tail, stats));
+        src.offset += used as u64;
+        return Step::Read(used as u64);
+    }
+    if let Some(c) = src.decode.continuing.take()
+        && c.ends_line
+    {
+        writer.append(|tail| tail.push(b'\n'));
+        lines[c.stream as usize & 1] = LineState::default();
+    }
+    let mut key = src.key;
+    if let Ok((len, fp)) = tail::fingerprint(&src.file, FINGERPRINT_LEN) {
+        key.fp_len = len;
+        key.fp = fp;
+    }
+    debug!(file = %src.path.display(), bytes = src.offset, "log file drained; closed");
+    sources.pop_front();
+    m.files_closed.fetch_add(1, Relaxed);
+    done.push_back(key);
+    if done.len() > DONE_MEMORY {
+        done.pop_front();
+    }
+    Step::Closed
+}

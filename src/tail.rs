@@ -1,0 +1,218 @@
+//! The files of one container's log: naming, identity and order.
+//!
+//! The kubelet writes `<n>.log` for the n-th start of a container and rotates by renaming it to
+//! `<n>.log.<YYYYMMDD-HHMMSS>` (later gzipped to `.gz`, then deleted). The log of a container
+//! is therefore, in order: for each restart n, its rotated files by timestamp, then `<n>.log`.
+//! Files are followed by inode with their fd held, so a rename changes nothing for a reader and
+//! a deleted file can still be read to its end.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use flate2::Crc;
+
+use crate::checkpoint::FileKey;
+
+/// How many leading bytes identify a file's content (CRI lines start with a nanosecond
+/// timestamp, so two log files differ well within this).
+pub const FINGERPRINT_LEN: u32 = 64;
+
+/// A log file name the kubelet writes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogName {
+    /// `<n>.log.<timestamp>`: a rotated, not yet compressed file. Sorts before the live file
+    /// of the same restart.
+    Rotated(u32, String),
+    /// `<n>.log`: the file the runtime writes now.
+    Live(u32),
+}
+
+impl LogName {
+    /// `None` for anything else, including compressed rotations (`.gz`) and temp files.
+    pub fn parse(name: &str) -> Option<LogName> {
+        let (num, rest) = name.split_once(".log")?;
+        if num.is_empty() || num.len() > 9 || !num.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u32 = num.parse().ok()?;
+        if rest.is_empty() {
+            return Some(LogName::Live(n));
+        }
+        let ts = rest.strip_prefix('.')?;
+        let ok =
+            !ts.is_empty() && ts.len() <= 32 && ts.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+        ok.then(|| LogName::Rotated(n, ts.to_owned()))
+    }
+
+    pub fn restart(&self) -> u32 {
+        match self {
+            LogName::Rotated(n, _) | LogName::Live(n) => *n,
+        }
+    }
+
+    fn order_key(&self) -> (u32, u8, &str) {
+        match self {
+            LogName::Rotated(n, ts) => (*n, 0, ts.as_str()),
+            LogName::Live(n) => (*n, 1, ""),
+        }
+    }
+}
+
+/// A log file seen in a container directory.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub name: LogName,
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The container directory's log files in log order. A missing directory is an empty list.
+pub fn list(dir: &Path) -> io::Result<Vec<Found>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().and_then(LogName::parse) else {
+            continue;
+        };
+        // A file renamed or deleted since readdir is simply not there any more.
+        let Ok(md) = entry.metadata() else { continue };
+        if !md.is_file() {
+            continue;
+        }
+        out.push(Found {
+            name,
+            path: entry.path(),
+            dev: md.dev(),
+            ino: md.ino(),
+        });
+    }
+    out.sort_by(|a, b| a.name.order_key().cmp(&b.name.order_key()));
+    Ok(out)
+}
+
+/// CRC-32 of the first `len` bytes of `file` (fewer if the file is shorter).
+pub fn fingerprint(file: &File, len: u32) -> io::Result<(u32, u32)> {
+    let mut buf = [0u8; FINGERPRINT_LEN as usize];
+    let want = len.min(FINGERPRINT_LEN) as usize;
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut buf[got..want], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let mut crc = Crc::new();
+    crc.update(&buf[..got]);
+    Ok((got as u32, crc.sum()))
+}
+
+fn born_ns(md: &fs::Metadata) -> u64 {
+    md.created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The identity of an open file, fingerprinted over as much as it holds (up to 64 bytes).
+pub fn key_of(file: &File) -> io::Result<FileKey> {
+    let md = file.metadata()?;
+    let (fp_len, fp) = fingerprint(file, FINGERPRINT_LEN)?;
+    Ok(FileKey {
+        dev: md.dev(),
+        ino: md.ino(),
+        born_ns: born_ns(&md),
+        fp_len,
+        fp,
+    })
+}
+
+/// Whether `file` is the file `key` was taken from: same inode, same birth time where the
+/// filesystem keeps one, and same leading bytes. A key of an empty file on a filesystem
+/// without birth times proves nothing; it matches only a file that is still empty.
+pub fn is_same(file: &File, key: &FileKey) -> io::Result<bool> {
+    let md = file.metadata()?;
+    if md.dev() != key.dev || md.ino() != key.ino {
+        return Ok(false);
+    }
+    let born = born_ns(&md);
+    if born != 0 && key.born_ns != 0 && born != key.born_ns {
+        return Ok(false);
+    }
+    if key.fp_len == 0 && key.born_ns == 0 {
+        return Ok(md.len() == 0);
+    }
+    Ok(fingerprint(file, key.fp_len)? == (key.fp_len, key.fp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_order() {
+        assert_eq!(LogName::parse("0.log"), Some(LogName::Live(0)));
+        assert_eq!(LogName::parse("12.log"), Some(LogName::Live(12)));
+        assert_eq!(
+            LogName::parse("1.log.20240501-101500"),
+            Some(LogName::Rotated(1, "20240501-101500".into()))
+        );
+        for bad in [
+            "0.log.20240501-101500.gz",
+            "x.log",
+            ".log",
+            "0.log.tmp",
+            "0.logx",
+            "0.txt",
+            "0.log.",
+        ] {
+            assert_eq!(LogName::parse(bad), None, "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "1.log",
+            "0.log",
+            "0.log.20240101-000002",
+            "0.log.20240101-000001",
+            "0.log.20231231-235959.gz",
+            "1.log.20240101-000003",
+        ] {
+            fs::write(dir.path().join(n), n).unwrap();
+        }
+        let names: Vec<_> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.path.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "0.log.20240101-000001",
+                "0.log.20240101-000002",
+                "0.log",
+                "1.log.20240101-000003",
+                "1.log"
+            ]
+        );
+    }
+
+    #[test]
+    fn identity_survives_rename_not_replacement() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("0.log");
+        fs::write(&a, "2024-05-01T00:00:00Z stdout F one\n").unwrap();
+        let key = key_of(&File::open(&a).unwrap()).unwrap();
+        let b = dir.path().join("0.log.20240501-000000");
+        fs::rename(&a, &b).unwrap();
+        assert!(is_same(&File::open(&b).unwrap(), &key).unwrap());
+        fs::write(&a, "2024-05-01T00:00:01Z stdout F two\n").unwrap();
+        assert!(!is_same(&File::open(&a).unwrap(), &key).unwrap());
+    }
+}

@@ -1,0 +1,141 @@
+//! Which Druid task a pod log directory belongs to.
+//!
+//! The pipeline asks a [`TaskIdentity`] about every pod directory it finds. Without a cluster
+//! the [`DirNameIdentity`] answers from the directory name alone; the Kubernetes watch plugs in
+//! behind the same trait.
+
+use std::fmt;
+
+/// A Druid task id, as Druid spells it (`:` and all). Checked once here so that it can be used
+/// in archive names: Druid's own ids never contain `/` or NUL and never start with `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "task id {0:?} cannot be used as an archive name (empty, too long, or has '/', NUL or a leading '.')"
+)]
+pub struct BadTaskId(pub String);
+
+impl TaskId {
+    pub fn new(id: impl Into<String>) -> Result<Self, BadTaskId> {
+        let id = id.into();
+        let bad = id.is_empty()
+            || id.len() > 255
+            || id.starts_with('.')
+            || id.bytes().any(|b| b == b'/' || b == 0 || b == b'\\');
+        if bad {
+            Err(BadTaskId(id))
+        } else {
+            Ok(TaskId(id))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A kubelet pod log directory, `<namespace>_<pod>_<uid>`. Kubernetes names and uids never
+/// contain `_`, so the split is exact.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodDir {
+    pub name: String,
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+}
+
+impl PodDir {
+    /// `None` for anything that is not a pod directory name, including names with characters
+    /// Kubernetes never uses: the name becomes part of a spool file name.
+    pub fn parse(name: &str) -> Option<PodDir> {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && !s.starts_with('.')
+        };
+        let mut it = name.split('_');
+        let (ns, pod, uid) = (it.next()?, it.next()?, it.next()?);
+        if it.next().is_some() || !ok(ns) || !ok(pod) || !ok(uid) {
+            return None;
+        }
+        Some(PodDir {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            pod: pod.to_owned(),
+            uid: uid.to_owned(),
+        })
+    }
+}
+
+/// What is known about a pod directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A peon running this task: read and archive its log.
+    Task(TaskId),
+    /// Not known yet: hold the files open so they cannot vanish, but do not read them.
+    Pending,
+    /// Not a peon: never read.
+    Ignore,
+}
+
+/// The seam between the log pipeline and whatever knows which pod runs which task.
+pub trait TaskIdentity: Send {
+    fn identify(&mut self, pod: &PodDir) -> Identity;
+
+    /// Whether the pod's log container has terminated (its files will not grow). The pipeline
+    /// also ends a task when its directory is removed or it has been idle for too long.
+    fn container_finished(&mut self, _pod: &PodDir) -> bool {
+        false
+    }
+}
+
+/// The no-cluster default: the task id is the pod name. Druid derives pod names from task ids
+/// lossily (lower-cased, shortened), so this is for demos and nodes without API access; the
+/// Kubernetes identity reads the exact id from the `task.id` annotation.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirNameIdentity;
+
+impl TaskIdentity for DirNameIdentity {
+    fn identify(&mut self, pod: &PodDir) -> Identity {
+        match TaskId::new(pod.pod.clone()) {
+            Ok(id) => Identity::Task(id),
+            Err(_) => Identity::Ignore,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_dir_names() {
+        let p =
+            PodDir::parse("druid_index-kafka-abc-1_0f1e2d3c-aaaa-bbbb-cccc-000000000001").unwrap();
+        assert_eq!(p.namespace, "druid");
+        assert_eq!(p.pod, "index-kafka-abc-1");
+        for bad in [
+            "a_b", "a_b_c_d", "A_b_c", "a__c", "../x_y_z", "a_b_c\0", "a_.._c",
+        ] {
+            assert!(PodDir::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn task_ids() {
+        assert!(TaskId::new("index_kafka_wiki_2024-01-01T00:00:00.000Z_abc").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0b", ".hidden"] {
+            assert!(TaskId::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Model-based test of tail + decode + spool + checkpoint: random sequences of what a runtime
+//! and the kubelet do to a container's log files (writes, rename rotations with late writes
+//! and gzip, restarts, deletion of the pod directory) interleaved with what the agent does
+//! (reads, rescans, commits, crashes and restarts), driven in-process and deterministically.
+//! The model is `PeonWriter::expected`, the text `kubectl logs` would print; the archive must
+//! equal it exactly.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use druid_log_agent::archive::{Archive, DirArchive};
+use druid_log_agent::config::{ArchiveConfig, Config};
+use druid_log_agent::loadgen::{LineGen, PeonWriter};
+use druid_log_agent::metrics::Metrics;
+use druid_log_agent::pipeline::{ArchiveOutcome, Ingest, NoWatch};
+use druid_log_agent::task::{DirNameIdentity, TaskId};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Write this many lines (some long, some stack traces).
+    Write(u8),
+    /// A runtime write of a line bigger than the reader's buffer.
+    WriteHuge,
+    Rotate {
+        late_write: bool,
+    },
+    Restart,
+    /// The agent reads what inotify would have pointed at.
+    Process,
+    /// The agent's periodic rescan.
+    Rescan,
+    Commit,
+    /// kill -9 and start again from the state directory.
+    Crash,
+    /// SIGTERM and start again.
+    Stop,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u8..40).prop_map(Op::Write),
+        1 => Just(Op::WriteHuge),
+        2 => any::<bool>().prop_map(|late_write| Op::Rotate { late_write }),
+        1 => Just(Op::Restart),
+        4 => Just(Op::Process),
+        1 => Just(Op::Rescan),
+        2 => Just(Op::Commit),
+        2 => Just(Op::Crash),
+        1 => Just(Op::Stop),
+    ]
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    cfg: Config,
+    pod_dir: PathBuf,
+    task: TaskId,
+    writer: PeonWriter,
+    lines: LineGen,
+    ingest: Option<Ingest>,
+    archive: DirArchive,
+    now: Instant,
+}
+
+impl World {
+    fn new(seed: u64, block_bytes: usize) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("pods");
+        let archive_dir = tmp.path().join("archive");
+        let cfg = Config {
+            log_root: root.clone(),
+            state_dir: tmp.path().join("state"),
+            archive: ArchiveConfig::Dir {
+                dir: archive_dir.clone(),
+            },
+            block_bytes,
+            idle_timeout_secs: 0,
+            ..Config::default()
+        };
+        let task = TaskId::new("index-parallel-wiki-abc").unwrap();
+        let pod_dir = root.join(format!("druid_{task}_11111111-2222-3333-4444-555555555555"));
+        let writer = PeonWriter::create(&pod_dir.join("main"), 0).unwrap();
+        let mut lines = LineGen::new(seed);
+        lines.long_every = 50;
+        let mut w = World {
+            _tmp: tmp,
+            cfg,
+            pod_dir,
+            task,
+            writer,
+            lines,
+            ingest: None,
+            archive: DirArchive::new(archive_dir),
+            now: Instant::now(),
+        };
+        w.start();
+        w
+    }
+
+    fn start(&mut self) {
+        let ingest = Ingest::open(
+            &self.cfg,
+            Box::new(DirNameIdentity),
+            Box::new(NoWatch),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        self.ingest = Some(ingest);
+        self.process();
+    }
+
+    fn ingest(&mut self) -> &mut Ingest {
+        self.ingest.as_mut().unwrap()
+    }
+
+    fn process(&mut self) {
+        self.now += Duration::from_millis(10);
+        let now = self.now;
+        // A rescan stands for the inotify events a real agent would get.
+        self.ingest().scan_all();
+        while self.ingest().process(now) {}
+    }
+
+    fn apply(&mut self, op: &Op) {
+        let mut line = Vec::new();
+        match op {
+            Op::Write(n) => {
+                for _ in 0..*n {
+                    self.lines.next_line(&mut line);
+                    let stream = if line.first() == Some(&b'\t') {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    self.writer.write_line(stream, &line).unwrap();
+                }
+            }
+            Op::WriteHuge => {
+                line.resize(300 << 10, b'x');
+                self.writer.write_line("stdout", &line).unwrap();
+            }
+            Op::Rotate { late_write } => {
+                // The kubelet rotates at most every 10 s and gzips a rotated file only at the
+                // next rotation; by then a running agent has read it and committed (every
+                // second), which this stands for. Losing a file that was never read is the
+                // one loss no agent can prevent.
+                self.process();
+                self.now += Duration::from_secs(10);
+                let now = self.now;
+                self.ingest().tick(now);
+                self.ingest().commit(now);
+                self.writer.rotate(*late_write).unwrap();
+                self.process();
+            }
+            Op::Restart => {
+                self.writer.restart().unwrap();
+                self.process();
+            }
+            Op::Process => self.process(),
+            Op::Rescan => {
+                self.ingest().scan_all();
+            }
+            Op::Commit => {
+                let now = self.now;
+                self.ingest().commit(now);
+            }
+            Op::Crash => {
+                self.ingest = None;
+                self.start();
+            }
+            Op::Stop => {
+                self.ingest().shutdown();
+                self.ingest = None;
+                self.start();
+            }
+        }
+    }
+
+    /// The kubelet removes the pod directory; the agent drains and archives.
+    fn finish(&mut self) -> Vec<u8> {
+        fs::remove_dir_all(&self.pod_dir).unwrap();
+        for _ in 0..100 {
+            self.process();
+            self.now += Duration::from_secs(2);
+            let now = self.now;
+            self.ingest().tick(now);
+            self.ingest().commit_if_due(now, Duration::from_secs(1));
+            if let Some(job) = self.ingest().take_archive_jobs().pop() {
+                let result = self
+                    .archive
+                    .put(&job.task, &job.spool, job.len)
+                    .map_err(|e| e.to_string());
+                let outcome = ArchiveOutcome {
+                    pod_dir: job.pod_dir,
+                    task: job.task,
+                    len: job.len,
+                    result,
+                };
+                self.ingest().archive_finished(&outcome, now);
+                return fs::read(self.archive.path_of(&self.task)).unwrap();
+            }
+        }
+        panic!("task never archived");
+    }
+}
+
+fn check(seed: u64, block_bytes: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut w = World::new(seed, block_bytes);
+    for op in ops {
+        w.apply(op);
+    }
+    let got = w.finish();
+    let mut want = w.writer.expected.clone();
+    if want.is_empty() {
+        want = druid_log_agent::archive::placeholder(&w.task).into_bytes();
+    }
+    if got != want {
+        let at = got
+            .iter()
+            .zip(want.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        return Err(TestCaseError::fail(format!(
+            "archive differs: {} bytes archived, {} written, first difference at {at}",
+            got.len(),
+            want.len()
+        )));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn archive_equals_what_was_written(
+        seed in any::<u64>(),
+        block_kib in prop_oneof![Just(4usize), Just(64usize)],
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        check(seed, block_kib << 10, &ops)?;
+    }
+}
+
+#[test]
+fn rotation_then_crash_before_any_commit() {
+    use Op::*;
+    check(
+        1,
+        4096,
+        &[
+            Write(30),
+            Process,
+            Rotate { late_write: true },
+            Write(30),
+            Crash,
+            Write(5),
+        ],
+    )
+    .unwrap();
+}
