@@ -1,0 +1,194 @@
+//! End-to-end tests of the real binary on a node-like log tree with the directory archive.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{AgentProc, Node, assert_same_log, wait_for_archive};
+use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Writes `bytes` of Druid-style lines through `w`, pacing at roughly `rate` bytes/s.
+fn write_lines(w: &mut PeonWriter, lines: &mut LineGen, bytes: usize, rate: usize) {
+    let start = Instant::now();
+    let target = w.expected.len() + bytes;
+    let begin = w.expected.len();
+    let mut line = Vec::new();
+    while w.expected.len() < target {
+        lines.next_line(&mut line);
+        let stream = if line.first() == Some(&b'\t') { "stderr" } else { "stdout" };
+        w.write_line(stream, &line).unwrap();
+        let done = (w.expected.len() - begin) as f64;
+        let due = Duration::from_secs_f64(done / rate as f64);
+        if let Some(ahead) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+}
+
+/// The agent is killed with SIGKILL (and now and then stopped with SIGTERM) at random moments
+/// while a peon writes, rotates and restarts; every restart resumes from the checkpoint. The
+/// archive must be byte-identical to what was written: nothing lost, nothing twice.
+#[test]
+fn kill9_at_random_moments_loses_and_doubles_nothing() {
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("CRASH_SEED={seed}");
+    let node = Node::new();
+    let task = "index-kafka-crash";
+    let main = node.pod_dir(task).join("main");
+    // Intervals scaled down with the rotation period: the kubelet rotates at most every 10 s,
+    // here every half second.
+    let args = [
+        "--idle-timeout-secs",
+        "2",
+        "--commit-interval-ms",
+        "20",
+        "--block-max-age-ms",
+        "20",
+        "--poll-interval-ms",
+        "50",
+    ];
+    let writer = std::thread::spawn(move || {
+        let mut w = PeonWriter::create(&main, 512 << 10).unwrap();
+        let mut lines = LineGen::new(seed);
+        lines.long_every = 200;
+        write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
+        w.write_line("stderr", b"java.lang.OutOfMemoryError: Java heap space").unwrap();
+        w.restart().unwrap();
+        write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
+        w
+    });
+    let mut rng = Rng::new(seed);
+    let mut agent = AgentProc::start(&node, &args);
+    let mut kills = 0;
+    while !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        if rng.below(4) == 0 {
+            let status = agent.terminate();
+            assert!(status.success(), "SIGTERM must end the agent cleanly, got {status}");
+        } else {
+            agent.kill9();
+        }
+        kills += 1;
+        agent = AgentProc::start(&node, &args);
+    }
+    let w = writer.join().unwrap();
+    assert!(kills >= 5, "only {kills} restarts; the test proves little");
+    let got = wait_for_archive(&node.archived(task), w.expected.len(), LONG);
+    assert_same_log(&got, &w.expected);
+    let status = agent.terminate();
+    assert!(status.success());
+}
+
+/// First start on a node that already has logs: rotated uncompressed files and live files are
+/// read from their start, in order; gzipped rotations are not read.
+#[test]
+fn startup_on_existing_logs_without_checkpoint() {
+    let node = Node::new();
+    let task = "index-parallel-existing";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let mut lines = LineGen::new(7);
+    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    w.rotate(false).unwrap();
+    let gz_part = w.expected.len();
+    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    w.rotate(false).unwrap(); // the first rotation is gzipped now
+    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    let agent = AgentProc::start(&node, &["--idle-timeout-secs", "1"]);
+    let want = &w.expected[gz_part..];
+    let got = wait_for_archive(&node.archived(task), want.len(), LONG);
+    assert_same_log(&got, want);
+    assert!(agent.terminate().success());
+}
+
+/// A log file the agent may not open is reported clearly and retried; once it becomes
+/// readable its whole content is shipped.
+#[test]
+fn unreadable_file_is_reported_then_read() {
+    let node = Node::new();
+    let task = "index-kafka-unreadable";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let mut lines = LineGen::new(3);
+    write_lines(&mut w, &mut lines, 50 << 10, usize::MAX);
+    let live = w.live_path();
+    fs::set_permissions(&live, fs::Permissions::from_mode(0o000)).unwrap();
+    // As root the agent would read the file anyway; drop the capabilities that bypass file
+    // permissions, as a non-root agent container would lack them.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--",
+    ]);
+    let base = AgentProc::command(&node, &["--idle-timeout-secs", "1", "--rescan-interval-secs", "1"]);
+    cmd.arg(base.get_program()).args(base.get_args());
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let agent = AgentProc::spawn(cmd);
+    let line = agent.wait_for_line("cannot open log file", LONG);
+    assert!(line.contains("0.log") && line.contains("ermission denied"), "{line}");
+    fs::set_permissions(&live, fs::Permissions::from_mode(0o644)).unwrap();
+    let got = wait_for_archive(&node.archived(task), w.expected.len(), LONG);
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
+}
+
+/// The state directory fills up: the agent says so, keeps the data in the source files, and
+/// once space returns it catches up; the archive is complete and not corrupted.
+#[test]
+fn full_state_disk_is_reported_and_recovered() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let node = Node::new();
+    fs::create_dir_all(&node.state).unwrap();
+    let mount = |opts: &str| {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&node.state)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -o {opts} failed");
+    };
+    mount("size=128k");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(node.state.clone());
+    let task = "index-kafka-diskfull";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let mut lines = LineGen::new(11);
+    let agent = AgentProc::start(&node, &["--idle-timeout-secs", "1"]);
+    // About 1.5 MiB of spool at level 1: far more than 128 KiB.
+    write_lines(&mut w, &mut lines, 6 << 20, usize::MAX);
+    let line = agent.wait_for_line("cannot write spool block", LONG);
+    assert!(line.contains("No space left on device"), "{line}");
+    // Space comes back.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&node.state)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let got = wait_for_archive(&node.archived(task), w.expected.len(), LONG);
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
+}
