@@ -670,6 +670,12 @@ impl Ingest {
                 Step::Read(n) => total += n,
                 Step::Closed => {}
                 Step::Wait => break,
+                Step::Truncated => {
+                    // What was read before the cut exists nowhere else now: make it durable
+                    // before anything else, with the file's offset already back at 0.
+                    seal(t, &self.metrics);
+                    self.commit_now = true;
+                }
             }
         }
         if t.tail_since.is_none() && t.writer.tail_len() > 0 {
@@ -963,6 +969,8 @@ enum Step {
     Closed,
     /// Nothing more to read now.
     Wait,
+    /// The front file shrank and is read again from 0.
+    Truncated,
 }
 
 /// One read of the task's current file. The offset only ever moves past complete records, so
@@ -1017,7 +1025,11 @@ fn read_step(
         warn!(file = %src.path.display(), was = src.offset, now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
         src.offset = 0;
         src.decode = FileDecodeState::default();
-        return Step::Read(0);
+        // The leading bytes the fingerprint covered are gone; it is taken again from the new
+        // content at the next snapshot.
+        src.key.fp_len = 0;
+        src.key.fp = 0;
+        return Step::Truncated;
     }
     // A later file that has data (or belongs to a later container start) means the runtime
     // has moved on: this one will not grow any more.

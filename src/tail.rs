@@ -82,8 +82,11 @@ pub fn list(dir: &Path) -> io::Result<Vec<Found>> {
         let Some(name) = entry.file_name().to_str().and_then(LogName::parse) else {
             continue;
         };
-        // A file renamed or deleted since readdir is simply not there any more.
-        let Ok(md) = entry.metadata() else { continue };
+        // Followed, because on dockershim nodes the kubelet's `<n>.log` is a symlink to the
+        // runtime's json-file log. A file renamed or deleted since readdir is simply gone.
+        let Ok(md) = fs::metadata(entry.path()) else {
+            continue;
+        };
         if !md.is_file() {
             continue;
         }

@@ -20,7 +20,11 @@ fn write_lines(w: &mut PeonWriter, lines: &mut LineGen, bytes: usize, rate: usiz
     let mut line = Vec::new();
     while w.expected.len() < target {
         lines.next_line(&mut line);
-        let stream = if line.first() == Some(&b'\t') { "stderr" } else { "stdout" };
+        let stream = if line.first() == Some(&b'\t') {
+            "stderr"
+        } else {
+            "stdout"
+        };
         w.write_line(stream, &line).unwrap();
         let done = (w.expected.len() - begin) as f64;
         let due = Duration::from_secs_f64(done / rate as f64);
@@ -38,7 +42,12 @@ fn kill9_at_random_moments_loses_and_doubles_nothing() {
     let seed = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("CRASH_SEED={seed}");
     let node = Node::new();
     let task = "index-kafka-crash";
@@ -60,7 +69,8 @@ fn kill9_at_random_moments_loses_and_doubles_nothing() {
         let mut lines = LineGen::new(seed);
         lines.long_every = 200;
         write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
-        w.write_line("stderr", b"java.lang.OutOfMemoryError: Java heap space").unwrap();
+        w.write_line("stderr", b"java.lang.OutOfMemoryError: Java heap space")
+            .unwrap();
         w.restart().unwrap();
         write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
         w
@@ -72,7 +82,10 @@ fn kill9_at_random_moments_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
         if rng.below(4) == 0 {
             let status = agent.terminate();
-            assert!(status.success(), "SIGTERM must end the agent cleanly, got {status}");
+            assert!(
+                status.success(),
+                "SIGTERM must end the agent cleanly, got {status}"
+            );
         } else {
             agent.kill9();
         }
@@ -127,7 +140,10 @@ fn unreadable_file_is_reported_then_read() {
         "--bounding-set=-dac_override,-dac_read_search",
         "--",
     ]);
-    let base = AgentProc::command(&node, &["--idle-timeout-secs", "1", "--rescan-interval-secs", "1"]);
+    let base = AgentProc::command(
+        &node,
+        &["--idle-timeout-secs", "1", "--rescan-interval-secs", "1"],
+    );
     cmd.arg(base.get_program()).args(base.get_args());
     for (k, v) in base.get_envs() {
         match v {
@@ -140,7 +156,10 @@ fn unreadable_file_is_reported_then_read() {
         .stderr(std::process::Stdio::piped());
     let agent = AgentProc::spawn(cmd);
     let line = agent.wait_for_line("cannot open log file", LONG);
-    assert!(line.contains("0.log") && line.contains("ermission denied"), "{line}");
+    assert!(
+        line.contains("0.log") && line.contains("ermission denied"),
+        "{line}"
+    );
     fs::set_permissions(&live, fs::Permissions::from_mode(0o644)).unwrap();
     let got = wait_for_archive(&node.archived(task), w.expected.len(), LONG);
     assert_same_log(&got, &w.expected);

@@ -28,6 +28,12 @@ enum Op {
         late_write: bool,
     },
     Restart,
+    /// The kubelet renames the live file away, the runtime fails to reopen, the kubelet
+    /// renames it back.
+    RotateFailed,
+    /// copytruncate (logrotate, not the kubelet): the live file is cut to zero in place. The
+    /// agent has read it up to here and notices the shrink at once, as inotify makes it.
+    Truncate,
     /// The agent reads what inotify would have pointed at.
     Process,
     /// The agent's periodic rescan.
@@ -45,6 +51,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::WriteHuge),
         2 => any::<bool>().prop_map(|late_write| Op::Rotate { late_write }),
         1 => Just(Op::Restart),
+        1 => Just(Op::Truncate),
+        1 => Just(Op::RotateFailed),
         4 => Just(Op::Process),
         1 => Just(Op::Rescan),
         2 => Just(Op::Commit),
@@ -122,6 +130,9 @@ impl World {
         // A rescan stands for the inotify events a real agent would get.
         self.ingest().scan_all();
         while self.ingest().process(now) {}
+        // As the agent's loop does after every round: commits when the interval is over or
+        // something asked for one (a task ended, a file was truncated).
+        self.ingest().commit_if_due(now, Duration::from_secs(1));
     }
 
     fn apply(&mut self, op: &Op) {
@@ -157,6 +168,24 @@ impl World {
             }
             Op::Restart => {
                 self.writer.restart().unwrap();
+                self.process();
+            }
+            Op::RotateFailed => {
+                let live = self.writer.live_path();
+                let aside = live.with_extension("log.20991231-235959");
+                fs::rename(&live, &aside).unwrap();
+                self.process();
+                fs::rename(&aside, &live).unwrap();
+                self.process();
+            }
+            Op::Truncate => {
+                self.process();
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.writer.live_path())
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap();
                 self.process();
             }
             Op::Process => self.process(),
@@ -261,4 +290,47 @@ fn rotation_then_crash_before_any_commit() {
         ],
     )
     .unwrap();
+}
+
+/// With inotify unusable (watch limit reached), the engine falls back to rescanning on every
+/// poll and still finds and reads everything.
+#[test]
+fn watch_errors_fall_back_to_polling_rescans() {
+    struct Exhausted;
+    impl druid_log_agent::pipeline::DirWatcher for Exhausted {
+        fn watch(&mut self, _: &std::path::Path) -> Result<(), String> {
+            Err("inotify watch limit reached".into())
+        }
+        fn unwatch(&mut self, _: &std::path::Path) {}
+    }
+    let mut w = World::new(5, 4096);
+    let metrics = Arc::new(Metrics::default());
+    w.ingest = Some(
+        Ingest::open(
+            &w.cfg,
+            Box::new(DirNameIdentity),
+            Box::new(Exhausted),
+            metrics.clone(),
+        )
+        .unwrap(),
+    );
+    w.apply(&Op::Write(20));
+    // Only the periodic tick runs: no explicit scan, no events.
+    w.now += Duration::from_secs(1);
+    let now = w.now;
+    w.ingest().tick(now);
+    w.ingest().tick(now);
+    assert!(
+        metrics
+            .watch_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(metrics.rescans.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert_eq!(
+        metrics
+            .bytes_read
+            .load(std::sync::atomic::Ordering::Relaxed),
+        fs::metadata(w.writer.live_path()).unwrap().len()
+    );
 }

@@ -30,7 +30,8 @@ impl Node {
     }
 
     pub fn pod_dir(&self, task: &str) -> PathBuf {
-        self.pods.join(format!("druid_{task}_0a0b0c0d-1111-2222-3333-444455556666"))
+        self.pods
+            .join(format!("druid_{task}_0a0b0c0d-1111-2222-3333-444455556666"))
     }
 
     pub fn archived(&self, task: &str) -> PathBuf {
@@ -149,7 +150,9 @@ pub fn assert_same_log(got: &[u8], want: &[u8]) {
         .zip(want)
         .position(|(a, b)| a != b)
         .unwrap_or(got.len().min(want.len()));
-    let ctx = |b: &[u8]| String::from_utf8_lossy(&b[at.saturating_sub(80)..(at + 80).min(b.len())]).into_owned();
+    let ctx = |b: &[u8]| {
+        String::from_utf8_lossy(&b[at.saturating_sub(80)..(at + 80).min(b.len())]).into_owned()
+    };
     panic!(
         "archive differs from what was written: {} bytes archived, {} written, first difference at byte {at}\n--- archived:\n{}\n--- written:\n{}",
         got.len(),
