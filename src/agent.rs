@@ -64,6 +64,7 @@ impl DirWatcher for NotifyWatcher {
 
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves the threads running.
 pub struct Agent {
+    registry: crate::registry::Registry,
     tx: Sender<Msg>,
     ingest: JoinHandle<()>,
     worker: JoinHandle<()>,
@@ -94,6 +95,7 @@ impl Agent {
         };
         let metrics = Arc::new(Metrics::default());
         let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
+        let registry = ingest.registry().clone();
 
         let (jobs_tx, jobs_rx) = mpsc::channel::<ArchiveJob>();
         let stop = Arc::new(AtomicBool::new(false));
@@ -134,6 +136,7 @@ impl Agent {
             .spawn(move || run_loop(ingest, rx, jobs_tx, stop, timing, observer))
             .map_err(StartError::Thread)?;
         Ok(Agent {
+            registry,
             tx,
             ingest,
             worker,
@@ -143,6 +146,11 @@ impl Agent {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The tasks readers may look up.
+    pub fn registry(&self) -> &crate::registry::Registry {
+        &self.registry
     }
 
     /// Stops reading, seals and commits, waits (up to the grace period) for the archive that

@@ -39,6 +39,14 @@ pub struct Config {
     pub retention_secs: u64,
     /// On SIGTERM, how long to wait for archives in flight before exiting anyway.
     pub shutdown_timeout_secs: u64,
+    /// Address of the HTTP endpoint (task logs, /tasks, /healthz, /readyz, /metrics).
+    pub listen: String,
+    /// File holding a bearer token that every request but the health probes must present.
+    pub auth_token_file: Option<PathBuf>,
+    /// Longest a `follow=true` log response stays open.
+    pub follow_max_secs: u64,
+    /// HTTP connections served at once; more are closed at once.
+    pub http_max_connections: usize,
     /// Where finished logs go.
     pub archive: ArchiveConfig,
     /// `text` or `json` for the agent's own logs.
@@ -76,6 +84,10 @@ impl Default for Config {
             idle_timeout_secs: 600,
             retention_secs: 3_600,
             shutdown_timeout_secs: 25,
+            listen: "0.0.0.0:8095".into(),
+            auth_token_file: None,
+            follow_max_secs: 3_600,
+            http_max_connections: 256,
             archive: ArchiveConfig::Dir {
                 dir: PathBuf::from("/var/lib/druid-log-agent/archive"),
             },

@@ -10,6 +10,8 @@ pub mod demo;
 pub mod loadgen;
 pub mod metrics;
 pub mod pipeline;
+pub mod registry;
+pub mod serve;
 pub mod spool;
 pub mod tail;
 pub mod task;

@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use druid_log_agent::agent::Agent;
 use druid_log_agent::archive::DirArchive;
 use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
-use druid_log_agent::demo;
 use druid_log_agent::task::DirNameIdentity;
+use druid_log_agent::{demo, serve};
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +98,19 @@ struct RunArgs {
     /// On SIGTERM, wait this long for archives in flight [default: 25].
     #[arg(long, env = "DLA_SHUTDOWN_TIMEOUT_SECS")]
     shutdown_timeout_secs: Option<u64>,
+    /// Address of the HTTP endpoint [default: 0.0.0.0:8095].
+    #[arg(long, env = "DLA_LISTEN")]
+    listen: Option<String>,
+    /// File with a bearer token required on every request but /healthz and /readyz
+    /// [default: unset, no authentication].
+    #[arg(long, env = "DLA_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Longest a follow=true log response stays open [default: 3600].
+    #[arg(long, env = "DLA_FOLLOW_MAX_SECS")]
+    follow_max_secs: Option<u64>,
+    /// HTTP connections served at once [default: 256].
+    #[arg(long, env = "DLA_HTTP_MAX_CONNECTIONS")]
+    http_max_connections: Option<usize>,
     /// Format of the agent's own log lines [default: text].
     #[arg(long, env = "DLA_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -126,8 +139,14 @@ impl RunArgs {
             idle_timeout_secs,
             retention_secs,
             shutdown_timeout_secs,
-            log_format
+            log_format,
+            listen,
+            follow_max_secs,
+            http_max_connections
         );
+        if let Some(p) = &self.auth_token_file {
+            c.auth_token_file = Some(p.clone());
+        }
         if let Some(n) = &self.node_name {
             c.node_name = Some(n.clone());
         }
@@ -142,8 +161,10 @@ impl RunArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
@@ -195,15 +216,45 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .context("cannot start the agent")?;
     tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let token = match &cfg.auth_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
+            let t = t.trim().to_owned();
+            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
+            Some(t)
+        }
+        None => None,
+    };
+    let http = serve::Http::new(
+        agent.registry().clone(),
+        agent.metrics().clone(),
+        serve::ServeOptions {
+            token,
+            follow_max: std::time::Duration::from_secs(cfg.follow_max_secs),
+            max_connections: cfg.http_max_connections,
+            state_dir: cfg.state_dir.clone(),
+        },
+    );
+    // Two workers: the HTTP side must answer while the ingest thread keeps a core busy.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let (listener, addr) = serve::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        tracing::info!(%addr, "listening");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve::serve(listener, http, stop_rx));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
         }
+        let _ = stop_tx.send(true);
+        let _ = server.await;
         anyhow::Ok(())
     })?;
     agent.shutdown();

@@ -18,7 +18,7 @@ macro_rules! counters {
 }
 
 counters! {
-    bytes_read: "Bytes read from container log files.",
+    read_bytes: "Bytes read from container log files.",
     records: "Log records (CRI or json-file lines) decoded.",
     lines: "Complete log lines written to spools.",
     malformed_records: "Records in neither CRI nor json-file format, kept raw.",

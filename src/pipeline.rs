@@ -25,6 +25,7 @@ use crate::checkpoint::{self, FileKey, Phase, SourceState, State, TaskState};
 use crate::config::Config;
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::metrics::Metrics;
+use crate::registry::{Registry, TaskEntry};
 use crate::spool::{Spool, SpoolWriter};
 use crate::tail::{self, FINGERPRINT_LEN};
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
@@ -123,6 +124,8 @@ struct Task {
     unsaved: bool,
     archive_in_flight: bool,
     archive_retry_at: Option<Instant>,
+    archived_to: Option<String>,
+    archive_error: Option<String>,
 }
 
 impl Task {
@@ -168,6 +171,7 @@ pub struct Ingest {
     /// Set when inotify cannot be trusted (watch limit reached); the tree is then rescanned
     /// on every poll.
     degraded: bool,
+    registry: Registry,
 }
 
 fn now_ms() -> u64 {
@@ -222,6 +226,7 @@ impl Ingest {
             last_commit: Instant::now(),
             jobs: Vec::new(),
             degraded: false,
+            registry: Registry::default(),
             s,
         };
         for ts in state.tasks {
@@ -318,11 +323,38 @@ impl Ingest {
             unsaved: false,
             archive_in_flight: false,
             archive_retry_at: None,
+            archived_to: None,
+            archive_error: None,
             pod,
         };
         info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = task.sources.len(), "resumed task from checkpoint");
-        self.dirty_read.insert(task.pod.name.clone());
-        self.tasks.insert(task.pod.name.clone(), task);
+        let name = task.pod.name.clone();
+        self.dirty_read.insert(name.clone());
+        self.tasks.insert(name.clone(), task);
+        self.publish(&name);
+    }
+
+    /// Tells readers the current state of a task (once its id is known).
+    fn publish(&self, name: &str) {
+        let Some(t) = self.tasks.get(name) else {
+            return;
+        };
+        let Some(id) = t.task_id() else {
+            return;
+        };
+        self.registry.publish(TaskEntry {
+            task_id: id.clone(),
+            pod: t.pod.clone(),
+            spool: t.writer.spool().clone(),
+            phase: t.phase,
+            archived_to: t.archived_to.clone(),
+            archive_error: t.archive_error.clone(),
+        });
+    }
+
+    /// The registry this engine publishes its tasks to, for readers.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Moves a spool that does not match the checkpoint out of the way; its task is then read
@@ -526,6 +558,8 @@ impl Ingest {
                     unsaved: false,
                     archive_in_flight: false,
                     archive_retry_at: None,
+                    archived_to: None,
+                    archive_error: None,
                 },
             );
         }
@@ -537,6 +571,7 @@ impl Ingest {
         }
         t.dir_gone = false;
         let cdir = t.container_dir.clone();
+        self.publish(name);
         for d in [&pod_path, &cdir] {
             if d.is_dir()
                 && let Err(e) = self.watcher.watch(d)
@@ -650,6 +685,7 @@ impl Ingest {
         let mut total = 0u64;
         let mut stats = DecodeStats::default();
         let mut more = false;
+        let mut reactivated = false;
         loop {
             if t.writer.tail_len() >= self.s.block_bytes && !seal(t, &self.metrics) {
                 // Disk full or similar: stop reading until the tail can be sealed.
@@ -689,10 +725,11 @@ impl Ingest {
                     "task wrote more after its log was archived; it will be archived again when it ends"
                 );
                 t.phase = Phase::Running;
+                reactivated = true;
             }
         }
         let m = &self.metrics;
-        m.bytes_read.fetch_add(total, Relaxed);
+        m.read_bytes.fetch_add(total, Relaxed);
         m.records.fetch_add(stats.records, Relaxed);
         m.lines.fetch_add(stats.lines, Relaxed);
         m.malformed_records.fetch_add(stats.malformed, Relaxed);
@@ -700,6 +737,8 @@ impl Ingest {
         m.truncated_bytes.fetch_add(stats.truncated_bytes, Relaxed);
         if finished && t.sources.is_empty() && t.phase == Phase::Running {
             self.end_task(name);
+        } else if reactivated {
+            self.publish(name);
         }
         more
     }
@@ -723,6 +762,7 @@ impl Ingest {
             };
             if t.task_id().is_none() {
                 t.identity = self.identity.identify(&t.pod);
+                self.publish(name);
                 continue;
             }
             if t.tail_since
@@ -759,6 +799,7 @@ impl Ingest {
         self.metrics.tasks_ended.fetch_add(1, Relaxed);
         info!(pod_dir = name, task = ?t.task_id().map(|i| i.as_str()), bytes = t.writer.spool().len(), "task log ended");
         self.commit_now = true;
+        self.publish(name);
     }
 
     fn collect_expired(&mut self) {
@@ -775,6 +816,9 @@ impl Ingest {
             .collect();
         for name in expired {
             if let Some(t) = self.tasks.remove(&name) {
+                if let Some(id) = t.task_id() {
+                    self.registry.remove(id, &name);
+                }
                 let _ = fs::remove_file(t.writer.spool().path());
                 debug!(pod_dir = %name, "retention over; spool removed");
                 self.checkpoint_dirty = true;
@@ -868,6 +912,8 @@ impl Ingest {
                 self.metrics.archives.fetch_add(1, Relaxed);
                 info!(task = %o.task, location = %location, bytes = o.len, "log archived");
                 t.archive_retry_at = None;
+                t.archive_error = None;
+                t.archived_to = Some(location.clone());
                 if t.phase == Phase::Ended && t.writer.spool().len() == o.len {
                     t.phase = Phase::Archived {
                         at_ms: now_ms(),
@@ -883,8 +929,10 @@ impl Ingest {
                 self.metrics.archive_errors.fetch_add(1, Relaxed);
                 error!(task = %o.task, error = %e, "archive failed; the spool is kept and the archive retried");
                 t.archive_retry_at = Some(now + ARCHIVE_RETRY);
+                t.archive_error = Some(e.clone());
             }
         }
+        self.publish(&o.pod_dir);
     }
 
     /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to

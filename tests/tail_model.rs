@@ -329,7 +329,7 @@ fn watch_errors_fall_back_to_polling_rescans() {
     assert!(metrics.rescans.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     assert_eq!(
         metrics
-            .bytes_read
+            .read_bytes
             .load(std::sync::atomic::Ordering::Relaxed),
         fs::metadata(w.writer.live_path()).unwrap().len()
     );

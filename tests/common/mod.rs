@@ -55,6 +55,8 @@ impl AgentProc {
             .arg(&node.state)
             .arg("--archive-dir")
             .arg(&node.archive)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("DLA_CONFIG")
@@ -160,4 +162,124 @@ pub fn assert_same_log(got: &[u8], want: &[u8]) {
         ctx(got),
         ctx(want)
     );
+}
+
+impl AgentProc {
+    /// Waits for the agent to log its HTTP address and returns it.
+    pub fn http_addr(&self) -> String {
+        let line = self.wait_for_line("listening", Duration::from_secs(60));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        addr.to_owned()
+    }
+}
+
+/// A response as raw as it came: tests of hostile requests must not go through a client that
+/// would normalise the path.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; `extra` are raw header lines.
+pub fn http_get(addr: &str, target: &str, extra: &[&str]) -> Reply {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw)
+}
+
+pub fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        b = &b[nl + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// Waits until `/tasks` reports `task` holding `len` bytes of log.
+pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = http_get(addr, "/tasks", &[]);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let have = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == task)
+            .and_then(|t| t["bytes"].as_u64());
+        if have == Some(len as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {task} has {have:?} bytes, want {len}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

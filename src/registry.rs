@@ -1,0 +1,79 @@
+//! The task registry: what readers (the HTTP endpoint) may know about this node's tasks.
+//!
+//! The ingest thread publishes an entry when it learns a task's id and whenever the task's
+//! phase changes; readers look task ids up here and nowhere else (a request path never becomes
+//! a file path). The lock is held only to clone an `Arc`, never while reading a spool, so
+//! readers cannot slow ingest down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::checkpoint::Phase;
+use crate::spool::Spool;
+use crate::task::{PodDir, TaskId};
+
+/// One task as readers see it.
+#[derive(Debug, Clone)]
+pub struct TaskEntry {
+    pub task_id: TaskId,
+    pub pod: PodDir,
+    pub spool: Arc<Spool>,
+    pub phase: Phase,
+    /// Where the last successful archive went.
+    pub archived_to: Option<String>,
+    /// The last archive error, while the archive is being retried.
+    pub archive_error: Option<String>,
+}
+
+impl TaskEntry {
+    /// `running`, `finishing` (ended, archive pending), `failed` (archive failing, retried) or
+    /// `archived`.
+    pub fn state(&self) -> &'static str {
+        match self.phase {
+            Phase::Running => "running",
+            Phase::Ended if self.archive_error.is_some() => "failed",
+            Phase::Ended => "finishing",
+            Phase::Archived { .. } => "archived",
+        }
+    }
+
+    /// Whether the log can still grow.
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    inner: Arc<RwLock<HashMap<TaskId, Arc<TaskEntry>>>>,
+}
+
+impl Registry {
+    pub fn get(&self, id: &str) -> Option<Arc<TaskEntry>> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        // Ids that could never be task ids are not even hashed against real ones.
+        let id = TaskId::new(id).ok()?;
+        map.get(&id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<TaskEntry>> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        v
+    }
+
+    pub fn publish(&self, entry: TaskEntry) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(entry.task_id.clone(), Arc::new(entry));
+    }
+
+    /// Removes the entry of `id` if it still belongs to the pod directory `pod_dir` (a newer
+    /// pod may have taken the id over).
+    pub fn remove(&self, id: &TaskId, pod_dir: &str) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(id).is_some_and(|e| e.pod.name == pod_dir) {
+            map.remove(id);
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! The HTTP endpoint: task logs with the overlord's own API and offset semantics, the task
+//! list, health, readiness and Prometheus metrics, on one port.
+//!
+//! Architecture invariants: a request only ever reads a spool (through the registry), never
+//! waits on the ingest thread and never holds a lock ingest needs; a request path never
+//! becomes a file path; a response body is streamed in bounded chunks, so a 5 GiB log costs
+//! no more memory than a 5 KiB one.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, TaskEntry};
+
+/// Druid's own text for an unknown task (`OverlordResource.getTaskLog`).
+pub const NO_LOG: &str =
+    "No log was found for this task. The task may not exist, or it may not have begun running yet.";
+const TEXT: &str = "text/plain; charset=UTF-8";
+/// One chunk of a streamed log; with the channel depth this bounds a response's memory.
+const CHUNK: u64 = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 4;
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+const BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A bearer token every request but the health probes must present.
+    pub token: Option<String>,
+    /// Longest a `follow=true` response stays open.
+    pub follow_max: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// Checked by `/readyz`: must be writable.
+    pub state_dir: PathBuf,
+}
+
+/// What the handlers share.
+pub struct Http {
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    latency: [Histogram; ROUTES.len()],
+    rejected_connections: AtomicU64,
+}
+
+const ROUTES: [&str; 6] = ["log", "tasks", "healthz", "readyz", "metrics", "other"];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+impl Http {
+    pub fn new(registry: Registry, metrics: Arc<Metrics>, opts: ServeOptions) -> Arc<Http> {
+        Arc::new(Http {
+            registry,
+            metrics,
+            opts,
+            requests: Mutex::new(BTreeMap::new()),
+            latency: Default::default(),
+            rejected_connections: AtomicU64::new(0),
+        })
+    }
+}
+
+pub fn router(http: Arc<Http>) -> Router {
+    Router::new()
+        .route("/druid/indexer/v1/task/{task_id}/log", get(task_log))
+        .route("/tasks", get(tasks))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(middleware::from_fn_with_state(http.clone(), guard))
+        .with_state(http)
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, with per-connection limits:
+/// headers must arrive within 10 s and fit in 16 KiB, and at most `max_connections` at once.
+pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::Receiver<bool>) {
+    let app = router(http.clone());
+    let slots = Arc::new(Semaphore::new(http.opts.max_connections.max(1)));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of fds and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            http.rejected_connections.fetch_add(1, Relaxed);
+            debug!(%peer, "connection limit reached; closing");
+            continue;
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(16 << 10)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+pub async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+fn route_of(path: &str) -> usize {
+    let name = match path {
+        "/tasks" => "tasks",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        p if p.starts_with("/druid/indexer/v1/task/") => "log",
+        _ => "other",
+    };
+    ROUTES
+        .iter()
+        .position(|r| *r == name)
+        .unwrap_or(ROUTES.len() - 1)
+}
+
+/// Authentication and request metrics around every handler.
+async fn guard(State(http): State<Arc<Http>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_of(req.uri().path());
+    let probe = matches!(ROUTES[route], "healthz" | "readyz");
+    let resp = match &http.opts.token {
+        Some(token) if !probe && !authorized(&req, token) => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response(),
+        _ => next.run(req).await,
+    };
+    http.latency[route].observe(started.elapsed());
+    let mut counts = http.requests.lock().unwrap_or_else(|e| e.into_inner());
+    *counts
+        .entry((ROUTES[route], resp.status().as_u16()))
+        .or_default() += 1;
+    resp
+}
+
+fn authorized(req: &Request, token: &str) -> bool {
+    let Some(got) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(got, token.as_bytes())
+}
+
+/// Compares without an early exit, so response time says nothing about how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= (x ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+/// Where Druid's `streamTaskLog(taskId, offset)` starts reading a log of `len` bytes.
+pub fn druid_start(offset: i64, len: u64) -> u64 {
+    if offset > 0 && (offset as u64) < len {
+        offset as u64
+    } else if offset < 0 && offset.unsigned_abs() < len {
+        len - offset.unsigned_abs()
+    } else {
+        0
+    }
+}
+
+struct LogQuery {
+    offset: i64,
+    follow: bool,
+}
+
+fn parse_query(q: Option<&str>) -> Result<LogQuery, String> {
+    let mut out = LogQuery {
+        offset: 0,
+        follow: false,
+    };
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "offset" => {
+                out.offset = v
+                    .parse()
+                    .map_err(|_| format!("offset must be a whole number of bytes, got {v:?}\n"))?
+            }
+            "follow" => out.follow = matches!(v, "true" | "1" | ""),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+async fn task_log(
+    State(http): State<Arc<Http>>,
+    Path(task_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let q = match parse_query(q.as_deref()) {
+        Ok(q) => q,
+        Err(msg) => return (StatusCode::BAD_REQUEST, msg).into_response(),
+    };
+    let Some(entry) = http.registry.get(&task_id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, TEXT)],
+            NO_LOG,
+        )
+            .into_response();
+    };
+    // A plain read is a snapshot of the log as it is now, like Druid's reader of a finished
+    // object; `follow` goes on past it.
+    let len = entry.spool.len();
+    let start = druid_start(q.offset, len);
+    let follow = q.follow.then(|| Instant::now() + http.opts.follow_max);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(CHUNKS_IN_FLIGHT);
+    tokio::spawn(stream_log(
+        http.registry.clone(),
+        entry,
+        start,
+        len,
+        follow,
+        tx,
+    ));
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT));
+    resp
+}
+
+/// Sends the log from `pos` in chunks; with `follow`, keeps sending what is appended until
+/// the task's log ends, the deadline passes or the client goes away.
+async fn stream_log(
+    registry: Registry,
+    mut entry: Arc<TaskEntry>,
+    mut pos: u64,
+    snapshot_len: u64,
+    follow: Option<Instant>,
+    tx: mpsc::Sender<Result<Bytes, io::Error>>,
+) {
+    loop {
+        let end = if follow.is_some() {
+            entry.spool.len()
+        } else {
+            snapshot_len
+        };
+        while pos < end {
+            let to = end.min(pos + CHUNK);
+            let spool = entry.spool.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::with_capacity((to - pos) as usize);
+                spool
+                    .read_range(pos, to, &mut |c| {
+                        buf.extend_from_slice(c);
+                        Ok(())
+                    })
+                    .map(|()| buf)
+            })
+            .await;
+            let chunk = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    warn!(task = %entry.task_id, error = %e, "cannot read spool for a log request");
+                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            pos = to;
+            if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                return; // the client went away
+            }
+        }
+        let Some(deadline) = follow else { return };
+        if !entry.is_running() && pos >= entry.spool.len() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            _ = tx.closed() => return,
+        }
+        // The phase may have changed (the task ended); the spool handle stays the same.
+        if let Some(e) = registry.get(entry.task_id.as_str())
+            && Arc::ptr_eq(&e.spool, &entry.spool)
+        {
+            entry = e;
+        }
+    }
+}
+
+async fn tasks(State(http): State<Arc<Http>>) -> Response {
+    let list: Vec<serde_json::Value> = http
+        .registry
+        .all()
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.task_id.as_str(),
+                "namespace": e.pod.namespace,
+                "pod": e.pod.pod,
+                "podUid": e.pod.uid,
+                "state": e.state(),
+                "bytes": e.spool.len(),
+                "spoolBytes": e.spool.file_len(),
+                "archive": e.archived_to,
+                "archivedBytes": match e.phase {
+                    crate::checkpoint::Phase::Archived { archived_len, .. } => Some(archived_len),
+                    _ => None,
+                },
+                "archiveError": e.archive_error,
+            })
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn readyz(State(http): State<Arc<Http>>) -> Response {
+    let dir = http.opts.state_dir.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        let p = dir.join(".readyz");
+        std::fs::write(&p, b"ok").and_then(|()| std::fs::remove_file(&p))
+    })
+    .await;
+    match probe {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "state directory {} is not writable: {e}\n",
+                http.opts.state_dir.display()
+            ),
+        )
+            .into_response(),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> {
+    let mut out = String::with_capacity(8 << 10);
+    for (name, help, v) in http.metrics.snapshot() {
+        let _ = writeln!(out, "# HELP druid_log_agent_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE druid_log_agent_{name}_total counter");
+        let _ = writeln!(out, "druid_log_agent_{name}_total {v}");
+    }
+    let tasks = http.registry.all();
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_tasks Tasks on this node by state."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_tasks gauge");
+    for state in ["running", "finishing", "failed", "archived"] {
+        let n = tasks.iter().filter(|t| t.state() == state).count();
+        let _ = writeln!(out, "druid_log_agent_tasks{{state=\"{state}\"}} {n}");
+    }
+    let spool: u64 = tasks.iter().map(|t| t.spool.file_len()).sum();
+    let logs: u64 = tasks.iter().map(|t| t.spool.len()).sum();
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_spool_bytes Compressed bytes in spools on disk."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_spool_bytes gauge");
+    let _ = writeln!(out, "druid_log_agent_spool_bytes {spool}");
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_log_bytes Bytes of log text held in spools."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_log_bytes gauge");
+    let _ = writeln!(out, "druid_log_agent_log_bytes {logs}");
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_http_rejected_connections_total Connections closed at the connection limit."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE druid_log_agent_http_rejected_connections_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "druid_log_agent_http_rejected_connections_total {}",
+        http.rejected_connections.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_http_requests_total HTTP requests by route and status."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_http_requests_total counter");
+    for ((route, code), n) in http
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "druid_log_agent_http_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_http_request_duration_seconds Time to the response head, by route."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE druid_log_agent_http_request_duration_seconds histogram"
+    );
+    for (route, h) in ROUTES.iter().zip(&http.latency) {
+        for (b, c) in BUCKETS.iter().zip(&h.buckets) {
+            let _ = writeln!(
+                out,
+                "druid_log_agent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let count = h.count.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "druid_log_agent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "druid_log_agent_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+            h.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "druid_log_agent_http_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+        );
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn druid_offset_rules() {
+        let len = 100;
+        assert_eq!(druid_start(0, len), 0);
+        assert_eq!(druid_start(1, len), 1);
+        assert_eq!(druid_start(99, len), 99);
+        assert_eq!(druid_start(100, len), 0);
+        assert_eq!(druid_start(1000, len), 0);
+        assert_eq!(druid_start(-1, len), 99);
+        assert_eq!(druid_start(-99, len), 1);
+        assert_eq!(druid_start(-100, len), 0);
+        assert_eq!(druid_start(i64::MIN, len), 0);
+        assert_eq!(druid_start(i64::MAX, len), 0);
+        assert_eq!(druid_start(5, 0), 0);
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}
