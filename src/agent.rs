@@ -1,5 +1,5 @@
 //! Wires the stages into a running agent: the inotify watcher, the ingest thread that drives
-//! [`Ingest`], and the archive worker.
+//! [`Ingest`], and the archive worker on the async runtime.
 //!
 //! Ingest runs on a thread of its own rather than on the async runtime: it does blocking file
 //! I/O and CPU-bound compression, and owning its state outright keeps the hot path free of
@@ -16,25 +16,24 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use tracing::{error, info, warn};
 
-use crate::archive::Archive;
+use crate::archive::{self, Job, Outcome, Target};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pipeline::{ArchiveJob, ArchiveOutcome, DirWatcher, Ingest, PipelineError};
+use crate::pipeline::{DirWatcher, Ingest, PipelineError};
+use crate::registry::Registry;
 use crate::task::TaskIdentity;
 
 /// Everything the ingest thread reacts to.
 pub enum Msg {
     Fs(notify::Result<notify::Event>),
-    Archived(ArchiveOutcome),
-    /// The worker dropped a queued job because the agent is stopping; the next agent redoes it.
-    ArchiveSkipped,
+    Archive(Outcome),
     Shutdown,
 }
 
 /// What an embedding program (the demo, tests) may want to hear about.
 #[derive(Debug, Clone)]
 pub enum AgentEvent {
-    Archived(ArchiveOutcome),
+    Archive(Outcome),
 }
 
 struct NotifyWatcher {
@@ -64,21 +63,22 @@ impl DirWatcher for NotifyWatcher {
 
 /// A running agent. Dropping it without [`Agent::shutdown`] leaves the threads running.
 pub struct Agent {
-    registry: crate::registry::Registry,
+    registry: Registry,
     tx: Sender<Msg>,
     ingest: JoinHandle<()>,
-    worker: JoinHandle<()>,
+    worker: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
 }
 
 impl Agent {
-    /// Restores state, starts watching and reading. Fails if the state directory or the
-    /// checkpoint cannot be used, or inotify cannot be initialised at all.
+    /// Restores state, starts watching and reading, and runs archives on `rt`. Fails if the
+    /// state directory or the checkpoint cannot be used, or inotify cannot be initialised.
     pub fn start(
         cfg: &Config,
         identity: Box<dyn TaskIdentity>,
-        mut archive: Box<dyn Archive>,
+        target: Target,
         observer: Option<Sender<AgentEvent>>,
+        rt: &tokio::runtime::Handle,
     ) -> Result<Agent, StartError> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let fs_tx = tx.clone();
@@ -97,33 +97,21 @@ impl Agent {
         let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
         let registry = ingest.registry().clone();
 
-        let (jobs_tx, jobs_rx) = mpsc::channel::<ArchiveJob>();
+        let (jobs_tx, jobs_rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let stop = Arc::new(AtomicBool::new(false));
-        let worker_stop = stop.clone();
-        let done_tx = tx.clone();
-        let worker = std::thread::Builder::new()
-            .name("archive".into())
-            .spawn(move || {
-                for job in jobs_rx {
-                    if worker_stop.load(Ordering::Relaxed) {
-                        let _ = done_tx.send(Msg::ArchiveSkipped);
-                        continue;
-                    }
-                    let result = archive
-                        .put(&job.task, &job.spool, job.len)
-                        .map_err(|e| e.to_string());
-                    let outcome = ArchiveOutcome {
-                        pod_dir: job.pod_dir,
-                        task: job.task,
-                        len: job.len,
-                        result,
-                    };
-                    if done_tx.send(Msg::Archived(outcome)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(StartError::Thread)?;
+        let done_tx = std::sync::Mutex::new(tx.clone());
+        let worker = rt.spawn(archive::run_worker(
+            Arc::new(target),
+            jobs_rx,
+            cfg.archive_parallel,
+            stop.clone(),
+            move |o| {
+                let _ = done_tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Msg::Archive(o));
+            },
+        ));
 
         let timing = Timing {
             poll: Duration::from_millis(cfg.poll_interval_ms),
@@ -149,19 +137,21 @@ impl Agent {
     }
 
     /// The tasks readers may look up.
-    pub fn registry(&self) -> &crate::registry::Registry {
+    pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// Stops reading, seals and commits, waits (up to the grace period) for the archive that
-    /// is in flight, and returns once everything is durable.
+    /// Stops reading, waits (up to the grace period) for the archives in flight, seals and
+    /// commits, and returns once everything is durable.
     pub fn shutdown(self) {
         let _ = self.tx.send(Msg::Shutdown);
         drop(self.tx);
         if self.ingest.join().is_err() {
             error!("ingest thread panicked");
         }
-        let _ = self.worker.join();
+        // The ingest loop has waited for what was in flight; anything left is redone by the
+        // next agent from the checkpoint.
+        self.worker.abort();
     }
 }
 
@@ -185,7 +175,7 @@ struct Timing {
 fn run_loop(
     mut ingest: Ingest,
     rx: Receiver<Msg>,
-    jobs_tx: Sender<ArchiveJob>,
+    jobs_tx: tokio::sync::mpsc::UnboundedSender<Job>,
     stop: Arc<AtomicBool>,
     t: Timing,
     observer: Option<Sender<AgentEvent>>,
@@ -200,14 +190,13 @@ fn run_loop(
         |ingest: &mut Ingest, msg: Msg, in_flight: &mut usize, stopping: &mut bool| match msg {
             Msg::Fs(Ok(ev)) => ingest.on_fs_event(&ev),
             Msg::Fs(Err(e)) => ingest.on_watch_error(&e.to_string()),
-            Msg::Archived(o) => {
+            Msg::Archive(o) => {
                 *in_flight = in_flight.saturating_sub(1);
                 ingest.archive_finished(&o, Instant::now());
                 if let Some(obs) = &observer {
-                    let _ = obs.send(AgentEvent::Archived(o));
+                    let _ = obs.send(AgentEvent::Archive(o));
                 }
             }
-            Msg::ArchiveSkipped => *in_flight = in_flight.saturating_sub(1),
             Msg::Shutdown => *stopping = true,
         };
     while !stopping {

@@ -1,9 +1,19 @@
-//! Where a finished task's log goes. Behind a trait so S3 and the directory target are
-//! interchangeable for the pipeline.
+//! Where a task's log goes: the archive worker and its targets.
+//!
+//! The ingest thread decides *what* to archive and *when* (only committed spool bytes, only a
+//! committed end) and sends [`Job`]s; the worker, on the async runtime, does the I/O and sends
+//! back [`Outcome`]s, which ingest records in the checkpoint. The worker keeps no state of its
+//! own between jobs: everything it needs to resume is in the job, so a restart resumes from the
+//! checkpoint alone.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::checkpoint::sync_dir;
 use crate::spool::{Spool, SpoolError};
@@ -20,6 +30,26 @@ pub enum ArchiveError {
     },
     #[error("archive of task {task}: reading its spool: {source}")]
     Spool { task: String, source: SpoolError },
+    #[error("archive of task {task} to {target}: {message}")]
+    Remote {
+        task: String,
+        target: String,
+        message: String,
+        /// Retrying soon will not help (access denied, no such bucket, bad credentials).
+        permanent: bool,
+    },
+}
+
+impl ArchiveError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ArchiveError::Remote {
+                permanent: true,
+                ..
+            }
+        )
+    }
 }
 
 /// What Druid's overlord writes when a peon left no log, so that Druid's reader (which breaks on
@@ -30,11 +60,181 @@ pub fn placeholder(task: &TaskId) -> String {
     )
 }
 
-/// A finished log's destination.
-pub trait Archive: Send {
-    /// Stores the first `len` bytes of `spool` as the complete log of `task`, replacing any
-    /// earlier copy, visible only once whole. Returns where it went, for logs and reports.
-    fn put(&mut self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, ArchiveError>;
+/// A multipart part already stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub number: u32,
+    pub etag: String,
+    /// End of the part in the uploaded byte stream; parts are contiguous from 0.
+    pub end: u64,
+}
+
+/// How far a task's archive has got; lives in the checkpoint so a restart resumes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    pub upload_id: Option<String>,
+    pub parts: Vec<Part>,
+    /// CompleteMultipartUpload was sent; after a crash its success must be checked, not
+    /// assumed or repeated blindly.
+    #[serde(default)]
+    pub completing: bool,
+}
+
+impl UploadState {
+    pub fn uploaded(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.end)
+    }
+}
+
+/// Where a log came from, for object metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub node: Option<String>,
+    pub first_seen_ms: u64,
+}
+
+/// Work for the archive worker.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub pod_dir: String,
+    pub task: TaskId,
+    pub spool: Arc<Spool>,
+    pub state: UploadState,
+    pub origin: Origin,
+    pub kind: JobKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// The task runs: store whole parts of the first `committed` bytes.
+    Parts { committed: u64 },
+    /// The log is complete at `len` bytes: store the rest and make the archive visible.
+    Finish { len: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Parts were stored (or an upload was started); the state to checkpoint.
+    Progress { pod_dir: String, state: UploadState },
+    /// The archive is complete and visible at `location`.
+    Done {
+        pod_dir: String,
+        task: TaskId,
+        len: u64,
+        location: String,
+    },
+    Failed {
+        pod_dir: String,
+        task: TaskId,
+        error: String,
+        permanent: bool,
+        /// Progress made before the failure, to keep.
+        state: UploadState,
+    },
+    /// Dropped unstarted because the agent is stopping; the next agent redoes it.
+    Skipped { pod_dir: String },
+}
+
+impl Outcome {
+    pub fn pod_dir(&self) -> &str {
+        match self {
+            Outcome::Progress { pod_dir, .. }
+            | Outcome::Done { pod_dir, .. }
+            | Outcome::Failed { pod_dir, .. }
+            | Outcome::Skipped { pod_dir } => pod_dir,
+        }
+    }
+}
+
+/// The archive destinations the agent knows.
+pub enum Target {
+    Dir(DirArchive),
+}
+
+impl Target {
+    /// Whether this target stores a log in parts while the task runs (then ingest sends
+    /// `Parts` jobs), with the part size.
+    pub fn part_bytes(&self) -> Option<u64> {
+        match self {
+            Target::Dir(_) => None,
+        }
+    }
+
+    async fn run(&self, job: Job) -> Outcome {
+        match self {
+            Target::Dir(d) => {
+                let JobKind::Finish { len } = job.kind else {
+                    return Outcome::Progress {
+                        pod_dir: job.pod_dir,
+                        state: job.state,
+                    };
+                };
+                let d = d.clone();
+                let (task, spool) = (job.task.clone(), job.spool.clone());
+                let r = tokio::task::spawn_blocking(move || d.put(&task, &spool, len)).await;
+                match r {
+                    Ok(Ok(location)) => Outcome::Done {
+                        pod_dir: job.pod_dir,
+                        task: job.task,
+                        len,
+                        location,
+                    },
+                    Ok(Err(e)) => Outcome::Failed {
+                        pod_dir: job.pod_dir,
+                        task: job.task,
+                        permanent: e.is_permanent(),
+                        error: e.to_string(),
+                        state: job.state,
+                    },
+                    Err(e) => Outcome::Failed {
+                        pod_dir: job.pod_dir,
+                        task: job.task,
+                        permanent: false,
+                        error: format!("archive worker failed: {e}"),
+                        state: job.state,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Runs jobs, up to `parallel` at once, until the job channel closes. After `stop` is set,
+/// jobs not yet started are answered with `Skipped`.
+pub async fn run_worker(
+    target: Arc<Target>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    parallel: usize,
+    stop: Arc<AtomicBool>,
+    report: impl Fn(Outcome) + Send + Sync + 'static,
+) {
+    let report = Arc::new(report);
+    let slots = Arc::new(Semaphore::new(parallel.max(1)));
+    let mut running = Vec::new();
+    while let Some(job) = jobs.recv().await {
+        if stop.load(Ordering::Relaxed) {
+            report(Outcome::Skipped {
+                pod_dir: job.pod_dir,
+            });
+            continue;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (target, report) = (target.clone(), report.clone());
+        running.push(tokio::spawn(async move {
+            let outcome = target.run(job).await;
+            drop(permit);
+            report(outcome);
+        }));
+        running.retain(|h| !h.is_finished());
+    }
+    for h in running {
+        let _ = h.await;
+    }
 }
 
 /// Druid's `FileTaskLogs` layout: `{dir}/{taskId}.log`.
@@ -55,10 +255,10 @@ impl DirArchive {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-}
 
-impl Archive for DirArchive {
-    fn put(&mut self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, ArchiveError> {
+    /// Stores the first `len` bytes of `spool` as the complete log of `task`, replacing any
+    /// earlier copy, visible only once whole (temp file, fsync, rename, fsync the directory).
+    pub fn put(&self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, ArchiveError> {
         let dest = self.path_of(task);
         let tmp = self.dir.join(format!(".{task}.log.tmp"));
         let io = |op, source| ArchiveError::Io {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive::UploadState;
 use crate::decode::{FileDecodeState, LineState};
 
 pub const FILE_NAME: &str = "checkpoint.json";
@@ -105,6 +106,12 @@ pub struct TaskState {
     /// Highest restart number taken into the log so far.
     pub last_restart: Option<u32>,
     pub lines: [LineState; 2],
+    /// How far the archive of this log has got.
+    #[serde(default)]
+    pub upload: UploadState,
+    /// When the agent first saw the task (ms since the epoch).
+    #[serde(default)]
+    pub first_seen_ms: u64,
 }
 
 /// Reads the checkpoint in `dir`; a missing file is an empty state (first start).
@@ -189,6 +196,8 @@ mod tests {
                 }],
                 last_restart: Some(0),
                 lines: Default::default(),
+                upload: UploadState::default(),
+                first_seen_ms: 1,
             }],
         };
         commit(dir.path(), &st).unwrap();

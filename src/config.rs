@@ -47,6 +47,10 @@ pub struct Config {
     pub follow_max_secs: u64,
     /// HTTP connections served at once; more are closed at once.
     pub http_max_connections: usize,
+    /// Longest wait between two attempts of a failing archive.
+    pub archive_retry_max_secs: u64,
+    /// Archive jobs (uploads) run at once.
+    pub archive_parallel: usize,
     /// Where finished logs go.
     pub archive: ArchiveConfig,
     /// `text` or `json` for the agent's own logs.
@@ -58,6 +62,15 @@ pub struct Config {
 pub enum ArchiveConfig {
     /// Druid's `FileTaskLogs` layout: `{dir}/{taskId}.log`.
     Dir { dir: PathBuf },
+}
+
+impl ArchiveConfig {
+    /// The part size of targets that store logs in parts while tasks run.
+    pub fn part_bytes(&self) -> Option<u64> {
+        match self {
+            ArchiveConfig::Dir { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -84,6 +97,8 @@ impl Default for Config {
             idle_timeout_secs: 600,
             retention_secs: 3_600,
             shutdown_timeout_secs: 25,
+            archive_retry_max_secs: 60,
+            archive_parallel: 4,
             listen: "0.0.0.0:8095".into(),
             auth_token_file: None,
             follow_max_secs: 3_600,

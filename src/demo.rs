@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::agent::{Agent, AgentEvent};
-use crate::archive::DirArchive;
+use crate::archive::{DirArchive, Outcome, Target};
 use crate::config::{ArchiveConfig, Config};
 use crate::loadgen::{LineGen, PeonWriter};
 use crate::task::{DirNameIdentity, TaskId};
@@ -61,11 +61,16 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     println!("  archive dir: {}", archive_dir.display());
 
     let (obs_tx, obs_rx) = mpsc::channel();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let agent = Agent::start(
         &cfg,
         Box::new(DirNameIdentity),
-        Box::new(DirArchive::new(&archive_dir)),
+        Target::Dir(DirArchive::new(&archive_dir)),
         Some(obs_tx),
+        rt.handle(),
     )?;
 
     let mut handles = Vec::new();
@@ -112,8 +117,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     while archived.len() < peons.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         match obs_rx.recv_timeout(left) {
-            Ok(AgentEvent::Archived(o)) if o.result.is_ok() => {
-                archived.insert(o.task.clone());
+            Ok(AgentEvent::Archive(Outcome::Done { task, .. })) => {
+                archived.insert(task);
             }
             Ok(_) => {}
             Err(_) => break,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use druid_log_agent::agent::Agent;
-use druid_log_agent::archive::DirArchive;
+use druid_log_agent::archive::{DirArchive, Target};
 use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
 use druid_log_agent::task::DirNameIdentity;
 use druid_log_agent::{demo, serve};
@@ -207,14 +207,6 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config()?;
     init_logging(cfg.log_format);
-    let ArchiveConfig::Dir { dir } = &cfg.archive;
-    let agent = Agent::start(
-        &cfg,
-        Box::new(DirNameIdentity),
-        Box::new(DirArchive::new(dir)),
-        None,
-    )
-    .context("cannot start the agent")?;
     tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
     let token = match &cfg.auth_token_file {
         Some(p) => {
@@ -226,6 +218,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let target = match &cfg.archive {
+        ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
+    };
+    let agent = Agent::start(&cfg, Box::new(DirNameIdentity), target, None, rt.handle())
+        .context("cannot start the agent")?;
     let http = serve::Http::new(
         agent.registry().clone(),
         agent.metrics().clone(),
@@ -236,11 +238,6 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             state_dir: cfg.state_dir.clone(),
         },
     );
-    // Two workers: the HTTP side must answer while the ingest thread keeps a core busy.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(async {
         let (listener, addr) = serve::bind(&cfg.listen)
             .await

@@ -21,9 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
+use crate::archive::{Job, JobKind, Origin, Outcome, UploadState};
 use crate::checkpoint::{self, FileKey, Phase, SourceState, State, TaskState};
 use crate::config::Config;
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
+use crate::loadgen::Rng;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TaskEntry};
 use crate::spool::{Spool, SpoolWriter};
@@ -38,7 +40,6 @@ const READ_BUF: usize = 256 << 10;
 /// How many drained files a task remembers so a rescan never reads them again; the kubelet
 /// keeps far fewer files per container.
 const DONE_MEMORY: usize = 64;
-const ARCHIVE_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -66,24 +67,6 @@ impl DirWatcher for NoWatch {
         Ok(())
     }
     fn unwatch(&mut self, _dir: &Path) {}
-}
-
-/// A finished log to store; carries its own spool handle so the archive never touches the
-/// engine's state.
-#[derive(Debug, Clone)]
-pub struct ArchiveJob {
-    pub pod_dir: String,
-    pub task: TaskId,
-    pub spool: Arc<Spool>,
-    pub len: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ArchiveOutcome {
-    pub pod_dir: String,
-    pub task: TaskId,
-    pub len: u64,
-    pub result: Result<String, String>,
 }
 
 /// A task as the outside world may see it.
@@ -122,10 +105,17 @@ struct Task {
     snapshot: Option<TaskState>,
     /// `snapshot` changed since the last commit.
     unsaved: bool,
-    archive_in_flight: bool,
+    /// An archive job for this task is with the worker.
+    job_in_flight: bool,
     archive_retry_at: Option<Instant>,
+    /// Consecutive failed archive attempts, for the backoff.
+    archive_failures: u32,
     archived_to: Option<String>,
     archive_error: Option<String>,
+    upload: UploadState,
+    /// Log bytes the last successful commit vouches for: only these may be archived.
+    committed_len: u64,
+    first_seen_ms: u64,
 }
 
 impl Task {
@@ -149,6 +139,10 @@ struct Settings {
     level: u32,
     idle_timeout: Option<Duration>,
     retention: Duration,
+    /// Set when the archive stores logs in parts while tasks run.
+    part_bytes: Option<u64>,
+    archive_retry_max: Duration,
+    node: Option<String>,
 }
 
 pub struct Ingest {
@@ -167,7 +161,7 @@ pub struct Ingest {
     checkpoint_dirty: bool,
     commit_now: bool,
     last_commit: Instant,
-    jobs: Vec<ArchiveJob>,
+    jobs: Vec<Job>,
     /// Set when inotify cannot be trusted (watch limit reached); the tree is then rescanned
     /// on every poll.
     degraded: bool,
@@ -202,6 +196,9 @@ impl Ingest {
             idle_timeout: (cfg.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(cfg.idle_timeout_secs)),
             retention: Duration::from_secs(cfg.retention_secs),
+            part_bytes: cfg.archive.part_bytes(),
+            archive_retry_max: Duration::from_secs(cfg.archive_retry_max_secs.max(1)),
+            node: cfg.node_name.clone(),
         };
         fs::create_dir_all(&s.spool_dir).map_err(|source| PipelineError::StateDir {
             path: s.spool_dir.clone(),
@@ -321,10 +318,14 @@ impl Ingest {
             tail_since: None,
             snapshot: Some(snapshot),
             unsaved: false,
-            archive_in_flight: false,
+            job_in_flight: false,
             archive_retry_at: None,
+            archive_failures: 0,
             archived_to: None,
             archive_error: None,
+            upload: ts.upload.clone(),
+            committed_len: ts.log_len,
+            first_seen_ms: ts.first_seen_ms,
             pod,
         };
         info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = task.sources.len(), "resumed task from checkpoint");
@@ -556,10 +557,14 @@ impl Ingest {
                     tail_since: None,
                     snapshot: None,
                     unsaved: false,
-                    archive_in_flight: false,
+                    job_in_flight: false,
                     archive_retry_at: None,
+                    archive_failures: 0,
                     archived_to: None,
                     archive_error: None,
+                    upload: UploadState::default(),
+                    committed_len: 0,
+                    first_seen_ms: now_ms(),
                 },
             );
         }
@@ -862,6 +867,9 @@ impl Ingest {
                 self.checkpoint_dirty = false;
                 for t in self.tasks.values_mut() {
                     t.unsaved = false;
+                    if let Some(s) = &t.snapshot {
+                        t.committed_len = s.log_len;
+                    }
                 }
                 self.commit_now = false;
                 true
@@ -874,65 +882,111 @@ impl Ingest {
         }
     }
 
-    /// Tasks whose end is committed are handed to the archive. Only a committed end may be
-    /// archived: otherwise a crash could bring back an older, shorter log over the archive.
+    /// Hands work to the archive: the rest of every task whose end is committed, and, for
+    /// targets that store parts while a task runs, every whole part of committed bytes. Only
+    /// committed bytes may leave the node: after a crash the spool is cut back to them, and an
+    /// archive must never hold bytes the spool then lacks, nor an end a crash could undo.
     fn queue_archives(&mut self, now: Instant) {
         for t in self.tasks.values_mut() {
-            if t.phase != Phase::Ended || t.unsaved || t.archive_in_flight {
-                continue;
-            }
-            if t.archive_retry_at.is_some_and(|at| now < at) {
+            if t.job_in_flight || t.archive_retry_at.is_some_and(|at| now < at) {
                 continue;
             }
             let task = match &t.identity {
                 Identity::Task(id) => id.clone(),
                 _ => continue,
             };
-            t.archive_in_flight = true;
-            self.jobs.push(ArchiveJob {
+            let kind = match t.phase {
+                Phase::Ended if !t.unsaved => JobKind::Finish {
+                    len: t.writer.spool().len(),
+                },
+                Phase::Running => match self.s.part_bytes {
+                    Some(part) if t.committed_len >= t.upload.uploaded() + part => JobKind::Parts {
+                        committed: t.committed_len,
+                    },
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            t.job_in_flight = true;
+            self.jobs.push(Job {
                 pod_dir: t.pod.name.clone(),
                 task,
                 spool: t.writer.spool().clone(),
-                len: t.writer.spool().len(),
+                state: t.upload.clone(),
+                origin: Origin {
+                    namespace: t.pod.namespace.clone(),
+                    pod: t.pod.pod.clone(),
+                    pod_uid: t.pod.uid.clone(),
+                    node: self.s.node.clone(),
+                    first_seen_ms: t.first_seen_ms,
+                },
+                kind,
             });
         }
     }
 
-    pub fn take_archive_jobs(&mut self) -> Vec<ArchiveJob> {
+    pub fn take_archive_jobs(&mut self) -> Vec<Job> {
         std::mem::take(&mut self.jobs)
     }
 
-    pub fn archive_finished(&mut self, o: &ArchiveOutcome, now: Instant) {
-        let Some(t) = self.tasks.get_mut(&o.pod_dir) else {
+    /// Records what the archive worker did.
+    pub fn archive_finished(&mut self, o: &Outcome, now: Instant) {
+        let Some(t) = self.tasks.get_mut(o.pod_dir()) else {
             return;
         };
-        t.archive_in_flight = false;
-        match &o.result {
-            Ok(location) => {
+        t.job_in_flight = false;
+        match o {
+            Outcome::Skipped { .. } => return,
+            Outcome::Progress { state, .. } => {
+                t.upload = state.clone();
+                t.archive_failures = 0;
+                t.archive_error = None;
+            }
+            Outcome::Done {
+                task,
+                len,
+                location,
+                ..
+            } => {
                 self.metrics.archives.fetch_add(1, Relaxed);
-                info!(task = %o.task, location = %location, bytes = o.len, "log archived");
+                info!(task = %task, location = %location, bytes = len, "log archived");
                 t.archive_retry_at = None;
+                t.archive_failures = 0;
                 t.archive_error = None;
                 t.archived_to = Some(location.clone());
-                if t.phase == Phase::Ended && t.writer.spool().len() == o.len {
+                // A later end (the task wrote again) starts a new archive that replaces this.
+                t.upload = UploadState::default();
+                if t.phase == Phase::Ended && t.writer.spool().len() == *len {
                     t.phase = Phase::Archived {
                         at_ms: now_ms(),
-                        archived_len: o.len,
+                        archived_len: *len,
                     };
-                    if let Some(s) = &mut t.snapshot {
-                        s.phase = t.phase;
-                    }
-                    t.unsaved = true;
                 }
             }
-            Err(e) => {
+            Outcome::Failed {
+                task,
+                error,
+                permanent,
+                state,
+                ..
+            } => {
                 self.metrics.archive_errors.fetch_add(1, Relaxed);
-                error!(task = %o.task, error = %e, "archive failed; the spool is kept and the archive retried");
-                t.archive_retry_at = Some(now + ARCHIVE_RETRY);
-                t.archive_error = Some(e.clone());
+                t.upload = state.clone();
+                t.archive_failures = t.archive_failures.saturating_add(1);
+                let delay = backoff(t.archive_failures, *permanent, self.s.archive_retry_max);
+                error!(task = %task, error = %error, permanent, retry_in_ms = delay.as_millis() as u64,
+                    "archive failed; the spool is kept and the archive retried");
+                t.archive_retry_at = Some(now + delay);
+                t.archive_error = Some(error.clone());
             }
         }
-        self.publish(&o.pod_dir);
+        if let Some(s) = &mut t.snapshot {
+            s.phase = t.phase;
+            s.upload = t.upload.clone();
+        }
+        t.unsaved = true;
+        let name = o.pod_dir().to_owned();
+        self.publish(&name);
     }
 
     /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
@@ -997,6 +1051,8 @@ fn snapshot(t: &mut Task) -> TaskState {
         done: t.done.iter().copied().collect(),
         last_restart: t.last_restart,
         lines: t.lines,
+        upload: t.upload.clone(),
+        first_seen_ms: t.first_seen_ms,
     }
 }
 
@@ -1115,4 +1171,20 @@ fn read_step(
         done.pop_front();
     }
     Step::Closed
+}
+
+/// Exponential backoff with jitter: 1 s doubling up to `max`; permanent errors (access denied,
+/// no such bucket) start at a quarter of `max`, since a person has to act first.
+fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
+    let base = if permanent {
+        max / 4
+    } else {
+        Duration::from_secs(1)
+    };
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    // Spread retries of many tasks over time instead of retrying all at once.
+    let seed = now_ms() ^ u64::from(failures).rotate_left(32);
+    let jitter = Rng::new(seed).below(capped.as_millis() as u64 / 4 + 1);
+    capped - Duration::from_millis(jitter)
 }

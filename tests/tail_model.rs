@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use druid_log_agent::archive::{Archive, DirArchive};
+use druid_log_agent::archive::{DirArchive, JobKind, Outcome};
 use druid_log_agent::config::{ArchiveConfig, Config};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent::metrics::Metrics;
-use druid_log_agent::pipeline::{ArchiveOutcome, Ingest, NoWatch};
+use druid_log_agent::pipeline::{Ingest, NoWatch};
 use druid_log_agent::task::{DirNameIdentity, TaskId};
 use proptest::prelude::*;
 
@@ -218,15 +218,15 @@ impl World {
             self.ingest().tick(now);
             self.ingest().commit_if_due(now, Duration::from_secs(1));
             if let Some(job) = self.ingest().take_archive_jobs().pop() {
-                let result = self
-                    .archive
-                    .put(&job.task, &job.spool, job.len)
-                    .map_err(|e| e.to_string());
-                let outcome = ArchiveOutcome {
+                let JobKind::Finish { len } = job.kind else {
+                    panic!("the directory archive takes no parts");
+                };
+                let location = self.archive.put(&job.task, &job.spool, len).unwrap();
+                let outcome = Outcome::Done {
                     pod_dir: job.pod_dir,
                     task: job.task,
-                    len: job.len,
-                    result,
+                    len,
+                    location,
                 };
                 self.ingest().archive_finished(&outcome, now);
                 return fs::read(self.archive.path_of(&self.task)).unwrap();
