@@ -152,6 +152,7 @@ impl Outcome {
 /// The archive destinations the agent knows.
 pub enum Target {
     Dir(DirArchive),
+    S3(crate::s3::S3Target),
 }
 
 impl Target {
@@ -160,11 +161,13 @@ impl Target {
     pub fn part_bytes(&self) -> Option<u64> {
         match self {
             Target::Dir(_) => None,
+            Target::S3(s) => Some(s.config().part_bytes),
         }
     }
 
     async fn run(&self, job: Job) -> Outcome {
         match self {
+            Target::S3(s) => s.run(job).await,
             Target::Dir(d) => {
                 let JobKind::Finish { len } = job.kind else {
                     return Outcome::Progress {

@@ -62,6 +62,8 @@ pub struct Config {
 pub enum ArchiveConfig {
     /// Druid's `FileTaskLogs` layout: `{dir}/{taskId}.log`.
     Dir { dir: PathBuf },
+    /// Druid's `S3TaskLogs` layout: `s3://{bucket}/{prefix}/{taskId}/log`.
+    S3(crate::s3::S3Config),
 }
 
 impl ArchiveConfig {
@@ -69,6 +71,7 @@ impl ArchiveConfig {
     pub fn part_bytes(&self) -> Option<u64> {
         match self {
             ArchiveConfig::Dir { .. } => None,
+            ArchiveConfig::S3(s) => Some(s.part_bytes),
         }
     }
 }
@@ -156,6 +159,9 @@ impl Config {
         }
         if self.commit_interval_ms == 0 || self.poll_interval_ms == 0 {
             return bad("commit_interval_ms and poll_interval_ms must be positive");
+        }
+        if let ArchiveConfig::S3(s) = &self.archive {
+            s.validate().map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;
+pub mod s3;
 pub mod serve;
 pub mod spool;
 pub mod tail;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use druid_log_agent::agent::Agent;
 use druid_log_agent::archive::{DirArchive, Target};
 use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
+use druid_log_agent::s3::{S3Config, S3Target};
 use druid_log_agent::task::DirNameIdentity;
 use druid_log_agent::{demo, serve};
 
@@ -64,6 +65,37 @@ struct RunArgs {
     /// [default: /var/lib/druid-log-agent/archive].
     #[arg(long, env = "DLA_ARCHIVE_DIR")]
     archive_dir: Option<PathBuf>,
+    /// Archive to this S3 bucket instead of a directory (Druid's S3TaskLogs layout,
+    /// s3://{bucket}/{prefix}/{taskId}/log) [default: unset].
+    #[arg(long, env = "DLA_S3_BUCKET")]
+    s3_bucket: Option<String>,
+    /// Druid's druid.indexer.logs.s3Prefix [default: druid/indexing-logs].
+    #[arg(long, env = "DLA_S3_PREFIX")]
+    s3_prefix: Option<String>,
+    /// AWS region [default: from the AWS chain, else us-east-1].
+    #[arg(long, env = "DLA_S3_REGION")]
+    s3_region: Option<String>,
+    /// S3-compatible endpoint URL, e.g. http://minio:9000 [default: AWS].
+    #[arg(long, env = "DLA_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Path-style addressing (needed by most S3-compatible stores) [default: false].
+    #[arg(long, env = "DLA_S3_PATH_STYLE")]
+    s3_path_style: Option<bool>,
+    /// Multipart part size, at least 5 MiB [default: 8388608].
+    #[arg(long, env = "DLA_S3_PART_BYTES")]
+    s3_part_bytes: Option<u64>,
+    /// Server-side encryption: AES256 or aws:kms [default: unset].
+    #[arg(long, env = "DLA_S3_SSE")]
+    s3_sse: Option<String>,
+    /// KMS key id for aws:kms [default: the bucket's default key].
+    #[arg(long, env = "DLA_S3_SSE_KMS_KEY_ID")]
+    s3_sse_kms_key_id: Option<String>,
+    /// Do not send the bucket-owner-full-control ACL, like Druid's disableAcl [default: false].
+    #[arg(long, env = "DLA_S3_DISABLE_ACL")]
+    s3_disable_acl: Option<bool>,
+    /// Longest wait between two attempts of a failing archive [default: 60].
+    #[arg(long, env = "DLA_ARCHIVE_RETRY_MAX_SECS")]
+    archive_retry_max_secs: Option<u64>,
     /// The container whose log is the task log [default: main].
     #[arg(long, env = "DLA_CONTAINER")]
     container: Option<String>,
@@ -140,6 +172,7 @@ impl RunArgs {
             retention_secs,
             shutdown_timeout_secs,
             log_format,
+            archive_retry_max_secs,
             listen,
             follow_max_secs,
             http_max_connections
@@ -152,6 +185,29 @@ impl RunArgs {
         }
         if let Some(d) = &self.archive_dir {
             c.archive = ArchiveConfig::Dir { dir: d.clone() };
+        }
+        if let Some(bucket) = &self.s3_bucket {
+            c.archive = ArchiveConfig::S3(S3Config {
+                bucket: bucket.clone(),
+                prefix: "druid/indexing-logs".into(),
+                region: None,
+                endpoint: None,
+                path_style: false,
+                sse: None,
+                sse_kms_key_id: None,
+                disable_acl: false,
+                part_bytes: 8 << 20,
+            });
+        }
+        if let ArchiveConfig::S3(s3) = &mut c.archive {
+            macro_rules! set_s3 {
+                ($($flag:ident => $field:ident),*) => {
+                    $(if let Some(v) = &self.$flag { s3.$field = v.clone().into(); })*
+                };
+            }
+            set_s3!(s3_prefix => prefix, s3_region => region, s3_endpoint => endpoint,
+                s3_path_style => path_style, s3_part_bytes => part_bytes, s3_sse => sse,
+                s3_sse_kms_key_id => sse_kms_key_id, s3_disable_acl => disable_acl);
         }
         c.validate()?;
         Ok(c)
@@ -225,6 +281,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let target = match &cfg.archive {
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
+        ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
     };
     let agent = Agent::start(&cfg, Box::new(DirNameIdentity), target, None, rt.handle())
         .context("cannot start the agent")?;

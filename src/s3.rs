@@ -1,0 +1,515 @@
+//! The S3 archive target: the log at `{prefix}/{taskId}/log`, plain text, exactly where and
+//! how Druid's `S3TaskLogs` reads it.
+//!
+//! A log is stored while its task runs, as parts of a multipart upload cut from committed
+//! spool bytes, so a task's end costs one last part. The object only appears when the upload
+//! is completed, so S3 never shows half a log. Every step is recorded in the checkpoint by the
+//! ingest thread ([`UploadState`]): after a crash the upload resumes (parts re-sent under their
+//! number replace themselves), and a completion that may have happened is checked with a
+//! HEAD before anything is repeated.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ObjectCannedAcl, ServerSideEncryption,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::archive::{Job, JobKind, Origin, Outcome, Part, UploadState, placeholder};
+use crate::spool::Spool;
+use crate::task::TaskId;
+
+/// S3 refuses parts under 5 MiB (MiB, not MB), except the last.
+pub const MIN_PART: u64 = 5 * 1024 * 1024;
+const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// `[archive] type = "s3"` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Druid's `druid.indexer.logs.s3Prefix`; the key is `{prefix}/{taskId}/log`, exactly as
+    /// Druid builds it.
+    pub prefix: String,
+    /// AWS region; from the standard chain (`AWS_REGION`, profile) if unset.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// An S3-compatible endpoint, e.g. `http://minio:9000`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
+    #[serde(default)]
+    pub sse: Option<String>,
+    /// KMS key id for `aws:kms`; the bucket's default key if unset.
+    #[serde(default)]
+    pub sse_kms_key_id: Option<String>,
+    /// Do not send the `bucket-owner-full-control` ACL (Druid's `disableAcl`).
+    #[serde(default)]
+    pub disable_acl: bool,
+    /// Size of the parts stored while a task runs; at least 5 MiB.
+    #[serde(default = "default_part_bytes")]
+    pub part_bytes: u64,
+}
+
+fn default_part_bytes() -> u64 {
+    8 << 20
+}
+
+impl S3Config {
+    pub fn key(&self, task: &TaskId) -> String {
+        format!("{}/{}/log", self.prefix, task)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("archive.bucket must be set".into());
+        }
+        if self.part_bytes < MIN_PART {
+            return Err(format!(
+                "archive.part_bytes must be at least {MIN_PART} (5 MiB): S3 rejects smaller parts"
+            ));
+        }
+        match self.sse.as_deref() {
+            None | Some("AES256") | Some("aws:kms") => Ok(()),
+            Some(other) => Err(format!(
+                "archive.sse must be \"AES256\" or \"aws:kms\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// A client and its settings.
+pub struct S3Target {
+    cfg: S3Config,
+    client: Client,
+}
+
+/// What went wrong, and whether retrying soon can help.
+struct Failure {
+    message: String,
+    permanent: bool,
+    /// The multipart upload no longer exists (aborted, expired by a lifecycle rule).
+    upload_gone: bool,
+}
+
+fn failure<E, R>(op: &str, key: &str, e: SdkError<E, R>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().map(str::to_owned);
+    let message = match (&e, code.as_deref()) {
+        (SdkError::ServiceError(_), Some(code)) => format!(
+            "{op} of s3 key {key}: {code}: {}",
+            e.message().unwrap_or("no message")
+        ),
+        _ => format!(
+            "{op} of s3 key {key}: {}",
+            aws_sdk_s3::error::DisplayErrorContext(&e)
+        ),
+    };
+    let permanent = matches!(
+        code.as_deref(),
+        Some(
+            "AccessDenied"
+                | "NoSuchBucket"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "InvalidBucketName"
+                | "AllAccessDisabled"
+                | "KMS.NotFoundException"
+                | "KMS.DisabledException"
+        )
+    );
+    Failure {
+        message,
+        permanent,
+        upload_gone: code.as_deref() == Some("NoSuchUpload"),
+    }
+}
+
+impl S3Target {
+    /// Builds the client from the standard AWS chain (environment, profile, web identity for
+    /// IRSA, container and instance metadata) plus the settings here.
+    pub async fn new(cfg: S3Config) -> S3Target {
+        Self::build(cfg, None).await
+    }
+
+    /// With fixed credentials instead of the chain: for tests against a local S3 server, which
+    /// must never go looking for instance metadata.
+    pub async fn with_credentials(
+        cfg: S3Config,
+        creds: aws_sdk_s3::config::Credentials,
+    ) -> S3Target {
+        Self::build(cfg, Some(creds)).await
+    }
+
+    async fn build(cfg: S3Config, creds: Option<aws_sdk_s3::config::Credentials>) -> S3Target {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(c) = creds {
+            loader = loader.credentials_provider(c);
+        }
+        if let Some(r) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let shared = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(cfg.path_style)
+            // Checksums only where S3 requires them: S3-compatible stores differ in what
+            // they accept, and parts are small enough that TCP and TLS integrity suffice.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
+        if shared.region().is_none() {
+            b = b.region(aws_config::Region::new("us-east-1"));
+        }
+        if let Some(ep) = &cfg.endpoint {
+            b = b.endpoint_url(ep.clone());
+        }
+        S3Target {
+            client: Client::from_conf(b.build()),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &S3Config {
+        &self.cfg
+    }
+
+    pub async fn run(&self, job: Job) -> Outcome {
+        let key = self.cfg.key(&job.task);
+        let mut state = job.state.clone();
+        let result = match job.kind {
+            JobKind::Parts { committed } => self
+                .store_parts(&job, &key, &mut state, committed, false)
+                .await
+                .map(|()| None),
+            JobKind::Finish { len } => self.finish(&job, &key, &mut state, len).await.map(Some),
+        };
+        match result {
+            Ok(None) => Outcome::Progress {
+                pod_dir: job.pod_dir,
+                state,
+            },
+            Ok(Some(location)) => Outcome::Done {
+                pod_dir: job.pod_dir,
+                task: job.task,
+                len: match job.kind {
+                    JobKind::Finish { len } => len,
+                    JobKind::Parts { committed } => committed,
+                },
+                location,
+            },
+            Err(f) => {
+                if f.upload_gone {
+                    warn!(key = %key, "the multipart upload is gone (aborted or expired); starting a new one");
+                    state = UploadState::default();
+                }
+                Outcome::Failed {
+                    pod_dir: job.pod_dir,
+                    task: job.task,
+                    error: f.message,
+                    permanent: f.permanent,
+                    state,
+                }
+            }
+        }
+    }
+
+    fn metadata(&self, task: &TaskId, origin: &Origin, len: u64) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("task-id".into(), task.to_string());
+        m.insert("namespace".into(), origin.namespace.clone());
+        m.insert("pod".into(), origin.pod.clone());
+        m.insert("pod-uid".into(), origin.pod_uid.clone());
+        if let Some(n) = &origin.node {
+            m.insert("node".into(), n.clone());
+        }
+        m.insert("first-seen-ms".into(), origin.first_seen_ms.to_string());
+        m.insert("bytes".into(), len.to_string());
+        m.insert(
+            "agent".into(),
+            format!("druid-log-agent/{}", env!("CARGO_PKG_VERSION")),
+        );
+        // Non-ASCII would not survive as an HTTP header; Kubernetes names are ASCII anyway.
+        m.retain(|_, v| v.is_ascii());
+        m
+    }
+
+    /// Stores whole parts of the first `upto` bytes; with `last`, everything up to `upto`.
+    async fn store_parts(
+        &self,
+        job: &Job,
+        key: &str,
+        state: &mut UploadState,
+        upto: u64,
+        last: bool,
+    ) -> Result<(), Failure> {
+        let part = self.cfg.part_bytes;
+        loop {
+            let from = state.uploaded();
+            let to = if from + part <= upto {
+                from + part
+            } else if last && from < upto {
+                upto
+            } else {
+                return Ok(());
+            };
+            let upload_id = match &state.upload_id {
+                Some(id) => id.clone(),
+                None => {
+                    let id = self.create(job, key).await?;
+                    state.upload_id = Some(id.clone());
+                    id
+                }
+            };
+            let number = state.parts.len() as u32 + 1;
+            let body = read_spool(&job.spool, from, to)
+                .await
+                .map_err(|e| Failure {
+                    message: format!(
+                        "reading the spool of task {} for s3 key {key}: {e}",
+                        job.task
+                    ),
+                    permanent: false,
+                    upload_gone: false,
+                })?;
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.cfg.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .part_number(number as i32)
+                .content_length((to - from) as i64)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| failure("UploadPart", key, e))?;
+            let etag = out.e_tag().unwrap_or_default().to_owned();
+            info!(key, part = number, bytes = to - from, "part stored");
+            state.parts.push(Part {
+                number,
+                etag,
+                end: to,
+            });
+        }
+    }
+
+    async fn create(&self, job: &Job, key: &str) -> Result<String, Failure> {
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .content_type(CONTENT_TYPE)
+            .set_metadata(Some(self.metadata(&job.task, &job.origin, 0)));
+        req = self.apply_put_options(req);
+        let out = req
+            .send()
+            .await
+            .map_err(|e| failure("CreateMultipartUpload", key, e))?;
+        let id = out.upload_id().unwrap_or_default().to_owned();
+        info!(key, upload_id = %id, "multipart upload started");
+        Ok(id)
+    }
+
+    fn apply_put_options(
+        &self,
+        mut req: aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder,
+    ) -> aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder
+    {
+        if !self.cfg.disable_acl {
+            req = req.acl(ObjectCannedAcl::BucketOwnerFullControl);
+        }
+        if let Some(sse) = &self.cfg.sse {
+            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+            if let Some(k) = &self.cfg.sse_kms_key_id {
+                req = req.ssekms_key_id(k);
+            }
+        }
+        req
+    }
+
+    /// Makes the complete log of `len` bytes visible at `key`.
+    async fn finish(
+        &self,
+        job: &Job,
+        key: &str,
+        state: &mut UploadState,
+        len: u64,
+    ) -> Result<String, Failure> {
+        let location = format!("s3://{}/{}", self.cfg.bucket, key);
+        if state.completing && self.is_complete(key, len).await? {
+            info!(key, "found the upload completed before a restart");
+            return Ok(location);
+        }
+        if state.upload_id.is_none() && len <= self.cfg.part_bytes {
+            self.put_whole(job, key, len).await?;
+            return Ok(location);
+        }
+        if let Some(id) = state.upload_id.clone() {
+            match self.reconcile(key, &id, state).await {
+                Ok(()) => {}
+                // Completed before a crash that kept the news from the checkpoint?
+                Err(f) if f.upload_gone && self.is_complete(key, len).await? => {
+                    info!(key, "found the upload completed before a restart");
+                    return Ok(location);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+        self.store_parts(job, key, state, len, true).await?;
+        let Some(id) = state.upload_id.clone() else {
+            // Nothing was stored (an empty log): the placeholder, as Druid writes it.
+            self.put_whole(job, key, 0).await?;
+            return Ok(location);
+        };
+        state.completing = true;
+        let parts: Vec<CompletedPart> = state
+            .parts
+            .iter()
+            .map(|p| {
+                CompletedPart::builder()
+                    .part_number(p.number as i32)
+                    .e_tag(&p.etag)
+                    .build()
+            })
+            .collect();
+        let done = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match done {
+            Ok(_) => Ok(location),
+            // The first attempt may have succeeded with its answer lost: check, don't guess.
+            Err(e) => {
+                let f = failure("CompleteMultipartUpload", key, e);
+                if f.upload_gone && self.is_complete(key, len).await? {
+                    return Ok(location);
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Checks the parts S3 has against the ones recorded: the checkpoint may lag behind
+    /// (a part stored just before a crash), never run ahead.
+    async fn reconcile(&self, key: &str, id: &str, state: &mut UploadState) -> Result<(), Failure> {
+        let out = self
+            .client
+            .list_parts()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .upload_id(id)
+            .send()
+            .await
+            .map_err(|e| failure("ListParts", key, e))?;
+        let stored: HashMap<i32, String> = out
+            .parts()
+            .iter()
+            .filter_map(|p| Some((p.part_number()?, p.e_tag()?.to_owned())))
+            .collect();
+        let keep = state
+            .parts
+            .iter()
+            .take_while(|p| stored.get(&(p.number as i32)) == Some(&p.etag))
+            .count();
+        if keep < state.parts.len() {
+            warn!(
+                key,
+                recorded = state.parts.len(),
+                stored = keep,
+                "some recorded parts are missing in S3; re-sending them"
+            );
+            state.parts.truncate(keep);
+        }
+        Ok(())
+    }
+
+    async fn is_complete(&self, key: &str, len: u64) -> Result<bool, Failure> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(h) => Ok(h.content_length() == Some(len as i64)),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Err(e) => Err(failure("HeadObject", key, e)),
+        }
+    }
+
+    async fn put_whole(&self, job: &Job, key: &str, len: u64) -> Result<(), Failure> {
+        let body = if len == 0 {
+            placeholder(&job.task).into_bytes()
+        } else {
+            read_spool(&job.spool, 0, len).await.map_err(|e| Failure {
+                message: format!(
+                    "reading the spool of task {} for s3 key {key}: {e}",
+                    job.task
+                ),
+                permanent: false,
+                upload_gone: false,
+            })?
+        };
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .content_type(CONTENT_TYPE)
+            .content_length(body.len() as i64)
+            .set_metadata(Some(self.metadata(&job.task, &job.origin, len)))
+            .body(ByteStream::from(body));
+        if !self.cfg.disable_acl {
+            req = req.acl(ObjectCannedAcl::BucketOwnerFullControl);
+        }
+        if let Some(sse) = &self.cfg.sse {
+            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+            if let Some(k) = &self.cfg.sse_kms_key_id {
+                req = req.ssekms_key_id(k);
+            }
+        }
+        req.send().await.map_err(|e| failure("PutObject", key, e))?;
+        Ok(())
+    }
+}
+
+async fn read_spool(spool: &Arc<Spool>, from: u64, to: u64) -> Result<Vec<u8>, String> {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity((to - from) as usize);
+        spool
+            .read_range(from, to, &mut |c| {
+                buf.extend_from_slice(c);
+                Ok(())
+            })
+            .map(|()| buf)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

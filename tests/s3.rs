@@ -1,0 +1,479 @@
+//! The S3 archive against a real S3-compatible server (moto, which enforces the 5 MiB minimum
+//! part size): keys and content exactly as Druid reads them, multipart while the task runs,
+//! kill -9 in the middle of an upload, injected faults, and a permanent error.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{AgentProc, Moto, Node, assert_same_log, s3_env};
+use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, UploadState};
+use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
+use druid_log_agent::s3::{S3Config, S3Target};
+use druid_log_agent::serve::druid_start;
+use druid_log_agent::spool::{Spool, SpoolWriter};
+use druid_log_agent::task::TaskId;
+
+const LONG: Duration = Duration::from_secs(120);
+const MIB: u64 = 1024 * 1024;
+
+fn s3_config(endpoint: &str, bucket: &str) -> S3Config {
+    S3Config {
+        bucket: bucket.into(),
+        prefix: "druid/indexing-logs".into(),
+        region: Some("us-east-1".into()),
+        endpoint: Some(endpoint.into()),
+        path_style: true,
+        sse: None,
+        sse_kms_key_id: None,
+        disable_acl: false,
+        part_bytes: 5 * MIB,
+    }
+}
+
+async fn target(endpoint: &str) -> S3Target {
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "test");
+    S3Target::with_credentials(s3_config(endpoint, "logs"), creds).await
+}
+
+fn text(bytes: usize, seed: u64) -> Vec<u8> {
+    let mut g = LineGen::new(seed);
+    let mut line = Vec::new();
+    let mut out = Vec::with_capacity(bytes + 4096);
+    while out.len() < bytes {
+        g.next_line(&mut line);
+        out.extend_from_slice(&line);
+        out.push(b'\n');
+    }
+    out
+}
+
+fn spool_of(dir: &std::path::Path, content: &[u8]) -> Arc<Spool> {
+    let mut w = SpoolWriter::open(&dir.join("t.gz"), 0, 1).unwrap();
+    for chunk in content.chunks(64 << 10) {
+        w.append(|t| t.extend_from_slice(chunk));
+        w.seal().unwrap();
+    }
+    w.spool().clone()
+}
+
+fn job(task: &TaskId, spool: &Arc<Spool>, state: UploadState, kind: JobKind) -> Job {
+    Job {
+        pod_dir: "druid_peon_uid".into(),
+        task: task.clone(),
+        spool: spool.clone(),
+        state,
+        origin: Origin {
+            namespace: "druid".into(),
+            pod: "peon".into(),
+            pod_uid: "uid".into(),
+            node: Some("node-1".into()),
+            first_seen_ms: 1,
+        },
+        kind,
+    }
+}
+
+async fn get(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    range: Option<String>,
+) -> Vec<u8> {
+    let out = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .set_range(range)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("get {key}: {e:?}"));
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str) {
+    client.create_bucket().bucket(bucket).send().await.unwrap();
+}
+
+/// Small logs go up in one PutObject, large ones in parts; task ids keep `:`, `.` and `_`;
+/// what Druid would read back, whole or from any offset, is the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_content_and_druid_ranges() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let target = target(&moto.endpoint).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "index_kafka_wikipedia_2024-05-01T00:00:00.000Z_abc.def",
+            200 << 10,
+        ),
+        (
+            "index_parallel_wiki:2024-05-01T00:00:00.000Z:part_1",
+            12 * MIB as usize + 777,
+        ),
+    ];
+    for (i, (id, size)) in cases.iter().enumerate() {
+        let task = TaskId::new(*id).unwrap();
+        let content = text(*size, i as u64);
+        let d = tmp.path().join(i.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let spool = spool_of(&d, &content);
+        let len = content.len() as u64;
+        let out = target
+            .run(job(
+                &task,
+                &spool,
+                UploadState::default(),
+                JobKind::Finish { len },
+            ))
+            .await;
+        let Outcome::Done { location, .. } = out else {
+            panic!("{id}: {out:?}");
+        };
+        let key = format!("druid/indexing-logs/{id}/log");
+        assert_eq!(location, format!("s3://logs/{key}"));
+        let head = client
+            .head_object()
+            .bucket("logs")
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.content_type(), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            head.metadata()
+                .and_then(|m| m.get("task-id"))
+                .map(String::as_str),
+            Some(*id)
+        );
+        let got = get(&client, "logs", &key, None).await;
+        assert_same_log(&got, &content);
+        // Druid's S3TaskLogs reads from `start` to the end with a ranged GET.
+        for offset in [
+            0i64,
+            1,
+            5_000_000,
+            -8192,
+            -(len as i64) + 1,
+            len as i64 + 10,
+        ] {
+            let start = druid_start(offset, len);
+            let part = get(&client, "logs", &key, Some(format!("bytes={start}-"))).await;
+            assert!(part == content[start as usize..], "{id} offset {offset}");
+        }
+    }
+}
+
+/// Parts are stored while the task runs (from committed bytes); the end costs one last part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_while_running_then_one_last_part() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let target = target(&moto.endpoint).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let content = text(17 * MIB as usize, 9);
+    let spool = spool_of(tmp.path(), &content);
+    let task = TaskId::new("index_kafka_parts").unwrap();
+    let out = target
+        .run(job(
+            &task,
+            &spool,
+            UploadState::default(),
+            JobKind::Parts {
+                committed: 11 * MIB,
+            },
+        ))
+        .await;
+    let Outcome::Progress { state, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(state.parts.len(), 2, "two whole 5 MiB parts of 11 MiB");
+    assert_eq!(state.uploaded(), 10 * MIB);
+    let key = "druid/indexing-logs/index_kafka_parts/log";
+    // Nothing is visible before the end.
+    assert!(
+        client
+            .head_object()
+            .bucket("logs")
+            .key(key)
+            .send()
+            .await
+            .is_err()
+    );
+    let len = content.len() as u64;
+    let out = target
+        .run(job(&task, &spool, state, JobKind::Finish { len }))
+        .await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
+/// An empty log is stored as Druid's own placeholder line, never as an empty object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_log_gets_the_placeholder() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let target = target(&moto.endpoint).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = spool_of(tmp.path(), b"");
+    let task = TaskId::new("noop_task").unwrap();
+    let out = target
+        .run(job(
+            &task,
+            &spool,
+            UploadState::default(),
+            JobKind::Finish { len: 0 },
+        ))
+        .await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let got = get(&client, "logs", "druid/indexing-logs/noop_task/log", None).await;
+    assert_eq!(
+        String::from_utf8(got).unwrap(),
+        druid_log_agent::archive::placeholder(&task)
+    );
+}
+
+fn agent_s3(node: &Node, endpoint: &str, bucket: &str, extra: &[&str]) -> AgentProc {
+    let mut args = vec![
+        "--s3-bucket",
+        bucket,
+        "--s3-endpoint",
+        endpoint,
+        "--s3-path-style",
+        "true",
+        "--s3-part-bytes",
+        "5242880",
+        "--archive-retry-max-secs",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = AgentProc::command(node, &args);
+    s3_env(&mut cmd);
+    AgentProc::spawn(cmd)
+}
+
+fn write_log(w: &mut PeonWriter, seed: u64, bytes: usize, pace: Option<Duration>) {
+    let mut g = LineGen::new(seed);
+    let mut line = Vec::new();
+    let target = w.expected.len() + bytes;
+    let mut since = 0;
+    while w.expected.len() < target {
+        g.next_line(&mut line);
+        w.write_line("stdout", &line).unwrap();
+        since += line.len();
+        if let Some(p) = pace
+            && since > 256 << 10
+        {
+            since = 0;
+            std::thread::sleep(p);
+        }
+    }
+}
+
+/// Polls the object until it has `len` bytes (the object appears whole or not at all).
+fn wait_for_object(endpoint: &str, bucket: &str, key: &str, len: usize) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = common::client_for(endpoint);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let head = rt.block_on(client.head_object().bucket(bucket).key(key).send());
+        if let Ok(h) = head
+            && h.content_length() >= Some(len as i64)
+        {
+            return rt.block_on(get(&client, bucket, key, None));
+        }
+        assert!(Instant::now() < deadline, "{key} never reached {len} bytes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn count_parts(agent: &AgentProc, until: usize) -> Vec<u32> {
+    let mut parts = Vec::new();
+    while parts.len() < until {
+        let line = agent.wait_for_line("part stored", LONG);
+        let n = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("part="))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        parts.push(n);
+    }
+    parts
+}
+
+/// kill -9 while a multipart upload is under way; the next agent resumes it from the
+/// checkpoint (not from part 1) and the object is complete and byte-identical.
+#[test]
+fn kill9_during_multipart_resumes_the_upload() {
+    let moto = Moto::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(create_bucket(&moto.client(), "logs"));
+    let node = Node::new();
+    let task = "index-kafka-multipart";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 8 << 20).unwrap();
+    let args = ["--idle-timeout-secs", "2", "--commit-interval-ms", "100"];
+    let agent = agent_s3(&node, &moto.endpoint, "logs", &args);
+    write_log(&mut w, 1, 12 << 20, Some(Duration::from_millis(5)));
+    let before = count_parts(&agent, 2);
+    assert_eq!(before, [1, 2]);
+    agent.kill9();
+    // The peon goes on while the agent is down (at most one rotation, as in the ten seconds a
+    // restart takes at most: the kubelet rotates no faster).
+    write_log(&mut w, 2, 2 << 20, None);
+    let agent = agent_s3(&node, &moto.endpoint, "logs", &args);
+    write_log(&mut w, 3, 8 << 20, Some(Duration::from_millis(5)));
+    let key = format!("druid/indexing-logs/{task}/log");
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+    assert_same_log(&got, &w.expected);
+    let after = count_parts(&agent, 1);
+    assert!(
+        after[0] > 1,
+        "the upload restarted from part 1 instead of resuming"
+    );
+    assert!(agent.terminate().success());
+}
+
+/// A loopback proxy in front of the S3 server that, while `faulty`, resets connections,
+/// answers 503 SlowDown or 500, or stalls, and otherwise relays bytes both ways.
+struct FaultProxy {
+    addr: String,
+    faulty: Arc<AtomicBool>,
+    faults: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    fn start(upstream: &str, seed: u64) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let faulty = Arc::new(AtomicBool::new(true));
+        let faults = Arc::new(AtomicU64::new(0));
+        let (f, n) = (faulty.clone(), faults.clone());
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(seed);
+            for conn in listener.incoming() {
+                let Ok(mut client) = conn else { continue };
+                let roll = rng.below(10);
+                if f.load(Ordering::Relaxed) && roll < 6 {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    std::thread::spawn(move || {
+                        let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 4096];
+                        let _ = client.read(&mut buf);
+                        let reply: &[u8] = match roll {
+                            0 | 1 => b"",
+                            2 | 3 => b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 94\r\nConnection: close\r\n\r\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>\n\n\n\n",
+                            4 => b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: 96\r\nConnection: close\r\n\r\n<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>\n",
+                            _ => {
+                                std::thread::sleep(Duration::from_secs(3));
+                                b""
+                            }
+                        };
+                        let _ = client.write_all(reply);
+                    });
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut c, mut s) = (client, server);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        FaultProxy {
+            addr,
+            faulty,
+            faults,
+        }
+    }
+}
+
+/// Throttling, server errors, resets and stalls on the way to S3: the agent retries; once the
+/// faults stop the object is complete, nothing lost or doubled.
+#[test]
+fn injected_faults_delay_but_never_corrupt() {
+    let moto = Moto::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(create_bucket(&moto.client(), "logs"));
+    let proxy = FaultProxy::start(&moto.endpoint, 42);
+    let endpoint = format!("http://{}", proxy.addr);
+    let node = Node::new();
+    let tasks = ["index-kafka-faults-a", "index-kafka-faults-b"];
+    let mut writers: Vec<PeonWriter> = tasks
+        .iter()
+        .map(|t| PeonWriter::create(&node.pod_dir(t).join("main"), 0).unwrap())
+        .collect();
+    let agent = agent_s3(&node, &endpoint, "logs", &["--idle-timeout-secs", "1"]);
+    write_log(&mut writers[0], 3, 11 << 20, None);
+    write_log(&mut writers[1], 4, 300 << 10, None);
+    let errors = agent.wait_for_line("archive failed", LONG);
+    assert!(
+        proxy.faults.load(Ordering::Relaxed) > 0,
+        "no fault was injected: {errors}"
+    );
+    proxy.faulty.store(false, Ordering::Relaxed);
+    for (t, w) in tasks.iter().zip(&writers) {
+        let key = format!("druid/indexing-logs/{t}/log");
+        let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+        assert_same_log(&got, &w.expected);
+    }
+    assert!(agent.terminate().success());
+}
+
+/// A bucket that does not exist: a clear error naming the key, the data kept, and the archive
+/// completes once the bucket is there.
+#[test]
+fn permanent_error_then_recovery() {
+    let moto = Moto::start();
+    let node = Node::new();
+    let task = "index-kafka-nobucket";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, 5, 64 << 10, None);
+    let agent = agent_s3(
+        &node,
+        &moto.endpoint,
+        "late-bucket",
+        &["--idle-timeout-secs", "1"],
+    );
+    let line = agent.wait_for_line("archive failed", LONG);
+    assert!(line.contains("NoSuchBucket"), "{line}");
+    assert!(
+        line.contains(&format!("druid/indexing-logs/{task}/log")),
+        "{line}"
+    );
+    assert!(line.contains("permanent=true"), "{line}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(create_bucket(&moto.client(), "late-bucket"));
+    let key = format!("druid/indexing-logs/{task}/log");
+    let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len());
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
+}
