@@ -37,6 +37,8 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     /// How long a task's spool is kept after its archive is complete and its pod is gone.
     pub retention_secs: u64,
+    /// Upper bound of all spools on disk; at it, reading pauses (0 = no bound).
+    pub spool_max_bytes: u64,
     /// On SIGTERM, how long to wait for archives in flight before exiting anyway.
     pub shutdown_timeout_secs: u64,
     /// Address of the HTTP endpoint (task logs, /tasks, /healthz, /readyz, /metrics).
@@ -99,6 +101,7 @@ impl Default for Config {
             rescan_interval_secs: 60,
             idle_timeout_secs: 600,
             retention_secs: 3_600,
+            spool_max_bytes: 4 << 30,
             shutdown_timeout_secs: 25,
             archive_retry_max_secs: 60,
             archive_parallel: 4,

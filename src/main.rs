@@ -127,6 +127,10 @@ struct RunArgs {
     /// Keep a spool this long after its archive is complete and its pod is gone [default: 3600].
     #[arg(long, env = "DLA_RETENTION_SECS")]
     retention_secs: Option<u64>,
+    /// Bound of all spools on disk; at it, reading pauses until archives free space; 0 = no
+    /// bound [default: 4294967296].
+    #[arg(long, env = "DLA_SPOOL_MAX_BYTES")]
+    spool_max_bytes: Option<u64>,
     /// On SIGTERM, wait this long for archives in flight [default: 25].
     #[arg(long, env = "DLA_SHUTDOWN_TIMEOUT_SECS")]
     shutdown_timeout_secs: Option<u64>,
@@ -170,6 +174,7 @@ impl RunArgs {
             rescan_interval_secs,
             idle_timeout_secs,
             retention_secs,
+            spool_max_bytes,
             shutdown_timeout_secs,
             log_format,
             archive_retry_max_secs,

@@ -39,4 +39,5 @@ counters! {
     archive_errors: "Failed archive attempts; retried.",
     rescans: "Full rescans of the log tree.",
     watch_errors: "inotify errors (queue overflow, watch limit); each triggers a rescan.",
+    backpressure_pauses: "Times reading paused because the spools reached spool_max_bytes.",
 }

@@ -143,6 +143,7 @@ struct Settings {
     part_bytes: Option<u64>,
     archive_retry_max: Duration,
     node: Option<String>,
+    spool_max_bytes: Option<u64>,
 }
 
 pub struct Ingest {
@@ -166,6 +167,8 @@ pub struct Ingest {
     /// on every poll.
     degraded: bool,
     registry: Registry,
+    /// Reading is paused because the spools reached `spool_max_bytes`.
+    backpressure: bool,
 }
 
 fn now_ms() -> u64 {
@@ -199,6 +202,7 @@ impl Ingest {
             part_bytes: cfg.archive.part_bytes(),
             archive_retry_max: Duration::from_secs(cfg.archive_retry_max_secs.max(1)),
             node: cfg.node_name.clone(),
+            spool_max_bytes: (cfg.spool_max_bytes > 0).then_some(cfg.spool_max_bytes),
         };
         fs::create_dir_all(&s.spool_dir).map_err(|source| PipelineError::StateDir {
             path: s.spool_dir.clone(),
@@ -224,6 +228,7 @@ impl Ingest {
             jobs: Vec::new(),
             degraded: false,
             registry: Registry::default(),
+            backpressure: false,
             s,
         };
         for ts in state.tasks {
@@ -668,24 +673,79 @@ impl Ingest {
         for name in std::mem::take(&mut self.dirty_pods) {
             self.scan_pod(&name);
         }
+        let mut room = self.spool_room();
         let mut more = false;
         for name in std::mem::take(&mut self.dirty_read) {
-            if self.read_task(&name, now) {
+            // When the spools are full, only pods that are gone are still read: their end
+            // and archive are what frees space, and their deleted files hold disk too. The
+            // others keep their mark and are read once space is back; their bytes wait in
+            // the source files meanwhile.
+            let gone = self.tasks.get(&name).is_some_and(|t| t.dir_gone);
+            if room == 0 && !gone {
+                self.dirty_read.insert(name);
+                continue;
+            }
+            let (again, used) = self.read_task(&name, now, if gone { u64::MAX } else { room });
+            if again {
                 self.dirty_read.insert(name);
                 more = true;
             }
+            room = room.saturating_sub(used);
         }
-        more
+        if room == 0 {
+            // Says so (log, metric) the moment the bound is reached.
+            self.spool_room();
+        }
+        more && room > 0
     }
 
-    /// Reads one task's files in order until they are drained or the budget is spent.
-    fn read_task(&mut self, name: &str, now: Instant) -> bool {
+    /// How many more bytes the spools may take before `spool_max_bytes`. Before saying none,
+    /// spools that are archived and whose pod is gone are dropped early, retention or not.
+    fn spool_room(&mut self) -> u64 {
+        let Some(max) = self.s.spool_max_bytes else {
+            return u64::MAX;
+        };
+        let used = |tasks: &BTreeMap<String, Task>| -> u64 {
+            tasks
+                .values()
+                .map(|t| t.writer.spool().file_len() + t.writer.tail_len() as u64)
+                .sum()
+        };
+        let mut now_used = used(&self.tasks);
+        if now_used >= max {
+            self.collect_expired_at(Duration::ZERO);
+            now_used = used(&self.tasks);
+        }
+        if now_used < max {
+            if self.backpressure {
+                info!("spools below spool_max_bytes again; reading resumes");
+                self.backpressure = false;
+            }
+            return max - now_used;
+        }
+        if !self.backpressure {
+            self.backpressure = true;
+            self.metrics.backpressure_pauses.fetch_add(1, Relaxed);
+            warn!(
+                spool_bytes = now_used,
+                spool_max_bytes = max,
+                "spools are full: reading paused until archives complete and free space"
+            );
+        }
+        0
+    }
+
+    /// Reads one task's files in order until they are drained, the read budget is spent or
+    /// the spool has grown by `room` bytes. Returns whether more is waiting, and the growth.
+    fn read_task(&mut self, name: &str, now: Instant, room: u64) -> (bool, u64) {
         let Some(t) = self.tasks.get_mut(name) else {
-            return false;
+            return (false, 0);
         };
         if t.task_id().is_none() {
-            return false;
+            return (false, 0);
         }
+        let size = |t: &Task| t.writer.spool().file_len() + t.writer.tail_len() as u64;
+        let size_before = size(t);
         let finished = t.dir_gone || self.identity.container_finished(&t.pod);
         let mut total = 0u64;
         let mut stats = DecodeStats::default();
@@ -696,7 +756,7 @@ impl Ingest {
                 // Disk full or similar: stop reading until the tail can be sealed.
                 break;
             }
-            if total >= READ_BUDGET {
+            if total >= READ_BUDGET || size(t).saturating_sub(size_before) >= room {
                 more = true;
                 break;
             }
@@ -740,12 +800,13 @@ impl Ingest {
         m.malformed_records.fetch_add(stats.malformed, Relaxed);
         m.truncated_lines.fetch_add(stats.truncated_lines, Relaxed);
         m.truncated_bytes.fetch_add(stats.truncated_bytes, Relaxed);
+        let grew = size(t).saturating_sub(size_before);
         if finished && t.sources.is_empty() && t.phase == Phase::Running {
             self.end_task(name);
         } else if reactivated {
             self.publish(name);
         }
-        more
+        (more, grew)
     }
 
     // ----- time-driven work ------------------------------------------------------------------
@@ -808,8 +869,14 @@ impl Ingest {
     }
 
     fn collect_expired(&mut self) {
+        self.collect_expired_at(self.s.retention);
+    }
+
+    /// Drops the spools of archived tasks whose pod is gone and whose archive is older than
+    /// `retention`.
+    fn collect_expired_at(&mut self, retention: Duration) {
         let now = now_ms();
-        let retention = self.s.retention.as_millis() as u64;
+        let retention = retention.as_millis() as u64;
         let expired: Vec<String> = self
             .tasks
             .iter()

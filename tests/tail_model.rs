@@ -334,3 +334,40 @@ fn watch_errors_fall_back_to_polling_rescans() {
         fs::metadata(w.writer.live_path()).unwrap().len()
     );
 }
+
+/// At `spool_max_bytes` reading pauses (counted, logged), nothing is dropped, and it resumes
+/// once archives free space.
+#[test]
+fn full_spools_pause_reading_until_space_is_freed() {
+    let mut w = World::new(6, 4096);
+    w.cfg.spool_max_bytes = 16 << 10;
+    w.cfg.retention_secs = 3600;
+    let metrics = Arc::new(Metrics::default());
+    w.ingest = Some(
+        Ingest::open(
+            &w.cfg,
+            Box::new(DirNameIdentity),
+            Box::new(NoWatch),
+            metrics.clone(),
+        )
+        .unwrap(),
+    );
+    w.apply(&Op::Write(255));
+    w.apply(&Op::Write(255));
+    w.apply(&Op::Process);
+    let read = metrics
+        .read_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let written = fs::metadata(w.writer.live_path()).unwrap().len();
+    assert!(read < written, "read {read} of {written}: no pause");
+    assert_eq!(
+        metrics
+            .backpressure_pauses
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The pod goes away: its log is still read to the end through the open file, archived,
+    // and the spool is freed early despite the retention time.
+    let got = w.finish();
+    assert_eq!(got, w.writer.expected);
+}
