@@ -79,6 +79,7 @@ impl Agent {
         target: Target,
         observer: Option<Sender<AgentEvent>>,
         rt: &tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
     ) -> Result<Agent, StartError> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let fs_tx = tx.clone();
@@ -93,7 +94,6 @@ impl Agent {
             inner,
             watched: HashSet::new(),
         };
-        let metrics = Arc::new(Metrics::default());
         let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
         let registry = ingest.registry().clone();
 

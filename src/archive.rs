@@ -263,14 +263,16 @@ impl DirArchive {
     /// earlier copy, visible only once whole (temp file, fsync, rename, fsync the directory).
     pub fn put(&self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, ArchiveError> {
         let dest = self.path_of(task);
-        let tmp = self.dir.join(format!(".{task}.log.tmp"));
+        let parent = dest.parent().unwrap_or(&self.dir).to_owned();
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("log");
+        let tmp = parent.join(format!(".{name}.tmp"));
         let io = |op, source| ArchiveError::Io {
             task: task.to_string(),
             target: dest.display().to_string(),
             op,
             source,
         };
-        fs::create_dir_all(&self.dir).map_err(|e| io("create directory", e))?;
+        fs::create_dir_all(&parent).map_err(|e| io("create directory", e))?;
         let mut out =
             io::BufWriter::with_capacity(1 << 16, File::create(&tmp).map_err(|e| io("create", e))?);
         let copied = if len == 0 {
@@ -293,7 +295,7 @@ impl DirArchive {
             return Err(e);
         }
         fs::rename(&tmp, &dest).map_err(|e| io("rename", e))?;
-        sync_dir(&self.dir).map_err(|e| io("fsync directory", e))?;
+        sync_dir(&parent).map_err(|e| io("fsync directory", e))?;
         Ok(dest.display().to_string())
     }
 }

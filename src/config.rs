@@ -53,6 +53,8 @@ pub struct Config {
     pub archive_retry_max_secs: u64,
     /// Archive jobs (uploads) run at once.
     pub archive_parallel: usize,
+    /// The Kubernetes pod watch that maps pods to task ids.
+    pub kubernetes: crate::kube::KubeConfig,
     /// Where finished logs go.
     pub archive: ArchiveConfig,
     /// `text` or `json` for the agent's own logs.
@@ -105,6 +107,7 @@ impl Default for Config {
             shutdown_timeout_secs: 25,
             archive_retry_max_secs: 60,
             archive_parallel: 4,
+            kubernetes: crate::kube::KubeConfig::default(),
             listen: "0.0.0.0:8095".into(),
             auth_token_file: None,
             follow_max_secs: 3_600,

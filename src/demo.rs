@@ -71,6 +71,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         Target::Dir(DirArchive::new(&archive_dir)),
         Some(obs_tx),
         rt.handle(),
+        Default::default(),
     )?;
 
     let mut handles = Vec::new();

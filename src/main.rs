@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use druid_log_agent::agent::Agent;
 use druid_log_agent::archive::{DirArchive, Target};
 use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
+use druid_log_agent::kube;
+use druid_log_agent::metrics::Metrics;
 use druid_log_agent::s3::{S3Config, S3Target};
-use druid_log_agent::task::DirNameIdentity;
+use druid_log_agent::task::{DirNameIdentity, TaskIdentity};
 use druid_log_agent::{demo, serve};
 
 #[derive(Parser)]
@@ -147,6 +149,20 @@ struct RunArgs {
     /// HTTP connections served at once [default: 256].
     #[arg(long, env = "DLA_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
+    /// Map pods to task ids with a watch of this node's peon pods (needs NODE_NAME and
+    /// in-cluster config or KUBECONFIG) [default: on inside a cluster, off elsewhere].
+    #[arg(long, env = "DLA_KUBERNETES")]
+    kubernetes: Option<bool>,
+    /// Label selector of peon pods [default: druid.k8s.peons=true].
+    #[arg(long, env = "DLA_PEON_LABEL_SELECTOR")]
+    peon_label_selector: Option<String>,
+    /// Pod annotation with the exact task id [default: task.id].
+    #[arg(long, env = "DLA_TASK_ID_ANNOTATION")]
+    task_id_annotation: Option<String>,
+    /// Hold a log directory whose pod is unknown this long before deciding on it
+    /// [default: 300].
+    #[arg(long, env = "DLA_PENDING_TIMEOUT_SECS")]
+    pending_timeout_secs: Option<u64>,
     /// Format of the agent's own log lines [default: text].
     #[arg(long, env = "DLA_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -187,6 +203,18 @@ impl RunArgs {
         }
         if let Some(n) = &self.node_name {
             c.node_name = Some(n.clone());
+        }
+        if let Some(k) = self.kubernetes {
+            c.kubernetes.enabled = Some(k);
+        }
+        if let Some(v) = &self.peon_label_selector {
+            c.kubernetes.label_selector = v.clone();
+        }
+        if let Some(v) = &self.task_id_annotation {
+            c.kubernetes.task_id_annotation = v.clone();
+        }
+        if let Some(v) = self.pending_timeout_secs {
+            c.kubernetes.pending_timeout_secs = v;
         }
         if let Some(d) = &self.archive_dir {
             c.archive = ArchiveConfig::Dir { dir: d.clone() };
@@ -288,7 +316,34 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
         ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
     };
-    let agent = Agent::start(&cfg, Box::new(DirNameIdentity), target, None, rt.handle())
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let (identity, pod_cache): (Box<dyn TaskIdentity>, _) = if cfg.kubernetes.is_enabled() {
+        let node = cfg
+            .node_name
+            .clone()
+            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
+        let client = rt
+            .block_on(kube::client())
+            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        let cache = std::sync::Arc::new(kube::PodCache::default());
+        rt.spawn(kube::watch_pods(
+            client,
+            cfg.kubernetes.clone(),
+            node,
+            cfg.container.clone(),
+            cache.clone(),
+        ));
+        let identity = kube::KubeIdentity::new(
+            cache.clone(),
+            &cfg.kubernetes,
+            cfg.log_root.clone(),
+            metrics.clone(),
+        );
+        (Box::new(identity), Some(cache))
+    } else {
+        (Box::new(DirNameIdentity), None)
+    };
+    let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
         .context("cannot start the agent")?;
     let http = serve::Http::new(
         agent.registry().clone(),
@@ -298,6 +353,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             follow_max: std::time::Duration::from_secs(cfg.follow_max_secs),
             max_connections: cfg.http_max_connections,
             state_dir: cfg.state_dir.clone(),
+            pod_cache,
         },
     );
     rt.block_on(async {

@@ -40,4 +40,5 @@ counters! {
     rescans: "Full rescans of the log tree.",
     watch_errors: "inotify errors (queue overflow, watch limit); each triggers a rescan.",
     backpressure_pauses: "Times reading paused because the spools reached spool_max_bytes.",
+    unmapped_tasks: "Peon logs archived under _unmapped/ because their task id could not be learned.",
 }

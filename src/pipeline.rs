@@ -578,6 +578,10 @@ impl Ingest {
         };
         if t.identity == Identity::Pending {
             t.identity = self.identity.identify(&t.pod);
+            if t.identity == Identity::Ignore {
+                self.drop_task(name);
+                return;
+            }
         }
         t.dir_gone = false;
         let cdir = t.container_dir.clone();
@@ -828,7 +832,11 @@ impl Ingest {
             };
             if t.task_id().is_none() {
                 t.identity = self.identity.identify(&t.pod);
-                self.publish(name);
+                if t.identity == Identity::Ignore {
+                    self.drop_task(name);
+                } else {
+                    self.publish(name);
+                }
                 continue;
             }
             if t.tail_since
@@ -866,6 +874,17 @@ impl Ingest {
         info!(pod_dir = name, task = ?t.task_id().map(|i| i.as_str()), bytes = t.writer.spool().len(), "task log ended");
         self.commit_now = true;
         self.publish(name);
+    }
+
+    /// Forgets a pod that turned out not to be a peon: its files are closed unread and its
+    /// (empty) spool removed.
+    fn drop_task(&mut self, name: &str) {
+        if let Some(t) = self.tasks.remove(name) {
+            info!(pod_dir = name, "not a peon pod; its log is not read");
+            let _ = fs::remove_file(t.writer.spool().path());
+            self.ignored.insert(name.to_owned());
+            self.checkpoint_dirty = true;
+        }
     }
 
     fn collect_expired(&mut self) {

@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Checked by `/readyz`: must be writable.
     pub state_dir: PathBuf,
+    /// Checked by `/readyz` when the Kubernetes watch is on: must be synced.
+    pub pod_cache: Option<Arc<crate::kube::PodCache>>,
 }
 
 /// What the handlers share.
@@ -382,6 +384,15 @@ async fn tasks(State(http): State<Arc<Http>>) -> Response {
 }
 
 async fn readyz(State(http): State<Arc<Http>>) -> Response {
+    if let Some(c) = &http.opts.pod_cache
+        && !c.is_synced()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pod cache is not synced with the Kubernetes API yet\n",
+        )
+            .into_response();
+    }
     let dir = http.opts.state_dir.clone();
     let probe = tokio::task::spawn_blocking(move || {
         let p = dir.join(".readyz");

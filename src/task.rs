@@ -34,6 +34,13 @@ impl TaskId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The archive name of a peon whose task id could not be learned:
+    /// `_unmapped/<namespace>_<pod>_<uid>`. Never a valid Druid task id (it has a `/`), so it
+    /// can never collide with one, nor be asked for over HTTP.
+    pub fn unmapped(pod: &PodDir) -> TaskId {
+        TaskId(format!("_unmapped/{}", pod.name))
+    }
 }
 
 impl fmt::Display for TaskId {
