@@ -29,6 +29,12 @@ struct Cli {
 enum Command {
     /// Run the agent (the DaemonSet's job).
     Run(Box<RunArgs>),
+    /// Validate a config file and print the effective settings (defaults filled in) as TOML.
+    /// Exits non-zero with the reason if the file is not valid.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
     /// Run the pipeline on a synthetic node in a temporary directory and check the archives
     /// byte for byte against what the synthetic peons wrote. Needs no cluster and no cloud.
     Demo {
@@ -265,6 +271,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Demo {
             dir,
             keep,
@@ -288,9 +295,28 @@ fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("druid-log-agent: error: {e:#}");
+        // Library errors already name their cause in their message; print each cause once.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg.push_str(": ");
+                msg.push_str(&c);
+            }
+        }
+        eprintln!("druid-log-agent: error: {msg}");
         ExitCode::from(2)
     })
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cfg = Config::from_file(file)?;
+    cfg.validate()?;
+    // The config holds no secrets itself (credentials come from the AWS chain, the token from
+    // a file), so the effective settings print as they are.
+    print!("{}", toml::to_string(&cfg).context("cannot print the settings")?);
+    eprintln!("{}: valid", file.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
