@@ -314,7 +314,10 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     cfg.validate()?;
     // The config holds no secrets itself (credentials come from the AWS chain, the token from
     // a file), so the effective settings print as they are.
-    print!("{}", toml::to_string(&cfg).context("cannot print the settings")?);
+    print!(
+        "{}",
+        toml::to_string(&cfg).context("cannot print the settings")?
+    );
     eprintln!("{}: valid", file.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,441 @@
+//! End-to-end benchmark of the real agent binary on synthetic Druid peon logs.
+//!
+//! `cargo run --release --bin bench -- --help`. Runs `druid-log-agent` (the release binary
+//! beside this one) on a temporary node with the directory archive and prints one JSON object:
+//! ingest throughput and CPU seconds per GiB (from /proc, user + system), peak RSS,
+//! write-to-visible and snapshot latencies under load, whole-log streaming speed, time from a
+//! pod's end to its complete archive, and the spool's compression ratio.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use druid_log_agent::loadgen::{LineGen, PeonWriter};
+
+#[derive(Parser)]
+#[command(about = "End-to-end benchmark of druid-log-agent; prints one JSON object")]
+struct Args {
+    /// Peon pods.
+    #[arg(long, default_value_t = 20)]
+    pods: usize,
+    /// MiB of log written before the agent starts (ingest throughput and CPU).
+    #[arg(long, default_value_t = 512)]
+    mib: u64,
+    /// MiB written while the agent runs (latencies under load).
+    #[arg(long, default_value_t = 256)]
+    live_mib: u64,
+    /// Rate of the live phase in MiB/s, all pods together.
+    #[arg(long, default_value_t = 100)]
+    live_rate: u64,
+    /// Concurrent clients of the snapshot endpoint during the live phase.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Kubelet rotation size in MiB.
+    #[arg(long, default_value_t = 10)]
+    rotate_mib: u64,
+    /// Where to build the node (a temporary directory by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The agent binary (default: druid-log-agent beside this binary).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Archive to this S3-compatible endpoint (static credentials test/test) instead of a
+    /// directory, e.g. a local moto or SeaweedFS.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Bucket for --s3-endpoint (must exist).
+    #[arg(long, default_value = "bench")]
+    s3_bucket: String,
+}
+
+struct Agent {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(addr: &str, target: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect to agent");
+    let _ = write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    );
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let status = std::str::from_utf8(raw.get(9..12).unwrap_or(b"000"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| raw[i + 4..].to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of a process, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / ticks
+}
+
+fn total_bytes(addr: &str) -> u64 {
+    let (_, body) = get(addr, "/tasks");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    v.as_array()
+        .map(|a| a.iter().filter_map(|t| t["bytes"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn write_mib(w: &mut PeonWriter, g: &mut LineGen, bytes: u64) {
+    let mut line = Vec::new();
+    let target = w.expected.len() as u64 + bytes;
+    while (w.expected.len() as u64) < target {
+        g.next_line(&mut line);
+        w.write_line("stdout", &line).expect("write log");
+    }
+    // The model copy is not needed here; keep memory flat.
+    w.expected.clear();
+    w.expected.shrink_to(0);
+}
+
+fn main() {
+    let args = Args::parse();
+    let tmp = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("dla-bench-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let pods_dir = tmp.join("pods");
+    std::fs::create_dir_all(&pods_dir).expect("create bench dir");
+    let agent_bin = args.agent.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("own path")
+            .with_file_name("druid-log-agent")
+    });
+    let mib = 1u64 << 20;
+    let per_pod = args.mib * mib / args.pods as u64;
+
+    // Phase 1: logs already on the node; the agent starts and ingests them at full speed.
+    let mut writers: Vec<(PeonWriter, LineGen, PathBuf)> = (0..args.pods)
+        .map(|i| {
+            let pod = pods_dir.join(format!(
+                "druid_bench-peon-{i}_00000000-0000-4000-8000-{i:012}"
+            ));
+            let w =
+                PeonWriter::create(&pod.join("main"), args.rotate_mib * mib).expect("create pod");
+            let mut g = LineGen::new(i as u64);
+            g.long_every = 500;
+            (w, g, pod)
+        })
+        .collect();
+    for (w, g, _) in &mut writers {
+        // No rotation before the start: a first start reads live and uncompressed files only.
+        w.rotate_bytes = 0;
+        write_mib(w, g, per_pod);
+        w.rotate_bytes = args.rotate_mib * mib;
+    }
+    let written: u64 = writers
+        .iter()
+        .map(|(w, _, _)| {
+            std::fs::metadata(w.live_path())
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    let started = Instant::now();
+    let mut cmd = Command::new(&agent_bin);
+    cmd.arg("run");
+    if let Some(ep) = &args.s3_endpoint {
+        cmd.args([
+            "--s3-endpoint",
+            ep,
+            "--s3-bucket",
+            &args.s3_bucket,
+            "--s3-path-style",
+            "true",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    }
+    let mut child = cmd
+        .args(["--listen", "127.0.0.1:0", "--idle-timeout-secs", "0"])
+        .arg("--log-root")
+        .arg(&pods_dir)
+        .arg("--state-dir")
+        .arg(tmp.join("state"))
+        .arg("--archive-dir")
+        .arg(tmp.join("archive"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent_bin.display()));
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
+            if let Some(a) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+            {
+                let _ = tx.send(a.to_owned());
+            }
+            line.clear();
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("agent address");
+    let pid = child.id();
+    let agent = Agent { child, addr };
+    let idle_rss_kib = proc_field(pid, "status", "VmRSS:");
+    let text_total: u64;
+    loop {
+        // Wait for the agent to hold what the files hold (the decoded text is a bit smaller
+        // than the CRI records: measure by the agent's own read counter).
+        let (_, m) = get(&agent.addr, "/metrics");
+        let m = String::from_utf8_lossy(&m);
+        let read: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("druid_log_agent_read_bytes_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if read >= written {
+            text_total = total_bytes(&agent.addr);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let ingest_cpu = cpu_seconds(pid);
+    let spool_ratio = text_total as f64 / dir_size(&tmp.join("state").join("spool")).max(1) as f64;
+
+    // Phase 2: those pods end (the kubelet removes their directories): time and CPU to the
+    // complete archive of each.
+    let ends: Vec<(String, Instant)> = writers
+        .drain(..)
+        .map(|(_, _, pod)| {
+            let _ = std::fs::remove_dir_all(&pod);
+            let name = pod
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            (
+                name.split('_').nth(1).unwrap_or_default().to_owned(),
+                Instant::now(),
+            )
+        })
+        .collect();
+    let mut end_to_archive = Vec::new();
+    for (task, t0) in &ends {
+        loop {
+            let (_, body) = get(&agent.addr, "/tasks");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let done = v.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|t| t["id"] == task.as_str() && t["state"] == "archived")
+            });
+            if done || t0.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        end_to_archive.push(ms(t0.elapsed()));
+    }
+    let archive_cpu = cpu_seconds(pid) - ingest_cpu;
+
+    // Phase 3: whole-log streaming of an ended task whose spool is retained.
+    let t = Instant::now();
+    let (_, whole) = get(
+        &agent.addr,
+        "/druid/indexer/v1/task/bench-peon-1/log?offset=0",
+    );
+    let stream_mib_s = whole.len() as f64 / mib as f64 / t.elapsed().as_secs_f64();
+    drop(whole);
+
+    // Phase 4: new pods written at a set rate while clients read snapshots and a probe
+    // measures how soon a written line is visible.
+    let cpu_before_live = cpu_seconds(pid);
+    let mut writers: Vec<(PeonWriter, LineGen, PathBuf)> = (0..args.pods)
+        .map(|i| {
+            let pod = pods_dir.join(format!(
+                "druid_live-peon-{i}_00000000-0000-4000-9000-{i:012}"
+            ));
+            let w =
+                PeonWriter::create(&pod.join("main"), args.rotate_mib * mib).expect("create pod");
+            (w, LineGen::new(1000 + i as u64), pod)
+        })
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let live_per_pod = args.live_mib * mib / args.pods as u64;
+    let rate_per_pod = (args.live_rate * mib) as f64 / args.pods as f64;
+    let mut handles = Vec::new();
+    let probe_pod = writers.remove(0);
+    for (mut w, mut g, _) in writers.drain(..) {
+        handles.push(std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut done = 0u64;
+            while done < live_per_pod {
+                write_mib(&mut w, &mut g, 64 << 10);
+                done += 64 << 10;
+                let due = Duration::from_secs_f64(done as f64 / rate_per_pod);
+                if let Some(ahead) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        }));
+    }
+    let clients: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let (addr, stop) = (agent.addr.clone(), stop.clone());
+            let task = format!("live-peon-{}", 1 + i % (args.pods - 1).max(1));
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let (status, _) = get(
+                        &addr,
+                        &format!("/druid/indexer/v1/task/{task}/log?offset=-8192"),
+                    );
+                    if status == 200 {
+                        lat.push(ms(t.elapsed()));
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    let (mut pw, _, _) = probe_pod;
+    let mut visible = Vec::new();
+    for i in 0..100 {
+        let marker = format!("bench-marker-{i}-{}", started.elapsed().as_nanos());
+        let t = Instant::now();
+        pw.write_line("stdout", marker.as_bytes())
+            .expect("write marker");
+        loop {
+            let (_, body) = get(
+                &agent.addr,
+                "/druid/indexer/v1/task/live-peon-0/log?offset=-8192",
+            );
+            if body.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+        visible.push(ms(t.elapsed()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut snap: Vec<f64> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap_or_default())
+        .collect();
+    let snap_max = snap.iter().cloned().fold(0.0, f64::max);
+
+    let live_cpu = cpu_seconds(pid) - cpu_before_live;
+    let total_cpu = cpu_seconds(pid);
+    let peak_rss_kib = proc_field(pid, "status", "VmHWM:");
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let gib = (1u64 << 30) as f64;
+    let out = serde_json::json!({
+        "pods": args.pods,
+        "bytes_in": written,
+        "text_bytes": text_total,
+        "archive": if args.s3_endpoint.is_some() { "s3" } else { "dir" },
+        "ingest_mib_s": written as f64 / mib as f64 / ingest_secs,
+        "ingest_cpu_s_per_gib": ingest_cpu / (written as f64 / gib),
+        "end_to_end_cpu_s_per_gib": (ingest_cpu + archive_cpu) / (written as f64 / gib),
+        "live_phase_cpu_s_incl_serving": live_cpu,
+        "total_cpu_s": total_cpu,
+        "idle_rss_mib": idle_rss_kib as f64 / 1024.0,
+        "peak_rss_mib": peak_rss_kib as f64 / 1024.0,
+        "write_to_visible_ms": {"p50": pct(&mut visible, 0.5), "p99": pct(&mut visible, 0.99)},
+        "snapshot_offset_-8192_ms": {"clients": args.clients, "requests": snap.len(), "p50": pct(&mut snap, 0.5), "p99": pct(&mut snap, 0.99), "max": snap_max},
+        "whole_log_stream_mib_s": stream_mib_s,
+        "task_end_to_archive_ms": {"p50": pct(&mut end_to_archive, 0.5), "p99": pct(&mut end_to_archive, 0.99)},
+        "spool_compression_ratio": spool_ratio,
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model},
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
