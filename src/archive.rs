@@ -109,10 +109,12 @@ pub struct Job {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
-    /// The task runs: store whole parts of the first `committed` bytes.
-    Parts { committed: u64 },
-    /// The log is complete at `len` bytes: store the rest and make the archive visible.
-    Finish { len: u64 },
+    /// The task runs: store whole parts of the first `committed` bytes of text
+    /// (`committed_file` bytes of the spool file).
+    Parts { committed: u64, committed_file: u64 },
+    /// The log is complete at `len` bytes of text (`file_len` bytes of spool file): store
+    /// the rest and make the archive visible.
+    Finish { len: u64, file_len: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -169,7 +171,7 @@ impl Target {
         match self {
             Target::S3(s) => s.run(job).await,
             Target::Dir(d) => {
-                let JobKind::Finish { len } = job.kind else {
+                let JobKind::Finish { len, .. } = job.kind else {
                     return Outcome::Progress {
                         pod_dir: job.pod_dir,
                         state: job.state,

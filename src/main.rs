@@ -101,6 +101,10 @@ struct RunArgs {
     /// Do not send the bucket-owner-full-control ACL, like Druid's disableAcl [default: false].
     #[arg(long, env = "DLA_S3_DISABLE_ACL")]
     s3_disable_acl: Option<bool>,
+    /// Store logs gzip-compressed at {prefix}/{taskId}/log.gz for consumers other than Druid
+    /// (Druid reads only the plain log) [default: false].
+    #[arg(long, env = "DLA_S3_GZIP")]
+    s3_gzip: Option<bool>,
     /// Longest wait between two attempts of a failing archive [default: 60].
     #[arg(long, env = "DLA_ARCHIVE_RETRY_MAX_SECS")]
     archive_retry_max_secs: Option<u64>,
@@ -236,6 +240,7 @@ impl RunArgs {
                 sse_kms_key_id: None,
                 disable_acl: false,
                 part_bytes: 8 << 20,
+                gzip: false,
             });
         }
         if let ArchiveConfig::S3(s3) = &mut c.archive {
@@ -246,7 +251,8 @@ impl RunArgs {
             }
             set_s3!(s3_prefix => prefix, s3_region => region, s3_endpoint => endpoint,
                 s3_path_style => path_style, s3_part_bytes => part_bytes, s3_sse => sse,
-                s3_sse_kms_key_id => sse_kms_key_id, s3_disable_acl => disable_acl);
+                s3_sse_kms_key_id => sse_kms_key_id, s3_disable_acl => disable_acl,
+                s3_gzip => gzip);
         }
         c.validate()?;
         Ok(c)

@@ -115,6 +115,8 @@ struct Task {
     upload: UploadState,
     /// Log bytes the last successful commit vouches for: only these may be archived.
     committed_len: u64,
+    /// The spool file length of that commit.
+    committed_file_len: u64,
     first_seen_ms: u64,
 }
 
@@ -144,6 +146,8 @@ struct Settings {
     archive_retry_max: Duration,
     node: Option<String>,
     spool_max_bytes: Option<u64>,
+    /// The archive stores the spool's gzip members rather than the text.
+    upload_gzip: bool,
 }
 
 pub struct Ingest {
@@ -203,6 +207,7 @@ impl Ingest {
             archive_retry_max: Duration::from_secs(cfg.archive_retry_max_secs.max(1)),
             node: cfg.node_name.clone(),
             spool_max_bytes: (cfg.spool_max_bytes > 0).then_some(cfg.spool_max_bytes),
+            upload_gzip: matches!(&cfg.archive, crate::config::ArchiveConfig::S3(s) if s.gzip),
         };
         fs::create_dir_all(&s.spool_dir).map_err(|source| PipelineError::StateDir {
             path: s.spool_dir.clone(),
@@ -330,6 +335,7 @@ impl Ingest {
             archive_error: None,
             upload: ts.upload.clone(),
             committed_len: ts.log_len,
+            committed_file_len: ts.spool_file_len,
             first_seen_ms: ts.first_seen_ms,
             pod,
         };
@@ -569,6 +575,7 @@ impl Ingest {
                     archive_error: None,
                     upload: UploadState::default(),
                     committed_len: 0,
+                    committed_file_len: 0,
                     first_seen_ms: now_ms(),
                 },
             );
@@ -955,6 +962,7 @@ impl Ingest {
                     t.unsaved = false;
                     if let Some(s) = &t.snapshot {
                         t.committed_len = s.log_len;
+                        t.committed_file_len = s.spool_file_len;
                     }
                 }
                 self.commit_now = false;
@@ -984,13 +992,23 @@ impl Ingest {
             let kind = match t.phase {
                 Phase::Ended if !t.unsaved => JobKind::Finish {
                     len: t.writer.spool().len(),
+                    file_len: t.writer.spool().file_len(),
                 },
-                Phase::Running => match self.s.part_bytes {
-                    Some(part) if t.committed_len >= t.upload.uploaded() + part => JobKind::Parts {
-                        committed: t.committed_len,
-                    },
-                    _ => continue,
-                },
+                Phase::Running => {
+                    // Parts are cut from the text, or from the spool file for gzip output.
+                    let have = if self.s.upload_gzip {
+                        t.committed_file_len
+                    } else {
+                        t.committed_len
+                    };
+                    match self.s.part_bytes {
+                        Some(part) if have >= t.upload.uploaded() + part => JobKind::Parts {
+                            committed: t.committed_len,
+                            committed_file: t.committed_file_len,
+                        },
+                        _ => continue,
+                    }
+                }
                 _ => continue,
             };
             t.job_in_flight = true;

@@ -27,6 +27,7 @@ use crate::task::TaskId;
 /// S3 refuses parts under 5 MiB (MiB, not MB), except the last.
 pub const MIN_PART: u64 = 5 * 1024 * 1024;
 const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+const GZIP_TYPE: &str = "application/gzip";
 
 /// `[archive] type = "s3"` settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +58,11 @@ pub struct S3Config {
     /// Size of the parts stored while a task runs; at least 5 MiB.
     #[serde(default = "default_part_bytes")]
     pub part_bytes: u64,
+    /// Store the log gzip-compressed at `{prefix}/{taskId}/log.gz` (`Content-Type:
+    /// application/gzip`, no `Content-Encoding`) for consumers other than Druid, which reads
+    /// only the plain `log`.
+    #[serde(default)]
+    pub gzip: bool,
 }
 
 fn default_part_bytes() -> u64 {
@@ -65,7 +71,12 @@ fn default_part_bytes() -> u64 {
 
 impl S3Config {
     pub fn key(&self, task: &TaskId) -> String {
-        format!("{}/{}/log", self.prefix, task)
+        let name = if self.gzip { "log.gz" } else { "log" };
+        format!("{}/{}/{name}", self.prefix, task)
+    }
+
+    fn content_type(&self) -> &'static str {
+        if self.gzip { GZIP_TYPE } else { CONTENT_TYPE }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -190,12 +201,26 @@ impl S3Target {
     pub async fn run(&self, job: Job) -> Outcome {
         let key = self.cfg.key(&job.task);
         let mut state = job.state.clone();
+        // The uploaded stream is the text, or for gzip output the spool file.
+        let pick = |text: u64, file: u64| if self.cfg.gzip { file } else { text };
         let result = match job.kind {
-            JobKind::Parts { committed } => self
-                .store_parts(&job, &key, &mut state, committed, false)
+            JobKind::Parts {
+                committed,
+                committed_file,
+            } => self
+                .store_parts(
+                    &job,
+                    &key,
+                    &mut state,
+                    pick(committed, committed_file),
+                    false,
+                )
                 .await
                 .map(|()| None),
-            JobKind::Finish { len } => self.finish(&job, &key, &mut state, len).await.map(Some),
+            JobKind::Finish { len, file_len } => self
+                .finish(&job, &key, &mut state, pick(len, file_len), len)
+                .await
+                .map(Some),
         };
         match result {
             Ok(None) => Outcome::Progress {
@@ -206,8 +231,8 @@ impl S3Target {
                 pod_dir: job.pod_dir,
                 task: job.task,
                 len: match job.kind {
-                    JobKind::Finish { len } => len,
-                    JobKind::Parts { committed } => committed,
+                    JobKind::Finish { len, .. } => len,
+                    JobKind::Parts { committed, .. } => committed,
                 },
                 location,
             },
@@ -275,16 +300,14 @@ impl S3Target {
                 }
             };
             let number = state.parts.len() as u32 + 1;
-            let body = read_spool(&job.spool, from, to)
-                .await
-                .map_err(|e| Failure {
-                    message: format!(
-                        "reading the spool of task {} for s3 key {key}: {e}",
-                        job.task
-                    ),
-                    permanent: false,
-                    upload_gone: false,
-                })?;
+            let body = self.read(&job.spool, from, to).await.map_err(|e| Failure {
+                message: format!(
+                    "reading the spool of task {} for s3 key {key}: {e}",
+                    job.task
+                ),
+                permanent: false,
+                upload_gone: false,
+            })?;
             let out = self
                 .client
                 .upload_part()
@@ -313,7 +336,7 @@ impl S3Target {
             .create_multipart_upload()
             .bucket(&self.cfg.bucket)
             .key(key)
-            .content_type(CONTENT_TYPE)
+            .content_type(self.cfg.content_type())
             .set_metadata(Some(self.metadata(&job.task, &job.origin, 0)));
         req = self.apply_put_options(req);
         let out = req
@@ -342,13 +365,15 @@ impl S3Target {
         req
     }
 
-    /// Makes the complete log of `len` bytes visible at `key`.
+    /// Makes the complete log visible at `key`: `len` bytes of the uploaded stream,
+    /// `text_len` bytes of text.
     async fn finish(
         &self,
         job: &Job,
         key: &str,
         state: &mut UploadState,
         len: u64,
+        text_len: u64,
     ) -> Result<String, Failure> {
         let location = format!("s3://{}/{}", self.cfg.bucket, key);
         if state.completing && self.is_complete(key, len).await? {
@@ -356,7 +381,7 @@ impl S3Target {
             return Ok(location);
         }
         if state.upload_id.is_none() && len <= self.cfg.part_bytes {
-            self.put_whole(job, key, len).await?;
+            self.put_whole(job, key, len, text_len).await?;
             return Ok(location);
         }
         if let Some(id) = state.upload_id.clone() {
@@ -373,7 +398,7 @@ impl S3Target {
         self.store_parts(job, key, state, len, true).await?;
         let Some(id) = state.upload_id.clone() else {
             // Nothing was stored (an empty log): the placeholder, as Druid writes it.
-            self.put_whole(job, key, 0).await?;
+            self.put_whole(job, key, 0, 0).await?;
             return Ok(location);
         };
         state.completing = true;
@@ -462,11 +487,18 @@ impl S3Target {
         }
     }
 
-    async fn put_whole(&self, job: &Job, key: &str, len: u64) -> Result<(), Failure> {
+    async fn put_whole(
+        &self,
+        job: &Job,
+        key: &str,
+        len: u64,
+        text_len: u64,
+    ) -> Result<(), Failure> {
         let body = if len == 0 {
-            placeholder(&job.task).into_bytes()
+            let text = placeholder(&job.task).into_bytes();
+            if self.cfg.gzip { gzip(&text) } else { text }
         } else {
-            read_spool(&job.spool, 0, len).await.map_err(|e| Failure {
+            self.read(&job.spool, 0, len).await.map_err(|e| Failure {
                 message: format!(
                     "reading the spool of task {} for s3 key {key}: {e}",
                     job.task
@@ -480,9 +512,9 @@ impl S3Target {
             .put_object()
             .bucket(&self.cfg.bucket)
             .key(key)
-            .content_type(CONTENT_TYPE)
+            .content_type(self.cfg.content_type())
             .content_length(body.len() as i64)
-            .set_metadata(Some(self.metadata(&job.task, &job.origin, len)))
+            .set_metadata(Some(self.metadata(&job.task, &job.origin, text_len)))
             .body(ByteStream::from(body));
         if !self.cfg.disable_acl {
             req = req.acl(ObjectCannedAcl::BucketOwnerFullControl);
@@ -495,6 +527,28 @@ impl S3Target {
         }
         req.send().await.map_err(|e| failure("PutObject", key, e))?;
         Ok(())
+    }
+}
+
+fn gzip(text: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = enc.write_all(text);
+    enc.finish().unwrap_or_default()
+}
+
+impl S3Target {
+    /// Bytes `[from, to)` of the uploaded stream: the text, or for gzip output the spool
+    /// file itself, whose members together are one valid gzip file.
+    async fn read(&self, spool: &Arc<Spool>, from: u64, to: u64) -> Result<Vec<u8>, String> {
+        if self.cfg.gzip {
+            let spool = spool.clone();
+            return tokio::task::spawn_blocking(move || spool.read_file(from, to))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string());
+        }
+        read_spool(spool, from, to).await
     }
 }
 

@@ -105,6 +105,16 @@ impl Spool {
         self.read_inner().sealed_file
     }
 
+    /// Reads bytes `[start, end)` of the spool file itself (whole gzip members when the
+    /// bounds are member boundaries): the compressed form of the log, as `zcat` reads it.
+    pub fn read_file(&self, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
+        let mut buf = vec![0; end.saturating_sub(start) as usize];
+        self.file
+            .read_exact_at(&mut buf, start)
+            .map_err(|e| self.io("read", e))?;
+        Ok(buf)
+    }
+
     /// Copies log bytes `[start, end)` to `sink`, a block at a time, decompressing only the
     /// blocks that overlap the range. Safe to call while the writer appends and seals.
     pub fn read_range(

@@ -32,6 +32,7 @@ fn s3_config(endpoint: &str, bucket: &str) -> S3Config {
         sse_kms_key_id: None,
         disable_acl: false,
         part_bytes: 5 * MIB,
+        gzip: false,
     }
 }
 
@@ -130,7 +131,10 @@ async fn keys_content_and_druid_ranges() {
                 &task,
                 &spool,
                 UploadState::default(),
-                JobKind::Finish { len },
+                JobKind::Finish {
+                    len,
+                    file_len: spool.file_len(),
+                },
             ))
             .await;
         let Outcome::Done { location, .. } = out else {
@@ -188,6 +192,7 @@ async fn parts_while_running_then_one_last_part() {
             UploadState::default(),
             JobKind::Parts {
                 committed: 11 * MIB,
+                committed_file: 0,
             },
         ))
         .await;
@@ -209,7 +214,15 @@ async fn parts_while_running_then_one_last_part() {
     );
     let len = content.len() as u64;
     let out = target
-        .run(job(&task, &spool, state, JobKind::Finish { len }))
+        .run(job(
+            &task,
+            &spool,
+            state,
+            JobKind::Finish {
+                len,
+                file_len: spool.file_len(),
+            },
+        ))
         .await;
     assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
     assert_same_log(&get(&client, "logs", key, None).await, &content);
@@ -230,7 +243,10 @@ async fn empty_log_gets_the_placeholder() {
             &task,
             &spool,
             UploadState::default(),
-            JobKind::Finish { len: 0 },
+            JobKind::Finish {
+                len: 0,
+                file_len: 0,
+            },
         ))
         .await;
     assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
@@ -476,4 +492,61 @@ fn permanent_error_then_recovery() {
     let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len());
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
+}
+
+/// Optional gzip output: the spool's own gzip members, at `log.gz`, readable by any gzip
+/// reader, in parts while the task runs like the plain log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_output_for_other_consumers() {
+    use std::io::Read as _;
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "test");
+    let cfg = S3Config {
+        gzip: true,
+        ..s3_config(&moto.endpoint, "logs")
+    };
+    let target = S3Target::with_credentials(cfg, creds).await;
+    let tmp = tempfile::tempdir().unwrap();
+    // Random-looking text compresses little, so the spool file spans several parts.
+    let mut content = Vec::new();
+    let mut rng = Rng::new(3);
+    while content.len() < 14 * MIB as usize {
+        content.extend_from_slice(format!("{:x}\n", rng.next_u64()).as_bytes());
+    }
+    let spool = spool_of(tmp.path(), &content);
+    let (len, file_len) = (content.len() as u64, spool.file_len());
+    assert!(file_len > 5 * MIB, "the spool must need parts: {file_len}");
+    let task = TaskId::new("index_kafka_gz").unwrap();
+    let parts = JobKind::Parts {
+        committed: len,
+        committed_file: file_len,
+    };
+    let out = target
+        .run(job(&task, &spool, UploadState::default(), parts))
+        .await;
+    let Outcome::Progress { state, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert!(!state.parts.is_empty());
+    let out = target
+        .run(job(&task, &spool, state, JobKind::Finish { len, file_len }))
+        .await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_gz/log.gz";
+    let head = client
+        .head_object()
+        .bucket("logs")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("application/gzip"));
+    let gz = get(&client, "logs", key, None).await;
+    let mut text = Vec::new();
+    flate2::read::MultiGzDecoder::new(&gz[..])
+        .read_to_end(&mut text)
+        .unwrap();
+    assert_same_log(&text, &content);
 }
