@@ -218,7 +218,7 @@ impl World {
             self.ingest().tick(now);
             self.ingest().commit_if_due(now, Duration::from_secs(1));
             if let Some(job) = self.ingest().take_archive_jobs().pop() {
-                let JobKind::Finish { len } = job.kind else {
+                let JobKind::Finish { len, .. } = job.kind else {
                     panic!("the directory archive takes no parts");
                 };
                 let location = self.archive.put(&job.task, &job.spool, len).unwrap();

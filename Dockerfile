@@ -1,0 +1,45 @@
+# druid-log-agent container image.
+#
+#   docker build -t druid-log-agent:0.1.0 \
+#     --build-arg VERSION=0.1.0 --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .
+#
+# VERSION and GIT_COMMIT label the image (org.opencontainers.image.version/revision) and are in
+# the build's environment, for a build script that wants to bake them in. The binary does not
+# read them today: `druid-log-agent --version` prints the version of Cargo.toml.
+
+# --- build ------------------------------------------------------------------------------------
+# The Rust version is Cargo.toml's rust-version. The full (not slim) image brings the C
+# toolchain that aws-lc-sys (TLS for the S3 and Kubernetes clients) compiles with.
+FROM rust:1.95-bookworm AS builder
+ARG VERSION=0.1.0
+ARG GIT_COMMIT=unknown
+ENV VERSION=${VERSION} GIT_COMMIT=${GIT_COMMIT}
+WORKDIR /src
+COPY . .
+# CI's build command (`cargo build --locked`, see .ci/run) in release mode: Cargo.lock decides
+# every dependency's version.
+RUN cargo build --release --locked
+
+# --- runtime ----------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+ARG VERSION=0.1.0
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="druid-log-agent" \
+      org.opencontainers.image.description="Ships Druid peon pod logs from each node to where Druid reads task logs" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_COMMIT}"
+# CA certificates for TLS to S3 and to the Kubernetes API.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /src/target/release/druid-log-agent /usr/local/bin/druid-log-agent
+# Root on purpose, like the DaemonSet (manifests/daemonset.yaml, runAsUser: 0): the agent reads
+# the kubelet's root-owned files under /var/log/pods and writes its root-owned hostPath state
+# directory. The DaemonSet drops every capability but DAC_READ_SEARCH and mounts the root
+# filesystem read-only; the binary writes nothing outside its state directory (no /tmp).
+# docs/operations.md ("Security") explains why a non-root user would not work.
+USER 0:0
+EXPOSE 8095
+ENTRYPOINT ["druid-log-agent"]
+CMD ["run"]
