@@ -8,7 +8,7 @@ mod kubeapi;
 use std::fs;
 use std::time::Duration;
 
-use common::{AgentProc, Node, assert_same_log, http_get, wait_for_archive};
+use common::{AgentProc, Node, assert_same_log, http_get, wait_for_archive, wait_for_bytes};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use kubeapi::{FakeApi, pod};
 
@@ -302,6 +302,8 @@ fn api_outage_loses_and_doubles_nothing() {
     ));
     let mut f = PeonWriter::create(&f_dir.join("main"), 0).unwrap();
     write(&mut f, 9, 50 << 10);
+    // F is a known task (the agent has its metadata and its bytes) when the API goes away.
+    wait_for_bytes(&addr, f_id, f.expected.len(), LONG);
 
     api.set_down(true);
     write(&mut f, 10, 50 << 10);
