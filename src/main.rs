@@ -343,8 +343,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
+    // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
+    // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(4)
         .enable_all()
         .build()?;
     let target = match &cfg.archive {

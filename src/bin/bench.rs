@@ -51,6 +51,9 @@ struct Args {
     /// Bucket for --s3-endpoint (must exist).
     #[arg(long, default_value = "bench")]
     s3_bucket: String,
+    /// Extra arguments for `druid-log-agent run`, e.g. `--agent-arg=--compression-level=6`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 struct Agent {
@@ -222,6 +225,7 @@ fn main() {
     }
     let mut child = cmd
         .args(["--listen", "127.0.0.1:0", "--idle-timeout-secs", "0"])
+        .args(&args.agent_args)
         .arg("--log-root")
         .arg(&pods_dir)
         .arg("--state-dir")
