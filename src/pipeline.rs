@@ -121,6 +121,35 @@ struct Task {
 }
 
 impl Task {
+    /// A task with nothing read yet.
+    fn new(pod: PodDir, identity: Identity, container_dir: PathBuf, writer: SpoolWriter) -> Task {
+        Task {
+            pod,
+            identity,
+            container_dir,
+            writer,
+            sources: VecDeque::new(),
+            done: VecDeque::new(),
+            last_restart: None,
+            lines: Default::default(),
+            phase: Phase::Running,
+            dir_gone: false,
+            last_growth: Instant::now(),
+            tail_since: None,
+            snapshot: None,
+            unsaved: false,
+            job_in_flight: false,
+            archive_retry_at: None,
+            archive_failures: 0,
+            archived_to: None,
+            archive_error: None,
+            upload: UploadState::default(),
+            committed_len: 0,
+            committed_file_len: 0,
+            first_seen_ms: now_ms(),
+        }
+    }
+
     fn task_id(&self) -> Option<&TaskId> {
         match &self.identity {
             Identity::Task(id) => Some(id),
@@ -314,31 +343,17 @@ impl Ingest {
             sources: sources.iter().map(source_state).collect(),
             ..ts.clone()
         };
-        let task = Task {
-            identity,
-            container_dir,
-            writer,
-            sources,
-            done: ts.done.into_iter().collect(),
-            last_restart: ts.last_restart,
-            lines: ts.lines,
-            phase: ts.phase,
-            dir_gone: false,
-            last_growth: Instant::now(),
-            tail_since: None,
-            snapshot: Some(snapshot),
-            unsaved: false,
-            job_in_flight: false,
-            archive_retry_at: None,
-            archive_failures: 0,
-            archived_to: None,
-            archive_error: None,
-            upload: ts.upload.clone(),
-            committed_len: ts.log_len,
-            committed_file_len: ts.spool_file_len,
-            first_seen_ms: ts.first_seen_ms,
-            pod,
-        };
+        let mut task = Task::new(pod, identity, container_dir, writer);
+        task.sources = sources;
+        task.done = ts.done.into_iter().collect();
+        task.last_restart = ts.last_restart;
+        task.lines = ts.lines;
+        task.phase = ts.phase;
+        task.snapshot = Some(snapshot);
+        task.upload = ts.upload.clone();
+        task.committed_len = ts.log_len;
+        task.committed_file_len = ts.spool_file_len;
+        task.first_seen_ms = ts.first_seen_ms;
         info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = task.sources.len(), "resumed task from checkpoint");
         let name = task.pod.name.clone();
         self.dirty_read.insert(name.clone());
@@ -553,31 +568,7 @@ impl Ingest {
             let container_dir = pod_path.join(&self.s.container);
             self.tasks.insert(
                 name.to_owned(),
-                Task {
-                    pod,
-                    identity,
-                    container_dir,
-                    writer,
-                    sources: VecDeque::new(),
-                    done: VecDeque::new(),
-                    last_restart: None,
-                    lines: Default::default(),
-                    phase: Phase::Running,
-                    dir_gone: false,
-                    last_growth: Instant::now(),
-                    tail_since: None,
-                    snapshot: None,
-                    unsaved: false,
-                    job_in_flight: false,
-                    archive_retry_at: None,
-                    archive_failures: 0,
-                    archived_to: None,
-                    archive_error: None,
-                    upload: UploadState::default(),
-                    committed_len: 0,
-                    committed_file_len: 0,
-                    first_seen_ms: now_ms(),
-                },
+                Task::new(pod, identity, container_dir, writer),
             );
         }
         let Some(t) = self.tasks.get_mut(name) else {

@@ -554,16 +554,7 @@ impl S3Target {
 
 async fn read_spool(spool: &Arc<Spool>, from: u64, to: u64) -> Result<Vec<u8>, String> {
     let spool = spool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity((to - from) as usize);
-        spool
-            .read_range(from, to, &mut |c| {
-                buf.extend_from_slice(c);
-                Ok(())
-            })
-            .map(|()| buf)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || spool.read_to_vec(from, to).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
 }

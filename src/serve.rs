@@ -313,16 +313,7 @@ async fn stream_log(
         while pos < end {
             let to = end.min(pos + CHUNK);
             let spool = entry.spool.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = Vec::with_capacity((to - pos) as usize);
-                spool
-                    .read_range(pos, to, &mut |c| {
-                        buf.extend_from_slice(c);
-                        Ok(())
-                    })
-                    .map(|()| buf)
-            })
-            .await;
+            let read = tokio::task::spawn_blocking(move || spool.read_to_vec(pos, to)).await;
             let chunk = match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {

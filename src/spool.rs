@@ -115,6 +115,17 @@ impl Spool {
         Ok(buf)
     }
 
+    /// Log bytes `[start, end)` in one buffer, for callers that need them whole (a part, a
+    /// response chunk); keep ranges small.
+    pub fn read_to_vec(&self, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
+        let mut buf = Vec::with_capacity(end.saturating_sub(start) as usize);
+        self.read_range(start, end, &mut |c| {
+            buf.extend_from_slice(c);
+            Ok(())
+        })?;
+        Ok(buf)
+    }
+
     /// Copies log bytes `[start, end)` to `sink`, a block at a time, decompressing only the
     /// blocks that overlap the range. Safe to call while the writer appends and seals.
     pub fn read_range(

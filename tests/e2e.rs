@@ -5,34 +5,12 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{AgentProc, Node, assert_same_log, wait_for_archive};
+use common::{AgentProc, Node, assert_same_log, wait_for_archive, write_log};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// Writes `bytes` of Druid-style lines through `w`, pacing at roughly `rate` bytes/s.
-fn write_lines(w: &mut PeonWriter, lines: &mut LineGen, bytes: usize, rate: usize) {
-    let start = Instant::now();
-    let target = w.expected.len() + bytes;
-    let begin = w.expected.len();
-    let mut line = Vec::new();
-    while w.expected.len() < target {
-        lines.next_line(&mut line);
-        let stream = if line.first() == Some(&b'\t') {
-            "stderr"
-        } else {
-            "stdout"
-        };
-        w.write_line(stream, &line).unwrap();
-        let done = (w.expected.len() - begin) as f64;
-        let due = Duration::from_secs_f64(done / rate as f64);
-        if let Some(ahead) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(ahead);
-        }
-    }
-}
 
 /// The agent is killed with SIGKILL (and now and then stopped with SIGTERM) at random moments
 /// while a peon writes, rotates and restarts; every restart resumes from the checkpoint. The
@@ -68,11 +46,11 @@ fn kill9_at_random_moments_loses_and_doubles_nothing() {
         let mut w = PeonWriter::create(&main, 512 << 10).unwrap();
         let mut lines = LineGen::new(seed);
         lines.long_every = 200;
-        write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
+        write_log(&mut w, &mut lines, 3 << 20, Some(1 << 20));
         w.write_line("stderr", b"java.lang.OutOfMemoryError: Java heap space")
             .unwrap();
         w.restart().unwrap();
-        write_lines(&mut w, &mut lines, 3 << 20, 1 << 20);
+        write_log(&mut w, &mut lines, 3 << 20, Some(1 << 20));
         w
     });
     let mut rng = Rng::new(seed);
@@ -108,12 +86,12 @@ fn startup_on_existing_logs_without_checkpoint() {
     let task = "index-parallel-existing";
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
     let mut lines = LineGen::new(7);
-    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    write_log(&mut w, &mut lines, 100 << 10, None);
     w.rotate(false).unwrap();
     let gz_part = w.expected.len();
-    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    write_log(&mut w, &mut lines, 100 << 10, None);
     w.rotate(false).unwrap(); // the first rotation is gzipped now
-    write_lines(&mut w, &mut lines, 100 << 10, usize::MAX);
+    write_log(&mut w, &mut lines, 100 << 10, None);
     let agent = AgentProc::start(&node, &["--idle-timeout-secs", "1"]);
     let want = &w.expected[gz_part..];
     let got = wait_for_archive(&node.archived(task), want.len(), LONG);
@@ -129,7 +107,7 @@ fn unreadable_file_is_reported_then_read() {
     let task = "index-kafka-unreadable";
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
     let mut lines = LineGen::new(3);
-    write_lines(&mut w, &mut lines, 50 << 10, usize::MAX);
+    write_log(&mut w, &mut lines, 50 << 10, None);
     let live = w.live_path();
     fs::set_permissions(&live, fs::Permissions::from_mode(0o000)).unwrap();
     // As root the agent would read the file anyway; drop the capabilities that bypass file
@@ -197,7 +175,7 @@ fn full_state_disk_is_reported_and_recovered() {
     let mut lines = LineGen::new(11);
     let agent = AgentProc::start(&node, &["--idle-timeout-secs", "1"]);
     // About 1.5 MiB of spool at level 1: far more than 128 KiB.
-    write_lines(&mut w, &mut lines, 6 << 20, usize::MAX);
+    write_log(&mut w, &mut lines, 6 << 20, None);
     let line = agent.wait_for_line("cannot write spool block", LONG);
     assert!(line.contains("No space left on device"), "{line}");
     // Space comes back.

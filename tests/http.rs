@@ -13,13 +13,7 @@ use druid_log_agent::serve::{NO_LOG, druid_start};
 const LONG: Duration = Duration::from_secs(60);
 
 fn write(w: &mut PeonWriter, seed: u64, bytes: usize) {
-    let mut lines = LineGen::new(seed);
-    let mut line = Vec::new();
-    let target = w.expected.len() + bytes;
-    while w.expected.len() < target {
-        lines.next_line(&mut line);
-        w.write_line("stdout", &line).unwrap();
-    }
+    common::write_log(w, &mut LineGen::new(seed), bytes, None);
 }
 
 fn log_path(task: &str, offset: &str) -> String {

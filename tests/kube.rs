@@ -20,13 +20,7 @@ fn dir_name(ns: &str, name: &str, uid: &str) -> String {
 }
 
 fn write(w: &mut PeonWriter, seed: u64, bytes: usize) {
-    let mut g = LineGen::new(seed);
-    let mut line = Vec::new();
-    let target = w.expected.len() + bytes;
-    while w.expected.len() < target {
-        g.next_line(&mut line);
-        w.write_line("stdout", &line).unwrap();
-    }
+    common::write_log(w, &mut LineGen::new(seed), bytes, None);
 }
 
 fn start(node: &Node, api: &FakeApi, extra: &[&str]) -> AgentProc {

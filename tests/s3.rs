@@ -276,22 +276,9 @@ fn agent_s3(node: &Node, endpoint: &str, bucket: &str, extra: &[&str]) -> AgentP
     AgentProc::spawn(cmd)
 }
 
-fn write_log(w: &mut PeonWriter, seed: u64, bytes: usize, pace: Option<Duration>) {
-    let mut g = LineGen::new(seed);
-    let mut line = Vec::new();
-    let target = w.expected.len() + bytes;
-    let mut since = 0;
-    while w.expected.len() < target {
-        g.next_line(&mut line);
-        w.write_line("stdout", &line).unwrap();
-        since += line.len();
-        if let Some(p) = pace
-            && since > 256 << 10
-        {
-            since = 0;
-            std::thread::sleep(p);
-        }
-    }
+/// About 50 MiB/s when `paced`, as fast as possible otherwise.
+fn write_log(w: &mut PeonWriter, seed: u64, bytes: usize, paced: bool) {
+    common::write_log(w, &mut LineGen::new(seed), bytes, paced.then_some(50 << 20));
 }
 
 /// Polls the object until it has `len` bytes (the object appears whole or not at all).
@@ -343,15 +330,15 @@ fn kill9_during_multipart_resumes_the_upload() {
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 8 << 20).unwrap();
     let args = ["--idle-timeout-secs", "2", "--commit-interval-ms", "100"];
     let agent = agent_s3(&node, &moto.endpoint, "logs", &args);
-    write_log(&mut w, 1, 12 << 20, Some(Duration::from_millis(5)));
+    write_log(&mut w, 1, 12 << 20, true);
     let before = count_parts(&agent, 2);
     assert_eq!(before, [1, 2]);
     agent.kill9();
     // The peon goes on while the agent is down (at most one rotation, as in the ten seconds a
     // restart takes at most: the kubelet rotates no faster).
-    write_log(&mut w, 2, 2 << 20, None);
+    write_log(&mut w, 2, 2 << 20, false);
     let agent = agent_s3(&node, &moto.endpoint, "logs", &args);
-    write_log(&mut w, 3, 8 << 20, Some(Duration::from_millis(5)));
+    write_log(&mut w, 3, 8 << 20, true);
     let key = format!("druid/indexing-logs/{task}/log");
     let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
     assert_same_log(&got, &w.expected);
@@ -445,8 +432,8 @@ fn injected_faults_delay_but_never_corrupt() {
         .map(|t| PeonWriter::create(&node.pod_dir(t).join("main"), 0).unwrap())
         .collect();
     let agent = agent_s3(&node, &endpoint, "logs", &["--idle-timeout-secs", "1"]);
-    write_log(&mut writers[0], 3, 11 << 20, None);
-    write_log(&mut writers[1], 4, 300 << 10, None);
+    write_log(&mut writers[0], 3, 11 << 20, false);
+    write_log(&mut writers[1], 4, 300 << 10, false);
     let errors = agent.wait_for_line("archive failed", LONG);
     assert!(
         proxy.faults.load(Ordering::Relaxed) > 0,
@@ -469,7 +456,7 @@ fn permanent_error_then_recovery() {
     let node = Node::new();
     let task = "index-kafka-nobucket";
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
-    write_log(&mut w, 5, 64 << 10, None);
+    write_log(&mut w, 5, 64 << 10, false);
     let agent = agent_s3(
         &node,
         &moto.endpoint,

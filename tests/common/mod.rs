@@ -356,3 +356,31 @@ pub fn s3_env(cmd: &mut Command) {
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE");
 }
+
+/// Writes at least `bytes` of Druid-style lines through `w` (stack-trace lines on stderr),
+/// at about `rate` bytes per second if given, as fast as possible otherwise.
+pub fn write_log(
+    w: &mut druid_log_agent::loadgen::PeonWriter,
+    lines: &mut druid_log_agent::loadgen::LineGen,
+    bytes: usize,
+    rate: Option<usize>,
+) {
+    let start = Instant::now();
+    let begin = w.expected.len();
+    let mut line = Vec::new();
+    while w.expected.len() < begin + bytes {
+        lines.next_line(&mut line);
+        let stream = if line.first() == Some(&b'\t') {
+            "stderr"
+        } else {
+            "stdout"
+        };
+        w.write_line(stream, &line).unwrap();
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64((w.expected.len() - begin) as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
+}
