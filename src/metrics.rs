@@ -28,6 +28,7 @@ counters! {
     files_closed: "Log files read to their end and closed.",
     file_truncations: "Log files that shrank under the reader (copytruncate); read again from 0.",
     unreadable_files: "Attempts to open a log file that failed.",
+    recovered_sources: "Files in the checkpoint that were gzipped while the agent was down, read from their .gz.",
     lost_sources: "Files in the checkpoint that were gone at restart (rotated away or deleted while the agent was down).",
     blocks_sealed: "Spool blocks compressed and appended.",
     spool_errors: "Failed spool writes or syncs (e.g. a full disk); retried.",

@@ -84,8 +84,15 @@ struct Source {
     key: FileKey,
     path: PathBuf,
     file: File,
+    /// Device and inode of the open fd: the key's, except for a file read back from its
+    /// `.gz`, whose original inode is free for the kubelet's next file.
+    held: (u64, u64),
     offset: u64,
     decode: FileDecodeState,
+}
+
+fn held(file: &File) -> (u64, u64) {
+    file.metadata().map_or((0, 0), |m| (m.dev(), m.ino()))
 }
 
 struct Task {
@@ -317,9 +324,27 @@ impl Ingest {
                 Some((path, file)) => {
                     self.metrics.files_opened.fetch_add(1, Relaxed);
                     sources.push_back(Source {
+                        held: held(&file),
                         restart: ss.restart,
                         key: ss.key,
                         path,
+                        file,
+                        offset: ss.offset,
+                        decode: ss.decode,
+                    });
+                }
+                None if let Ok(Some(file)) =
+                    tail::recover_gz(&container_dir, &ss.key, &self.s.state_dir) =>
+                {
+                    // Gzipped by the kubelet while the agent was down: read from the copy.
+                    self.metrics.recovered_sources.fetch_add(1, Relaxed);
+                    info!(pod_dir = %pod.name, file = %ss.path.display(), offset = ss.offset,
+                        "log file was gzipped while the agent was down; reading it from its .gz");
+                    sources.push_back(Source {
+                        held: held(&file),
+                        restart: ss.restart,
+                        key: ss.key,
+                        path: ss.path,
                         file,
                         offset: ss.offset,
                         decode: ss.decode,
@@ -612,11 +637,7 @@ impl Ingest {
             }
         };
         for f in found {
-            if let Some(s) = t
-                .sources
-                .iter_mut()
-                .find(|s| s.key.dev == f.dev && s.key.ino == f.ino)
-            {
+            if let Some(s) = t.sources.iter_mut().find(|s| s.held == (f.dev, f.ino)) {
                 s.path = f.path;
                 continue;
             }
@@ -654,6 +675,7 @@ impl Ingest {
                     .map_or(f.name.restart(), |r| r.max(f.name.restart())),
             );
             t.sources.push_back(Source {
+                held: held(&file),
                 restart: f.name.restart(),
                 key,
                 path: f.path,
@@ -930,6 +952,13 @@ impl Ingest {
     /// Syncs every spool with new blocks, then replaces the checkpoint. Returns success.
     pub fn commit(&mut self, now: Instant) -> bool {
         self.last_commit = now;
+        // With an empty tail a snapshot is valid at any time: take one, so files found since
+        // the last seal (and their fingerprints) are in the checkpoint too.
+        for t in self.tasks.values_mut() {
+            if t.writer.tail_len() == 0 {
+                t.snapshot = Some(snapshot(t));
+            }
+        }
         for t in self.tasks.values_mut() {
             if let Err(e) = t.writer.sync() {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);

@@ -137,6 +137,53 @@ pub fn key_of(file: &File) -> io::Result<FileKey> {
     })
 }
 
+/// Finds, among the gzipped rotations in `dir` (the kubelet compresses a rotated file at the
+/// next rotation), the one whose content starts like the file `key` was taken from, and
+/// decompresses it into an unlinked temporary file in `scratch`: read through that fd, it is
+/// the original file again, offsets and all. `None` if there is none, or if `key` has no
+/// fingerprint to recognise it by.
+pub fn recover_gz(dir: &Path, key: &FileKey, scratch: &Path) -> io::Result<Option<File>> {
+    use std::io::{Read, Write};
+    if key.fp_len == 0 {
+        return Ok(None);
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name
+            .strip_suffix(".gz")
+            .and_then(LogName::parse)
+            .is_some_and(|n| matches!(n, LogName::Rotated(..)))
+        {
+            continue;
+        }
+        let mut gz = flate2::read::MultiGzDecoder::new(File::open(&path)?);
+        let mut head = vec![0; key.fp_len as usize];
+        if gz.read_exact(&mut head).is_err() {
+            continue;
+        }
+        let mut crc = Crc::new();
+        crc.update(&head);
+        if crc.sum() != key.fp {
+            continue;
+        }
+        let tmp = scratch.join(format!(".recovered-{}-{}", key.ino, std::process::id()));
+        let mut out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        out.write_all(&head)?;
+        io::copy(&mut gz, &mut out)?;
+        return Ok(Some(out));
+    }
+    Ok(None)
+}
+
 /// Whether `file` is the file `key` was taken from: same inode, same birth time where the
 /// filesystem keeps one, and same leading bytes. A key of an empty file on a filesystem
 /// without birth times proves nothing; it matches only a file that is still empty.

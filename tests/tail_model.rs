@@ -31,6 +31,9 @@ enum Op {
     /// The kubelet renames the live file away, the runtime fails to reopen, the kubelet
     /// renames it back.
     RotateFailed,
+    /// The agent dies and stays down across two rotations (lines written in between): the
+    /// first rotated file is gzipped meanwhile and must be read back from its `.gz`.
+    DownAcrossRotations,
     /// copytruncate (logrotate, not the kubelet): the live file is cut to zero in place. The
     /// agent has read it up to here and notices the shrink at once, as inotify makes it.
     Truncate,
@@ -53,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         1 => Just(Op::Truncate),
         1 => Just(Op::RotateFailed),
+        1 => Just(Op::DownAcrossRotations),
         4 => Just(Op::Process),
         1 => Just(Op::Rescan),
         2 => Just(Op::Commit),
@@ -169,6 +173,28 @@ impl World {
             Op::Restart => {
                 self.writer.restart().unwrap();
                 self.process();
+            }
+            Op::DownAcrossRotations => {
+                // The live file has lines (a fingerprint to be recognised by in its .gz), and
+                // as before any rotation the agent ran and committed for ten seconds; then it
+                // dies.
+                for _ in 0..3 {
+                    self.lines.next_line(&mut line);
+                    self.writer.write_line("stdout", &line).unwrap();
+                }
+                self.process();
+                self.now += Duration::from_secs(10);
+                let now = self.now;
+                self.ingest().tick(now);
+                self.ingest().commit(now);
+                self.ingest = None;
+                self.writer.rotate(true).unwrap();
+                for _ in 0..3 {
+                    self.lines.next_line(&mut line);
+                    self.writer.write_line("stdout", &line).unwrap();
+                }
+                self.writer.rotate(false).unwrap();
+                self.start();
             }
             Op::RotateFailed => {
                 let live = self.writer.live_path();
