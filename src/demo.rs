@@ -224,7 +224,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     )
 }
 
-fn dir_size(p: &Path) -> u64 {
+/// Bytes in the files directly inside `p` (0 if it cannot be read).
+pub fn dir_size(p: &Path) -> u64 {
     fs::read_dir(p)
         .map(|rd| {
             rd.flatten()

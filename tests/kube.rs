@@ -19,6 +19,22 @@ fn dir_name(ns: &str, name: &str, uid: &str) -> String {
     format!("{ns}_{name}_{uid}")
 }
 
+/// A peon pod in namespace `druid` on node-a; `task` is the `task.id` annotation.
+fn peon(
+    name: &str,
+    uid: &str,
+    task: Option<&str>,
+    containers: &[(&str, &str)],
+) -> serde_json::Value {
+    let ann: Vec<(&str, &str)> = task.map(|t| ("task.id", t)).into_iter().collect();
+    pod("druid", name, uid, "node-a", &[PEON], &ann, containers)
+}
+
+/// The log of container `container` of a pod, as the runtime writes it.
+fn log_of(node: &Node, ns: &str, name: &str, uid: &str, container: &str) -> PeonWriter {
+    PeonWriter::create(&node.pods.join(dir_name(ns, name, uid)).join(container), 0).unwrap()
+}
+
 fn write(w: &mut PeonWriter, seed: u64, bytes: usize) {
     common::write_log(w, &mut LineGen::new(seed), bytes, None);
 }
@@ -65,31 +81,13 @@ fn pods_before_and_after_their_logs_and_short_lived_pods() {
 
     // Known first.
     let a_id = "index_kafka_wiki_2024-05-01T00:00:00.000Z:a";
-    api.apply(pod(
-        "druid",
-        "peon-a",
-        "uid-a",
-        "node-a",
-        &[PEON],
-        &[("task.id", a_id)],
-        &[("main", "running")],
-    ));
-    let mut a = PeonWriter::create(
-        &node
-            .pods
-            .join(dir_name("druid", "peon-a", "uid-a"))
-            .join("main"),
-        0,
-    )
-    .unwrap();
+    api.apply(peon("peon-a", "uid-a", Some(a_id), &[("main", "running")]));
+    let mut a = log_of(&node, "druid", "peon-a", "uid-a", "main");
     write(&mut a, 1, 200 << 10);
-    api.apply(pod(
-        "druid",
+    api.apply(peon(
         "peon-a",
         "uid-a",
-        "node-a",
-        &[PEON],
-        &[("task.id", a_id)],
+        Some(a_id),
         &[("main", "terminated")],
     ));
     assert_same_log(
@@ -99,32 +97,14 @@ fn pods_before_and_after_their_logs_and_short_lived_pods() {
 
     // Log first.
     let b_id = "index_parallel_wiki_2024-05-01T00:00:00.000Z_b";
-    let mut b = PeonWriter::create(
-        &node
-            .pods
-            .join(dir_name("druid", "peon-b", "uid-b"))
-            .join("main"),
-        0,
-    )
-    .unwrap();
+    let mut b = log_of(&node, "druid", "peon-b", "uid-b", "main");
     write(&mut b, 2, 100 << 10);
-    api.apply(pod(
-        "druid",
-        "peon-b",
-        "uid-b",
-        "node-a",
-        &[PEON],
-        &[("task.id", b_id)],
-        &[("main", "running")],
-    ));
+    api.apply(peon("peon-b", "uid-b", Some(b_id), &[("main", "running")]));
     write(&mut b, 3, 100 << 10);
-    api.apply(pod(
-        "druid",
+    api.apply(peon(
         "peon-b",
         "uid-b",
-        "node-a",
-        &[PEON],
-        &[("task.id", b_id)],
+        Some(b_id),
         &[("main", "terminated")],
     ));
     assert_same_log(
@@ -135,15 +115,7 @@ fn pods_before_and_after_their_logs_and_short_lived_pods() {
     // Gone a second after it started: the pod is deleted and the kubelet removes its logs.
     let c_id = "index_kafka_wiki_c";
     let c_dir = node.pods.join(dir_name("druid", "peon-c", "uid-c"));
-    api.apply(pod(
-        "druid",
-        "peon-c",
-        "uid-c",
-        "node-a",
-        &[PEON],
-        &[("task.id", c_id)],
-        &[("main", "running")],
-    ));
+    api.apply(peon("peon-c", "uid-c", Some(c_id), &[("main", "running")]));
     let mut c = PeonWriter::create(&c_dir.join("main"), 0).unwrap();
     write(&mut c, 4, 30 << 10);
     std::thread::sleep(Duration::from_secs(1)); // the pod's one second of life
@@ -174,44 +146,19 @@ fn non_peons_unmapped_peons_and_sidecars() {
         &[],
         &[("main", "running")],
     ));
-    let mut n = PeonWriter::create(
-        &node
-            .pods
-            .join(dir_name("kube-system", "fluentd-x", "uid-n"))
-            .join("main"),
-        0,
-    )
-    .unwrap();
+    let mut n = log_of(&node, "kube-system", "fluentd-x", "uid-n", "main");
     write(&mut n, 5, 10 << 10);
 
-    api.apply(pod(
-        "druid",
-        "peon-u",
-        "uid-u",
-        "node-a",
-        &[PEON],
-        &[],
-        &[("main", "running")],
-    ));
-    let mut u = PeonWriter::create(
-        &node
-            .pods
-            .join(dir_name("druid", "peon-u", "uid-u"))
-            .join("main"),
-        0,
-    )
-    .unwrap();
+    api.apply(peon("peon-u", "uid-u", None, &[("main", "running")]));
+    let mut u = log_of(&node, "druid", "peon-u", "uid-u", "main");
     write(&mut u, 6, 20 << 10);
 
     let s_id = "index_kafka_sidecar";
     let s_dir = node.pods.join(dir_name("druid", "peon-s", "uid-s"));
-    api.apply(pod(
-        "druid",
+    api.apply(peon(
         "peon-s",
         "uid-s",
-        "node-a",
-        &[PEON],
-        &[("task.id", s_id)],
+        Some(s_id),
         &[("main", "running"), ("istio-proxy", "running")],
     ));
     let mut s = PeonWriter::create(&s_dir.join("main"), 0).unwrap();
@@ -219,22 +166,11 @@ fn non_peons_unmapped_peons_and_sidecars() {
     write(&mut s, 7, 20 << 10);
     write(&mut side, 8, 20 << 10);
 
-    api.apply(pod(
-        "druid",
-        "peon-u",
-        "uid-u",
-        "node-a",
-        &[PEON],
-        &[],
-        &[("main", "terminated")],
-    ));
-    api.apply(pod(
-        "druid",
+    api.apply(peon("peon-u", "uid-u", None, &[("main", "terminated")]));
+    api.apply(peon(
         "peon-s",
         "uid-s",
-        "node-a",
-        &[PEON],
-        &[("task.id", s_id)],
+        Some(s_id),
         &[("main", "terminated"), ("istio-proxy", "running")],
     ));
     let unmapped = node
@@ -285,15 +221,7 @@ fn api_outage_loses_and_doubles_nothing() {
 
     let f_id = "index_kafka_outage_f";
     let f_dir = node.pods.join(dir_name("druid", "peon-f", "uid-f"));
-    api.apply(pod(
-        "druid",
-        "peon-f",
-        "uid-f",
-        "node-a",
-        &[PEON],
-        &[("task.id", f_id)],
-        &[("main", "running")],
-    ));
+    api.apply(peon("peon-f", "uid-f", Some(f_id), &[("main", "running")]));
     let mut f = PeonWriter::create(&f_dir.join("main"), 0).unwrap();
     write(&mut f, 9, 50 << 10);
     // F is a known task (the agent has its metadata and its bytes) when the API goes away.
@@ -309,33 +237,15 @@ fn api_outage_loses_and_doubles_nothing() {
     );
 
     let g_id = "index_kafka_outage_g";
-    api.apply(pod(
-        "druid",
-        "peon-g",
-        "uid-g",
-        "node-a",
-        &[PEON],
-        &[("task.id", g_id)],
-        &[("main", "running")],
-    ));
-    let mut g = PeonWriter::create(
-        &node
-            .pods
-            .join(dir_name("druid", "peon-g", "uid-g"))
-            .join("main"),
-        0,
-    )
-    .unwrap();
+    api.apply(peon("peon-g", "uid-g", Some(g_id), &[("main", "running")]));
+    let mut g = log_of(&node, "druid", "peon-g", "uid-g", "main");
     write(&mut g, 11, 50 << 10);
     api.expire_history();
     api.set_down(false);
-    api.apply(pod(
-        "druid",
+    api.apply(peon(
         "peon-g",
         "uid-g",
-        "node-a",
-        &[PEON],
-        &[("task.id", g_id)],
+        Some(g_id),
         &[("main", "terminated")],
     ));
     assert_same_log(
