@@ -37,6 +37,8 @@ use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 /// stuck behind a long read.
 const READ_BUDGET: u64 = 1 << 20;
 const READ_BUF: usize = 256 << 10;
+/// The smallest read: a containerd record is at most 16 KiB plus its header.
+const MIN_READ: usize = 32 << 10;
 /// How many drained files a task remembers so a rescan never reads them again; the kubelet
 /// keeps far fewer files per container.
 const DONE_MEMORY: usize = 64;
@@ -784,9 +786,11 @@ impl Ingest {
                 more = true;
                 break;
             }
+            let room = self.s.block_bytes.saturating_sub(t.writer.tail_len());
             match read_step(
                 t,
                 &mut self.buf,
+                room,
                 &self.decoder,
                 &mut stats,
                 finished,
@@ -861,8 +865,10 @@ impl Ingest {
             }
             if t.tail_since
                 .is_some_and(|s| now.duration_since(s) >= self.s.block_max_age)
+                && seal(t, &self.metrics)
             {
-                seal(t, &self.metrics);
+                // A slow task: no need to hold a block's worth of buffer until its next line.
+                t.writer.release_tail();
             }
             let idle = self
                 .s
@@ -1206,6 +1212,7 @@ enum Step {
 fn read_step(
     t: &mut Task,
     buf: &mut [u8],
+    room: usize,
     dec: &Decoder,
     stats: &mut DecodeStats,
     finished: bool,
@@ -1221,18 +1228,29 @@ fn read_step(
     let Some(src) = sources.front_mut() else {
         return Step::Wait;
     };
-    let n = match src.file.read_at(buf, src.offset) {
-        Ok(n) => n,
-        Err(e) => {
-            warn!(file = %src.path.display(), error = %e, "read failed; retrying");
-            return Step::Wait;
+    // Read about what fills the block, so the tail (memory held per task) stays near the
+    // block size instead of growing by a whole buffer per read.
+    let mut want = room.clamp(MIN_READ, buf.len());
+    let n = loop {
+        let n = match src.file.read_at(&mut buf[..want], src.offset) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(file = %src.path.display(), error = %e, "read failed; retrying");
+                return Step::Wait;
+            }
+        };
+        if n == 0 {
+            break n;
         }
-    };
-    if n > 0 {
         let input = &buf[..n];
         let mut used = writer
             .append(|tail| dec.decode(&mut src.decode, lines, input, Tail::Growing, tail, stats));
-        if used == 0 && n == buf.len() {
+        if used == 0 && n == want {
+            if want < buf.len() {
+                // A record longer than the short read: read the whole buffer.
+                want = buf.len();
+                continue;
+            }
             // One record larger than the buffer: take it piecewise rather than never.
             used = writer.append(|tail| {
                 dec.decode(&mut src.decode, lines, input, Tail::Oversized, tail, stats)
@@ -1242,7 +1260,8 @@ fn read_step(
             src.offset += used as u64;
             return Step::Read(used as u64);
         }
-    }
+        break n;
+    };
     // At the end of the file, or only a record still being written is left.
     let md = match src.file.metadata() {
         Ok(md) => md,

@@ -273,6 +273,14 @@ impl SpoolWriter {
         f(&mut i.tail)
     }
 
+    /// Gives back the memory of an empty tail (for tasks that write rarely).
+    pub fn release_tail(&mut self) {
+        let mut i = self.spool.inner.write().unwrap_or_else(|e| e.into_inner());
+        if i.tail.is_empty() {
+            i.tail = Vec::new();
+        }
+    }
+
     pub fn tail_len(&self) -> usize {
         self.spool.read_inner().tail.len()
     }
