@@ -28,7 +28,7 @@ use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::loadgen::Rng;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TaskEntry};
-use crate::spool::{Spool, SpoolWriter};
+use crate::spool::{Packer, Spool, SpoolWriter};
 use crate::tail::{self, FINGERPRINT_LEN};
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 
@@ -176,7 +176,6 @@ struct Settings {
     container: String,
     block_bytes: usize,
     block_max_age: Duration,
-    level: u32,
     idle_timeout: Option<Duration>,
     retention: Duration,
     /// Set when the archive stores logs in parts while tasks run.
@@ -209,6 +208,7 @@ pub struct Ingest {
     /// on every poll.
     degraded: bool,
     registry: Registry,
+    packer: Packer,
     /// Reading is paused because the spools reached `spool_max_bytes`.
     backpressure: bool,
 }
@@ -237,7 +237,6 @@ impl Ingest {
             container: cfg.container.clone(),
             block_bytes: cfg.block_bytes,
             block_max_age: Duration::from_millis(cfg.block_max_age_ms),
-            level: cfg.compression_level,
             idle_timeout: (cfg.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(cfg.idle_timeout_secs)),
             retention: Duration::from_secs(cfg.retention_secs),
@@ -271,6 +270,7 @@ impl Ingest {
             jobs: Vec::new(),
             degraded: false,
             registry: Registry::default(),
+            packer: Packer::new(cfg.compression_level),
             backpressure: false,
             s,
         };
@@ -291,7 +291,7 @@ impl Ingest {
             return;
         };
         let path = self.spool_path(&pod.name);
-        let writer = match SpoolWriter::open(&path, ts.spool_file_len, self.s.level) {
+        let writer = match SpoolWriter::open(&path, ts.spool_file_len) {
             Ok(w) if w.spool().len() == ts.log_len => w,
             Ok(w) => {
                 self.set_aside(
@@ -582,7 +582,7 @@ impl Ingest {
                 return;
             }
             let path = self.spool_path(name);
-            let writer = match SpoolWriter::open(&path, 0, self.s.level) {
+            let writer = match SpoolWriter::open(&path, 0) {
                 Ok(w) => w,
                 Err(e) => {
                     self.metrics.spool_errors.fetch_add(1, Relaxed);
@@ -778,7 +778,9 @@ impl Ingest {
         let mut more = false;
         let mut reactivated = false;
         loop {
-            if t.writer.tail_len() >= self.s.block_bytes && !seal(t, &self.metrics) {
+            if t.writer.tail_len() >= self.s.block_bytes
+                && !seal(t, &mut self.packer, &self.metrics)
+            {
                 // Disk full or similar: stop reading until the tail can be sealed.
                 break;
             }
@@ -802,7 +804,7 @@ impl Ingest {
                 Step::Truncated => {
                     // What was read before the cut exists nowhere else now: make it durable
                     // before anything else, with the file's offset already back at 0.
-                    seal(t, &self.metrics);
+                    seal(t, &mut self.packer, &self.metrics);
                     self.commit_now = true;
                 }
             }
@@ -865,7 +867,7 @@ impl Ingest {
             }
             if t.tail_since
                 .is_some_and(|s| now.duration_since(s) >= self.s.block_max_age)
-                && seal(t, &self.metrics)
+                && seal(t, &mut self.packer, &self.metrics)
             {
                 // A slow task: no need to hold a block's worth of buffer until its next line.
                 t.writer.release_tail();
@@ -889,7 +891,7 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(name) else {
             return;
         };
-        if !seal(t, &self.metrics) {
+        if !seal(t, &mut self.packer, &self.metrics) {
             return; // retried on the next tick
         }
         // The tail is empty now, so this snapshot is a valid checkpoint of the whole log.
@@ -1123,7 +1125,7 @@ impl Ingest {
     /// re-read.
     pub fn shutdown(&mut self) -> bool {
         for t in self.tasks.values_mut() {
-            seal(t, &self.metrics);
+            seal(t, &mut self.packer, &self.metrics);
         }
         self.commit(Instant::now())
     }
@@ -1135,11 +1137,11 @@ impl Ingest {
 
 /// Seals the tail and takes the task's checkpoint snapshot. Returns false if the spool write
 /// failed (the tail is kept for a retry).
-fn seal(t: &mut Task, m: &Metrics) -> bool {
+fn seal(t: &mut Task, packer: &mut Packer, m: &Metrics) -> bool {
     if t.writer.tail_len() == 0 {
         return true;
     }
-    match t.writer.seal() {
+    match t.writer.seal(packer) {
         Ok(()) => {
             m.blocks_sealed.fetch_add(1, Relaxed);
             t.tail_since = None;

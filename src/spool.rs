@@ -66,9 +66,24 @@ pub struct Spool {
 /// The ingest side of a spool. Only one exists per spool.
 pub struct SpoolWriter {
     spool: Arc<Spool>,
+    unsynced: bool,
+}
+
+/// The compressor and its output buffer, shared by all the spools of one ingest thread: a
+/// deflate state takes a few hundred KiB, too much to keep one per task on a node with
+/// hundreds of peons.
+pub struct Packer {
     compress: Compress,
     scratch: Vec<u8>,
-    unsynced: bool,
+}
+
+impl Packer {
+    pub fn new(level: u32) -> Packer {
+        Packer {
+            compress: Compress::new(Compression::new(level.min(9)), false),
+            scratch: Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for SpoolWriter {
@@ -199,7 +214,7 @@ impl Spool {
 impl SpoolWriter {
     /// Opens the spool at `path`, cutting it to `committed_len` (what the last checkpoint
     /// vouches for) and rebuilding the block index from the member headers.
-    pub fn open(path: &Path, committed_len: u64, level: u32) -> Result<Self, SpoolError> {
+    pub fn open(path: &Path, committed_len: u64) -> Result<Self, SpoolError> {
         let io = |op, source| SpoolError::Io {
             path: path.to_owned(),
             op,
@@ -256,8 +271,6 @@ impl SpoolWriter {
                 file,
                 inner: RwLock::new(inner),
             }),
-            compress: Compress::new(Compression::new(level.min(9)), false),
-            scratch: Vec::new(),
             unsynced: false,
         })
     }
@@ -288,21 +301,21 @@ impl SpoolWriter {
     /// Compresses the tail into a new member and appends it to the file. On error the file is
     /// cut back to its last good length and the tail is kept, so a retry (e.g. after the disk
     /// has space again) neither loses nor repeats text.
-    pub fn seal(&mut self) -> Result<(), SpoolError> {
+    pub fn seal(&mut self, packer: &mut Packer) -> Result<(), SpoolError> {
         let (file_off, raw_len) = {
             let i = self.spool.read_inner();
             if i.tail.is_empty() {
                 return Ok(());
             }
-            encode_member(&mut self.compress, &i.tail, &mut self.scratch);
+            encode_member(&mut packer.compress, &i.tail, &mut packer.scratch);
             (i.sealed_file, i.tail.len())
         };
-        if let Err(e) = self.spool.file.write_all_at(&self.scratch, file_off) {
+        if let Err(e) = self.spool.file.write_all_at(&packer.scratch, file_off) {
             // Best effort: a partial member beyond `file_off` would also be cut on restart.
             let _ = self.spool.file.set_len(file_off);
             return Err(self.spool.io("append block", e));
         }
-        let deflate_len = (self.scratch.len() - HEADER_LEN - TRAILER_LEN) as u32;
+        let deflate_len = (packer.scratch.len() - HEADER_LEN - TRAILER_LEN) as u32;
         let mut i = self.spool.inner.write().unwrap_or_else(|e| e.into_inner());
         let raw_start = i.sealed_raw;
         i.blocks.push(Block {
@@ -312,7 +325,7 @@ impl SpoolWriter {
             raw_len: raw_len as u32,
         });
         i.sealed_raw += raw_len as u64;
-        i.sealed_file += self.scratch.len() as u64;
+        i.sealed_file += packer.scratch.len() as u64;
         i.tail.clear();
         if i.tail.capacity() > (4 << 20) {
             // One huge read batch must not pin memory for the life of the task.
@@ -406,12 +419,13 @@ mod tests {
     fn ranges_across_blocks_and_tail_and_plain_gzip_readable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
-        let mut w = SpoolWriter::open(&path, 0, 1).unwrap();
+        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut p = Packer::new(1);
         let all = text(300_000, 7);
         for chunk in all.chunks(70_000) {
             w.append(|t| t.extend_from_slice(chunk));
             if chunk.len() == 70_000 {
-                w.seal().unwrap();
+                w.seal(&mut p).unwrap();
             }
         }
         let s = w.spool().clone();
@@ -429,7 +443,7 @@ mod tests {
                 "range {a}..{b}"
             );
         }
-        w.seal().unwrap();
+        w.seal(&mut p).unwrap();
         w.sync().unwrap();
         let mut gz = Vec::new();
         flate2::read::MultiGzDecoder::new(File::open(&path).unwrap())
@@ -443,14 +457,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
         let all = text(200_000, 3);
-        let mut w = SpoolWriter::open(&path, 0, 6).unwrap();
+        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut p = Packer::new(1);
         w.append(|t| t.extend_from_slice(&all[..100_000]));
-        w.seal().unwrap();
+        w.seal(&mut p).unwrap();
         let committed = w.spool().file_len();
         w.append(|t| t.extend_from_slice(&all[100_000..]));
-        w.seal().unwrap();
+        w.seal(&mut p).unwrap();
         drop(w);
-        let w = SpoolWriter::open(&path, committed, 6).unwrap();
+        let w = SpoolWriter::open(&path, committed).unwrap();
         assert_eq!(w.spool().len(), 100_000);
         assert_eq!(read_all(w.spool(), 0, 100_000), &all[..100_000]);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), committed);
@@ -460,12 +475,13 @@ mod tests {
     fn committed_length_inside_a_member_is_reported_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
-        let mut w = SpoolWriter::open(&path, 0, 1).unwrap();
+        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut p = Packer::new(1);
         w.append(|t| t.extend_from_slice(b"hello\n"));
-        w.seal().unwrap();
+        w.seal(&mut p).unwrap();
         let len = w.spool().file_len();
         drop(w);
-        let err = SpoolWriter::open(&path, len - 3, 1).unwrap_err();
+        let err = SpoolWriter::open(&path, len - 3).unwrap_err();
         assert!(matches!(err, SpoolError::Corrupt { .. }), "{err}");
     }
 }

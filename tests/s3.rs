@@ -54,10 +54,11 @@ fn text(bytes: usize, seed: u64) -> Vec<u8> {
 }
 
 fn spool_of(dir: &std::path::Path, content: &[u8]) -> Arc<Spool> {
-    let mut w = SpoolWriter::open(&dir.join("t.gz"), 0, 1).unwrap();
+    let mut w = SpoolWriter::open(&dir.join("t.gz"), 0).unwrap();
+    let mut p = druid_log_agent::spool::Packer::new(1);
     for chunk in content.chunks(64 << 10) {
         w.append(|t| t.extend_from_slice(chunk));
-        w.seal().unwrap();
+        w.seal(&mut p).unwrap();
     }
     w.spool().clone()
 }
