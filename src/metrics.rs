@@ -37,6 +37,8 @@ counters! {
     tasks_started: "Tasks whose log the agent began to spool.",
     tasks_ended: "Tasks whose log ended (pod gone, container finished or idle).",
     archives: "Logs archived.",
+    upload_parts: "Multipart parts stored while tasks ran (S3).",
+    upload_bytes: "Bytes stored in multipart parts while tasks ran (S3).",
     archive_errors: "Failed archive attempts; retried.",
     rescans: "Full rescans of the log tree.",
     watch_errors: "inotify errors (queue overflow, watch limit); each triggers a rescan.",

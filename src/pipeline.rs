@@ -403,6 +403,18 @@ impl Ingest {
             phase: t.phase,
             archived_to: t.archived_to.clone(),
             archive_error: t.archive_error.clone(),
+            uploaded_parts: t.upload.parts.len(),
+            uploaded_bytes: t.upload.uploaded(),
+            lag_bytes: t
+                .sources
+                .iter()
+                .filter_map(|s| {
+                    s.file
+                        .metadata()
+                        .ok()
+                        .map(|m| m.len().saturating_sub(s.offset))
+                })
+                .sum(),
         });
     }
 
@@ -885,6 +897,10 @@ impl Ingest {
             }
         }
         self.collect_expired();
+        // Once a poll: readers see upload progress and how far behind each task's reading is.
+        for name in &names {
+            self.publish(name);
+        }
     }
 
     fn end_task(&mut self, name: &str) {
@@ -1070,6 +1086,10 @@ impl Ingest {
         match o {
             Outcome::Skipped { .. } => return,
             Outcome::Progress { state, .. } => {
+                let new = state.parts.len().saturating_sub(t.upload.parts.len()) as u64;
+                let bytes = state.uploaded().saturating_sub(t.upload.uploaded());
+                self.metrics.upload_parts.fetch_add(new, Relaxed);
+                self.metrics.upload_bytes.fetch_add(bytes, Relaxed);
                 t.upload = state.clone();
                 t.archive_failures = 0;
                 t.archive_error = None;

@@ -23,6 +23,11 @@ pub struct TaskEntry {
     pub archived_to: Option<String>,
     /// The last archive error, while the archive is being retried.
     pub archive_error: Option<String>,
+    /// Multipart parts stored so far for the current archive, and the bytes they hold.
+    pub uploaded_parts: usize,
+    pub uploaded_bytes: u64,
+    /// Bytes in the task's open files not read yet (as of the last poll).
+    pub lag_bytes: u64,
 }
 
 impl TaskEntry {

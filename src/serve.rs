@@ -368,6 +368,8 @@ async fn tasks(State(http): State<Arc<Http>>) -> Response {
                     _ => None,
                 },
                 "archiveError": e.archive_error,
+                "upload": {"parts": e.uploaded_parts, "bytes": e.uploaded_bytes},
+                "lagBytes": e.lag_bytes,
             })
         })
         .collect();
@@ -435,6 +437,26 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
     );
     let _ = writeln!(out, "# TYPE druid_log_agent_log_bytes gauge");
     let _ = writeln!(out, "druid_log_agent_log_bytes {logs}");
+    let lag: u64 = tasks.iter().map(|t| t.lag_bytes).sum();
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_lag_bytes Bytes in open log files not read yet, all tasks."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_lag_bytes gauge");
+    let _ = writeln!(out, "druid_log_agent_lag_bytes {lag}");
+    let _ = writeln!(
+        out,
+        "# HELP druid_log_agent_task_lag_bytes Bytes in a running task's open log files not read yet."
+    );
+    let _ = writeln!(out, "# TYPE druid_log_agent_task_lag_bytes gauge");
+    for t in tasks.iter().filter(|t| t.is_running()) {
+        let _ = writeln!(
+            out,
+            "druid_log_agent_task_lag_bytes{{task=\"{}\"}} {}",
+            label(t.task_id.as_str()),
+            t.lag_bytes
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP druid_log_agent_http_rejected_connections_total Connections closed at the connection limit."
@@ -505,9 +527,21 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
         .into_response())
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_escaping() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn druid_offset_rules() {

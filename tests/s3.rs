@@ -339,6 +339,7 @@ fn kill9_during_multipart_resumes_the_upload() {
     // restart takes at most: the kubelet rotates no faster).
     write_log(&mut w, 2, 2 << 20, false);
     let agent = agent_s3(&node, &moto.endpoint, "logs", &args);
+    let addr = agent.http_addr();
     write_log(&mut w, 3, 8 << 20, true);
     let key = format!("druid/indexing-logs/{task}/log");
     let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
@@ -348,6 +349,13 @@ fn kill9_during_multipart_resumes_the_upload() {
         after[0] > 1,
         "the upload restarted from part 1 instead of resuming"
     );
+    let metrics = String::from_utf8(common::http_get(&addr, "/metrics", &[]).body).unwrap();
+    let stored: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("druid_log_agent_upload_parts_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(stored >= 1, "{metrics}");
     assert!(agent.terminate().success());
 }
 
