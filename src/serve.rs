@@ -406,49 +406,58 @@ async fn readyz(State(http): State<Arc<Http>>) -> Response {
     }
 }
 
+/// Writes the `# HELP` and `# TYPE` lines of a metric.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP druid_log_agent_{name} {help}");
+    let _ = writeln!(out, "# TYPE druid_log_agent_{name} {kind}");
+}
+
+/// A metric with one unlabelled value.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    head(out, name, kind, help);
+    let _ = writeln!(out, "druid_log_agent_{name} {v}");
+}
+
 async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> {
-    let mut out = String::with_capacity(8 << 10);
+    let mut text = String::with_capacity(8 << 10);
+    let out = &mut text;
     for (name, help, v) in http.metrics.snapshot() {
-        let _ = writeln!(out, "# HELP druid_log_agent_{name}_total {help}");
-        let _ = writeln!(out, "# TYPE druid_log_agent_{name}_total counter");
-        let _ = writeln!(out, "druid_log_agent_{name}_total {v}");
+        single(out, &format!("{name}_total"), "counter", help, v);
     }
     let tasks = http.registry.all();
-    let _ = writeln!(
-        out,
-        "# HELP druid_log_agent_tasks Tasks on this node by state."
-    );
-    let _ = writeln!(out, "# TYPE druid_log_agent_tasks gauge");
+    head(out, "tasks", "gauge", "Tasks on this node by state.");
     for state in ["running", "finishing", "failed", "archived"] {
         let n = tasks.iter().filter(|t| t.state() == state).count();
         let _ = writeln!(out, "druid_log_agent_tasks{{state=\"{state}\"}} {n}");
     }
-    let spool: u64 = tasks.iter().map(|t| t.spool.file_len()).sum();
-    let logs: u64 = tasks.iter().map(|t| t.spool.len()).sum();
-    let _ = writeln!(
+    let sum = |f: &dyn Fn(&TaskEntry) -> u64| tasks.iter().map(|t| f(t)).sum::<u64>();
+    single(
         out,
-        "# HELP druid_log_agent_spool_bytes Compressed bytes in spools on disk."
+        "spool_bytes",
+        "gauge",
+        "Compressed bytes in spools on disk.",
+        sum(&|t| t.spool.file_len()),
     );
-    let _ = writeln!(out, "# TYPE druid_log_agent_spool_bytes gauge");
-    let _ = writeln!(out, "druid_log_agent_spool_bytes {spool}");
-    let _ = writeln!(
+    single(
         out,
-        "# HELP druid_log_agent_log_bytes Bytes of log text held in spools."
+        "log_bytes",
+        "gauge",
+        "Bytes of log text held in spools.",
+        sum(&|t| t.spool.len()),
     );
-    let _ = writeln!(out, "# TYPE druid_log_agent_log_bytes gauge");
-    let _ = writeln!(out, "druid_log_agent_log_bytes {logs}");
-    let lag: u64 = tasks.iter().map(|t| t.lag_bytes).sum();
-    let _ = writeln!(
+    single(
         out,
-        "# HELP druid_log_agent_lag_bytes Bytes in open log files not read yet, all tasks."
+        "lag_bytes",
+        "gauge",
+        "Bytes in open log files not read yet, all tasks.",
+        sum(&|t| t.lag_bytes),
     );
-    let _ = writeln!(out, "# TYPE druid_log_agent_lag_bytes gauge");
-    let _ = writeln!(out, "druid_log_agent_lag_bytes {lag}");
-    let _ = writeln!(
+    head(
         out,
-        "# HELP druid_log_agent_task_lag_bytes Bytes in a running task's open log files not read yet."
+        "task_lag_bytes",
+        "gauge",
+        "Bytes in a running task's open log files not read yet.",
     );
-    let _ = writeln!(out, "# TYPE druid_log_agent_task_lag_bytes gauge");
     for t in tasks.iter().filter(|t| t.is_running()) {
         let _ = writeln!(
             out,
@@ -457,24 +466,19 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
             t.lag_bytes
         );
     }
-    let _ = writeln!(
+    single(
         out,
-        "# HELP druid_log_agent_http_rejected_connections_total Connections closed at the connection limit."
+        "http_rejected_connections_total",
+        "counter",
+        "Connections closed at the connection limit.",
+        http.rejected_connections.load(Relaxed),
     );
-    let _ = writeln!(
+    head(
         out,
-        "# TYPE druid_log_agent_http_rejected_connections_total counter"
+        "http_requests_total",
+        "counter",
+        "HTTP requests by route and status.",
     );
-    let _ = writeln!(
-        out,
-        "druid_log_agent_http_rejected_connections_total {}",
-        http.rejected_connections.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP druid_log_agent_http_requests_total HTTP requests by route and status."
-    );
-    let _ = writeln!(out, "# TYPE druid_log_agent_http_requests_total counter");
     for ((route, code), n) in http
         .requests
         .lock()
@@ -486,13 +490,11 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
             "druid_log_agent_http_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}"
         );
     }
-    let _ = writeln!(
+    head(
         out,
-        "# HELP druid_log_agent_http_request_duration_seconds Time to the response head, by route."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE druid_log_agent_http_request_duration_seconds histogram"
+        "http_request_duration_seconds",
+        "histogram",
+        "Time to the response head, by route.",
     );
     for (route, h) in ROUTES.iter().zip(&http.latency) {
         for (b, c) in BUCKETS.iter().zip(&h.buckets) {
@@ -522,7 +524,7 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        out,
+        text,
     )
         .into_response())
 }
