@@ -69,7 +69,14 @@ pub struct Http {
     rejected_connections: AtomicU64,
 }
 
-const ROUTES: [&str; 6] = ["log", "tasks", "healthz", "readyz", "metrics", "other"];
+const ROUTES: [&str; 6] = [
+    "log",
+    "druid_log_agent_tasks",
+    "healthz",
+    "readyz",
+    "metrics",
+    "other",
+];
 
 #[derive(Default)]
 struct Histogram {
@@ -163,7 +170,7 @@ pub async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
 
 fn route_of(path: &str) -> usize {
     let name = match path {
-        "/tasks" => "tasks",
+        "/tasks" => "druid_log_agent_tasks",
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
@@ -406,26 +413,38 @@ async fn readyz(State(http): State<Arc<Http>>) -> Response {
     }
 }
 
-/// Writes the `# HELP` and `# TYPE` lines of a metric.
+/// Writes the `# HELP` and `# TYPE` lines of a metric (full names stay greppable in the
+/// source, and docs/operations.md is checked against them).
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP druid_log_agent_{name} {help}");
-    let _ = writeln!(out, "# TYPE druid_log_agent_{name} {kind}");
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// A metric with one unlabelled value.
 fn single(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
     head(out, name, kind, help);
-    let _ = writeln!(out, "druid_log_agent_{name} {v}");
+    let _ = writeln!(out, "{name} {v}");
 }
 
 async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> {
     let mut text = String::with_capacity(8 << 10);
     let out = &mut text;
     for (name, help, v) in http.metrics.snapshot() {
-        single(out, &format!("{name}_total"), "counter", help, v);
+        single(
+            out,
+            &format!("druid_log_agent_{name}_total"),
+            "counter",
+            help,
+            v,
+        );
     }
     let tasks = http.registry.all();
-    head(out, "tasks", "gauge", "Tasks on this node by state.");
+    head(
+        out,
+        "druid_log_agent_tasks",
+        "gauge",
+        "Tasks on this node by state.",
+    );
     for state in ["running", "finishing", "failed", "archived"] {
         let n = tasks.iter().filter(|t| t.state() == state).count();
         let _ = writeln!(out, "druid_log_agent_tasks{{state=\"{state}\"}} {n}");
@@ -433,28 +452,28 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
     let sum = |f: &dyn Fn(&TaskEntry) -> u64| tasks.iter().map(|t| f(t)).sum::<u64>();
     single(
         out,
-        "spool_bytes",
+        "druid_log_agent_spool_bytes",
         "gauge",
         "Compressed bytes in spools on disk.",
         sum(&|t| t.spool.file_len()),
     );
     single(
         out,
-        "log_bytes",
+        "druid_log_agent_log_bytes",
         "gauge",
         "Bytes of log text held in spools.",
         sum(&|t| t.spool.len()),
     );
     single(
         out,
-        "lag_bytes",
+        "druid_log_agent_lag_bytes",
         "gauge",
         "Bytes in open log files not read yet, all tasks.",
         sum(&|t| t.lag_bytes),
     );
     head(
         out,
-        "task_lag_bytes",
+        "druid_log_agent_task_lag_bytes",
         "gauge",
         "Bytes in a running task's open log files not read yet.",
     );
@@ -468,14 +487,14 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
     }
     single(
         out,
-        "http_rejected_connections_total",
+        "druid_log_agent_http_rejected_connections_total",
         "counter",
         "Connections closed at the connection limit.",
         http.rejected_connections.load(Relaxed),
     );
     head(
         out,
-        "http_requests_total",
+        "druid_log_agent_http_requests_total",
         "counter",
         "HTTP requests by route and status.",
     );
@@ -492,7 +511,7 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
     }
     head(
         out,
-        "http_request_duration_seconds",
+        "druid_log_agent_http_request_duration_seconds",
         "histogram",
         "Time to the response head, by route.",
     );
