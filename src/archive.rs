@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -255,10 +255,6 @@ impl DirArchive {
 
     pub fn path_of(&self, task: &TaskId) -> PathBuf {
         self.dir.join(format!("{task}.log"))
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Stores the first `len` bytes of `spool` as the complete log of `task`, replacing any

@@ -28,7 +28,7 @@ use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::loadgen::Rng;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TaskEntry};
-use crate::spool::{Packer, Spool, SpoolWriter};
+use crate::spool::{Packer, SpoolWriter};
 use crate::tail::{self, FINGERPRINT_LEN};
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 
@@ -69,16 +69,6 @@ impl DirWatcher for NoWatch {
         Ok(())
     }
     fn unwatch(&mut self, _dir: &Path) {}
-}
-
-/// A task as the outside world may see it.
-#[derive(Debug, Clone)]
-pub struct TaskSummary {
-    pub pod_dir: String,
-    pub task_id: Option<String>,
-    pub phase: Phase,
-    pub log_len: u64,
-    pub open_files: usize,
 }
 
 struct Source {
@@ -450,24 +440,6 @@ impl Ingest {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    pub fn summaries(&self) -> Vec<TaskSummary> {
-        self.tasks
-            .values()
-            .map(|t| TaskSummary {
-                pod_dir: t.pod.name.clone(),
-                task_id: t.task_id().map(|i| i.to_string()),
-                phase: t.phase,
-                log_len: t.writer.spool().len(),
-                open_files: t.sources.len(),
-            })
-            .collect()
-    }
-
-    /// The spool of a task, for readers.
-    pub fn spool_of(&self, pod_dir: &str) -> Option<Arc<Spool>> {
-        self.tasks.get(pod_dir).map(|t| t.writer.spool().clone())
     }
 
     // ----- discovery -------------------------------------------------------------------------

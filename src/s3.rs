@@ -338,7 +338,11 @@ impl S3Target {
             .key(key)
             .content_type(self.cfg.content_type())
             .set_metadata(Some(self.metadata(&job.task, &job.origin, 0)));
-        req = self.apply_put_options(req);
+        let (acl, sse, kms) = self.put_options();
+        req = req
+            .set_acl(acl)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms);
         let out = req
             .send()
             .await
@@ -348,21 +352,18 @@ impl S3Target {
         Ok(id)
     }
 
-    fn apply_put_options(
+    /// The ACL and encryption settings every new object gets: `(acl, sse, kms key id)`.
+    fn put_options(
         &self,
-        mut req: aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder,
-    ) -> aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder
-    {
-        if !self.cfg.disable_acl {
-            req = req.acl(ObjectCannedAcl::BucketOwnerFullControl);
-        }
-        if let Some(sse) = &self.cfg.sse {
-            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
-            if let Some(k) = &self.cfg.sse_kms_key_id {
-                req = req.ssekms_key_id(k);
-            }
-        }
-        req
+    ) -> (
+        Option<ObjectCannedAcl>,
+        Option<ServerSideEncryption>,
+        Option<String>,
+    ) {
+        let acl = (!self.cfg.disable_acl).then_some(ObjectCannedAcl::BucketOwnerFullControl);
+        let sse = self.cfg.sse.as_deref().map(ServerSideEncryption::from);
+        let kms = sse.as_ref().and(self.cfg.sse_kms_key_id.clone());
+        (acl, sse, kms)
     }
 
     /// Makes the complete log visible at `key`: `len` bytes of the uploaded stream,
@@ -516,15 +517,11 @@ impl S3Target {
             .content_length(body.len() as i64)
             .set_metadata(Some(self.metadata(&job.task, &job.origin, text_len)))
             .body(ByteStream::from(body));
-        if !self.cfg.disable_acl {
-            req = req.acl(ObjectCannedAcl::BucketOwnerFullControl);
-        }
-        if let Some(sse) = &self.cfg.sse {
-            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
-            if let Some(k) = &self.cfg.sse_kms_key_id {
-                req = req.ssekms_key_id(k);
-            }
-        }
+        let (acl, sse, kms) = self.put_options();
+        req = req
+            .set_acl(acl)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms);
         req.send().await.map_err(|e| failure("PutObject", key, e))?;
         Ok(())
     }

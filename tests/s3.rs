@@ -101,6 +101,15 @@ async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str) {
     client.create_bucket().bucket(bucket).send().await.unwrap();
 }
 
+/// For the tests that drive the binary from plain threads.
+fn create_bucket_now(moto: &Moto, bucket: &str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(create_bucket(&moto.client(), bucket));
+}
+
 /// Small logs go up in one PutObject, large ones in parts; task ids keep `:`, `.` and `_`;
 /// what Druid would read back, whole or from any offset, is the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,11 +330,7 @@ fn count_parts(agent: &AgentProc, until: usize) -> Vec<u32> {
 #[test]
 fn kill9_during_multipart_resumes_the_upload() {
     let moto = Moto::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(create_bucket(&moto.client(), "logs"));
+    create_bucket_now(&moto, "logs");
     let node = Node::new();
     let task = "index-kafka-multipart";
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 8 << 20).unwrap();
@@ -427,11 +432,7 @@ impl FaultProxy {
 #[test]
 fn injected_faults_delay_but_never_corrupt() {
     let moto = Moto::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(create_bucket(&moto.client(), "logs"));
+    create_bucket_now(&moto, "logs");
     let proxy = FaultProxy::start(&moto.endpoint, 42);
     let endpoint = format!("http://{}", proxy.addr);
     let node = Node::new();
@@ -479,11 +480,7 @@ fn permanent_error_then_recovery() {
         "{line}"
     );
     assert!(line.contains("permanent=true"), "{line}");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(create_bucket(&moto.client(), "late-bucket"));
+    create_bucket_now(&moto, "late-bucket");
     let key = format!("druid/indexing-logs/{task}/log");
     let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len());
     assert_same_log(&got, &w.expected);
