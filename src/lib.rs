@@ -17,3 +17,5 @@ pub mod serve;
 pub mod spool;
 pub mod tail;
 pub mod task;
+#[doc(hidden)]
+pub mod testkit;

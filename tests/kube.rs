@@ -1,16 +1,14 @@
 //! The Kubernetes side of the real binary: the real `kube` client, through a kubeconfig, against
-//! a fake API server that speaks the real list/watch JSON (tests/common/kubeapi.rs).
+//! a fake API server that speaks the real list/watch JSON (src/testkit/kubeapi.rs).
 
 mod common;
-#[path = "common/kubeapi.rs"]
-mod kubeapi;
 
 use std::fs;
 use std::time::Duration;
 
 use common::{AgentProc, Node, assert_same_log, http_get, wait_for_archive, wait_for_bytes};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
-use kubeapi::{FakeApi, pod};
+use druid_log_agent::testkit::kubeapi::{FakeApi, pod};
 
 const LONG: Duration = Duration::from_secs(60);
 const PEON: (&str, &str) = ("druid.k8s.peons", "true");

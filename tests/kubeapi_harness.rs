@@ -1,8 +1,5 @@
-//! The fake kube-apiserver of `tests/common/kubeapi.rs` driven by the real `kube` client over
+//! The fake kube-apiserver of `src/testkit/kubeapi.rs` driven by the real `kube` client over
 //! HTTP: `kube::runtime::watcher` list-then-watch, selectors, live events, relist after 410.
-
-#[path = "common/kubeapi.rs"]
-mod kubeapi;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -16,7 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 
-use kubeapi::{FakeApi, pod, query_params};
+use druid_log_agent::testkit::kubeapi::{FakeApi, pod, query_params};
 
 const NODE_SELECTOR: &str = "spec.nodeName=node-a";
 const PEON_SELECTOR: &str = "druid.k8s.peons=true";

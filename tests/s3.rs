@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{AgentProc, Moto, Node, assert_same_log, s3_env};
@@ -17,6 +14,7 @@ use druid_log_agent::s3::{S3Config, S3Target};
 use druid_log_agent::serve::druid_start;
 use druid_log_agent::spool::{Spool, SpoolWriter};
 use druid_log_agent::task::TaskId;
+use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
 
 const LONG: Duration = Duration::from_secs(120);
 const MIB: u64 = 1024 * 1024;
@@ -364,77 +362,14 @@ fn kill9_during_multipart_resumes_the_upload() {
     assert!(agent.terminate().success());
 }
 
-/// A loopback proxy in front of the S3 server that, while `faulty`, resets connections,
-/// answers 503 SlowDown or 500, or stalls, and otherwise relays bytes both ways.
-struct FaultProxy {
-    addr: String,
-    faulty: Arc<AtomicBool>,
-    faults: Arc<AtomicU64>,
-}
-
-impl FaultProxy {
-    fn start(upstream: &str, seed: u64) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let upstream = upstream.trim_start_matches("http://").to_owned();
-        let faulty = Arc::new(AtomicBool::new(true));
-        let faults = Arc::new(AtomicU64::new(0));
-        let (f, n) = (faulty.clone(), faults.clone());
-        std::thread::spawn(move || {
-            let mut rng = Rng::new(seed);
-            for conn in listener.incoming() {
-                let Ok(mut client) = conn else { continue };
-                let roll = rng.below(10);
-                if f.load(Ordering::Relaxed) && roll < 6 {
-                    n.fetch_add(1, Ordering::Relaxed);
-                    std::thread::spawn(move || {
-                        let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 4096];
-                        let _ = client.read(&mut buf);
-                        let reply: &[u8] = match roll {
-                            0 | 1 => b"",
-                            2 | 3 => b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 94\r\nConnection: close\r\n\r\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>\n\n\n\n",
-                            4 => b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: 96\r\nConnection: close\r\n\r\n<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>\n",
-                            _ => {
-                                std::thread::sleep(Duration::from_secs(3));
-                                b""
-                            }
-                        };
-                        let _ = client.write_all(reply);
-                    });
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (mut c, mut s) = (client, server);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c, &mut s);
-                    let _ = s.shutdown(std::net::Shutdown::Write);
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s2, &mut c2);
-                    let _ = c2.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        FaultProxy {
-            addr,
-            faulty,
-            faults,
-        }
-    }
-}
-
 /// Throttling, server errors, resets and stalls on the way to S3: the agent retries; once the
 /// faults stop the object is complete, nothing lost or doubled.
 #[test]
 fn injected_faults_delay_but_never_corrupt() {
     let moto = Moto::start();
     create_bucket_now(&moto, "logs");
-    let proxy = FaultProxy::start(&moto.endpoint, 42);
-    let endpoint = format!("http://{}", proxy.addr);
+    let proxy = FaultProxy::start(&moto.endpoint, Mode::Faulty, 42).unwrap();
+    let endpoint = proxy.url();
     let node = Node::new();
     let tasks = ["index-kafka-faults-a", "index-kafka-faults-b"];
     let mut writers: Vec<PeonWriter> = tasks
@@ -445,11 +380,8 @@ fn injected_faults_delay_but_never_corrupt() {
     write_log(&mut writers[0], 3, 11 << 20, false);
     write_log(&mut writers[1], 4, 300 << 10, false);
     let errors = agent.wait_for_line("archive failed", LONG);
-    assert!(
-        proxy.faults.load(Ordering::Relaxed) > 0,
-        "no fault was injected: {errors}"
-    );
-    proxy.faulty.store(false, Ordering::Relaxed);
+    assert!(proxy.counts.faults() > 0, "no fault was injected: {errors}");
+    proxy.set_mode(Mode::Healthy);
     for (t, w) in tasks.iter().zip(&writers) {
         let key = format!("druid/indexing-logs/{t}/log");
         let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());

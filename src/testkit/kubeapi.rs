@@ -1,4 +1,4 @@
-//! A small fake Kubernetes API server for tests: the pods API only, speaking the real list/watch
+//! A small fake Kubernetes API server for tests and the soak: the pods API only, speaking the real list/watch
 //! JSON over real HTTP/1.1, so the real `kube` client (and `kube::runtime::watcher`) can be driven
 //! against it through a kubeconfig.
 //!
@@ -20,8 +20,6 @@
 //!
 //! Self-contained (std, serde_json, tokio, hyper, hyper-util, bytes), with its own tokio runtime,
 //! so it works from plain `#[test]`s and from `#[tokio::test]`s alike.
-
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
