@@ -42,6 +42,11 @@ const MIN_READ: usize = 32 << 10;
 /// How many drained files a task remembers so a rescan never reads them again; the kubelet
 /// keeps far fewer files per container.
 const DONE_MEMORY: usize = 64;
+/// Backoff of a task's failing spool writes (a full disk): doubling from the first to the max.
+const SEAL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const SEAL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a shutdown may spend reading what is left in open files before its last commit.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -109,6 +114,10 @@ struct Task {
     archive_retry_at: Option<Instant>,
     /// Consecutive failed archive attempts, for the backoff.
     archive_failures: u32,
+    /// Consecutive failed spool writes, and when to try again: a full disk must not turn every
+    /// inotify event into a failed write and a log line.
+    seal_failures: u32,
+    seal_retry_at: Option<Instant>,
     archived_to: Option<String>,
     archive_error: Option<String>,
     upload: UploadState,
@@ -140,6 +149,8 @@ impl Task {
             job_in_flight: false,
             archive_retry_at: None,
             archive_failures: 0,
+            seal_failures: 0,
+            seal_retry_at: None,
             archived_to: None,
             archive_error: None,
             upload: UploadState::default(),
@@ -1116,6 +1127,12 @@ impl Ingest {
     /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
     /// re-read.
     pub fn shutdown(&mut self) -> bool {
+        // A file whose pod was deleted moments ago is still open here but gone for the next
+        // agent: read everything there is (bounded) before the last checkpoint.
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        self.dirty_read.extend(names);
+        while self.process(Instant::now()) && Instant::now() < deadline {}
         for t in self.tasks.values_mut() {
             seal(t, &mut self.packer, &self.metrics);
         }
@@ -1133,9 +1150,17 @@ fn seal(t: &mut Task, packer: &mut Packer, m: &Metrics) -> bool {
     if t.writer.tail_len() == 0 {
         return true;
     }
+    if t.seal_retry_at.is_some_and(|at| Instant::now() < at) {
+        return false;
+    }
     match t.writer.seal(packer) {
         Ok(()) => {
             m.blocks_sealed.fetch_add(1, Relaxed);
+            if t.seal_failures > 0 {
+                info!(pod_dir = %t.pod.name, failed_attempts = t.seal_failures, "spool writes succeed again; reading of this task resumes");
+                t.seal_failures = 0;
+                t.seal_retry_at = None;
+            }
             t.tail_since = None;
             t.snapshot = Some(snapshot(t));
             t.unsaved = true;
@@ -1143,7 +1168,14 @@ fn seal(t: &mut Task, packer: &mut Packer, m: &Metrics) -> bool {
         }
         Err(e) => {
             m.spool_errors.fetch_add(1, Relaxed);
-            error!(pod_dir = %t.pod.name, error = %e, "cannot write spool block; reading of this task paused until it succeeds");
+            t.seal_failures += 1;
+            let backoff = SEAL_RETRY_FIRST * 2u32.pow(t.seal_failures.min(8) - 1);
+            t.seal_retry_at = Some(Instant::now() + backoff.min(SEAL_RETRY_MAX));
+            if t.seal_failures == 1 {
+                error!(pod_dir = %t.pod.name, error = %e, "cannot write spool block; reading of this task paused until it succeeds");
+            } else {
+                debug!(pod_dir = %t.pod.name, error = %e, attempts = t.seal_failures, "spool write still failing");
+            }
             false
         }
     }
