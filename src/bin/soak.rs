@@ -1,0 +1,1200 @@
+//! Soak of the real agent binary under load and faults, ending in a per-task ledger.
+//!
+//! `cargo run --release --bin soak -- --help`. On a temporary node it runs many peon log writers
+//! with kubelet-style rotation (remove excess, gzip, rename, late writes, container restarts),
+//! starts and ends tasks continuously through a fake Kubernetes API (pods with `task.id`), and
+//! archives through a fault proxy to a moto S3 server, while it
+//! - stops the agent at random moments (SIGKILL or SIGTERM) and starts it again, so logs rotate
+//!   while it is down;
+//! - takes S3 away (connections refused and cut) and injects resets, 503 SlowDown, 500s and
+//!   stalls;
+//! - flaps the Kubernetes API (connections cut, history expired so the agent must relist);
+//! - fills the state directory's disk (a tmpfs, when run as root) for a few seconds;
+//! - reads task logs from the snapshot endpoint and checks each is a prefix of what was written.
+//!
+//! Then it ends every task, lets the agent drain, and compares every archived object with what
+//! was written: one JSON line per task with `--ledger`, and a JSON summary on stdout. It exits
+//! with status 1 on any lost, doubled or corrupted byte. The one loss that is allowed is the one
+//! docs/reliability.md documents: a pod whose log directory was deleted while no agent was
+//! running to drain it (such tasks are reported as `exposed`, and their archive must still be a
+//! prefix of what was written: nothing doubled, nothing out of order).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use druid_log_agent::loadgen::{LineGen, Rng, encode_cri};
+use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
+use druid_log_agent::testkit::kubeapi::{FakeApi, pod};
+use serde_json::{Value, json};
+
+#[derive(Parser, Clone)]
+#[command(about = "Soak druid-log-agent under load and faults; prints a ledger summary (JSON)")]
+struct Args {
+    /// How long tasks are started and faults injected; the drain comes after.
+    #[arg(long, default_value_t = 120)]
+    duration_secs: u64,
+    /// Peon log writers running at once (each task ends and a new one starts).
+    #[arg(long, default_value_t = 120)]
+    writers: usize,
+    /// Write rate of all writers together, MiB/s.
+    #[arg(long, default_value_t = 6.0)]
+    rate_mib: f64,
+    /// Kubelet rotation size (containerLogMaxSize) in KiB; 5 files are kept (containerLogMaxFiles).
+    #[arg(long, default_value_t = 1024)]
+    rotate_kib: u64,
+    /// Shortest and longest task life in seconds.
+    #[arg(long, default_value_t = 5)]
+    task_min_secs: u64,
+    #[arg(long, default_value_t = 60)]
+    task_max_secs: u64,
+    /// Size of the tmpfs for the state directory (needs root; without it the disk-full fault is
+    /// skipped and said so).
+    #[arg(long, default_value_t = 512)]
+    disk_mib: u64,
+    /// Longest wait for the last archives after the load stops.
+    #[arg(long, default_value_t = 300)]
+    drain_secs: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The agent binary (default: druid-log-agent beside this binary).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// moto's server command (`pip install 'moto[server]==5.1.22'`).
+    #[arg(long, default_value = "moto_server")]
+    moto: String,
+    /// Where to build the node (a new temporary directory by default; kept on failure).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the per-task ledger here, one JSON object per line.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+}
+
+const NAMESPACE: &str = "druid";
+const NODE: &str = "soak-node";
+const BUCKET: &str = "soak";
+const PREFIX: &str = "druid/indexing-logs";
+const MAX_FILES: usize = 5;
+/// A pod deleted within this long after an agent started may be gone before that agent's first
+/// scan found it, so it counts as deleted while no agent was running.
+const STARTUP_WINDOW: Duration = Duration::from_secs(3);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("soak: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state
+
+/// What the agent supervisor tells the others.
+#[derive(Default)]
+struct AgentState {
+    /// Running, and since when.
+    up_since: Option<Instant>,
+    /// Stops so far (SIGKILL or SIGTERM).
+    stops: u64,
+    /// SIGKILLs so far: only these may lose what a deleted file still held.
+    kills: u64,
+}
+
+struct Shared {
+    args: Args,
+    agent: Mutex<AgentState>,
+    agent_addr: String,
+    /// Faults stop (the load keeps going until `load_done`).
+    faults_done: AtomicBool,
+    /// No new tasks; running ones end.
+    load_done: AtomicBool,
+    /// Everything is verified or the drain timed out: threads exit.
+    all_done: AtomicBool,
+    tasks: Mutex<Vec<Task>>,
+    ledger: Mutex<Vec<Value>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    tasks_started: AtomicU64,
+    bytes_written: AtomicU64,
+    rotations: AtomicU64,
+    rotations_while_down: AtomicU64,
+    files_removed_by_kubelet: AtomicU64,
+    container_restarts: AtomicU64,
+    sigkills: AtomicU64,
+    sigterms: AtomicU64,
+    sigterm_unclean_exits: AtomicU64,
+    s3_outages: AtomicU64,
+    s3_fault_periods: AtomicU64,
+    api_outages: AtomicU64,
+    api_history_expired: AtomicU64,
+    disk_full_periods: AtomicU64,
+    snapshot_checks: AtomicU64,
+    snapshot_mismatches: AtomicU64,
+    peak_rss_kib: AtomicU64,
+    max_fds: AtomicU64,
+    max_threads: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peons
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Running,
+    /// `main` terminated; the directory goes at `remove_at` (quick delete) or once archived.
+    Ended,
+    /// Directory and pod gone; waiting for the archive.
+    Removed,
+}
+
+struct Task {
+    id: String,
+    pod: String,
+    uid: String,
+    dir: PathBuf,
+    lines: LineGen,
+    seq: u64,
+    restart: u32,
+    file: File,
+    size: u64,
+    rotations: u32,
+    nanos: u64,
+    expected: Vec<u8>,
+    rate: f64,
+    credit: f64,
+    ends_at: Instant,
+    restart_at: Option<Instant>,
+    next_rotate_check: Instant,
+    pod_at: Option<Instant>,
+    phase: Phase,
+    quick_delete: bool,
+    remove_at: Option<Instant>,
+    /// The agent's SIGKILL count when the directory went, and whether an agent had been up long
+    /// enough to have found it.
+    removed: Option<(u64, bool)>,
+}
+
+impl Task {
+    fn live(&self) -> PathBuf {
+        self.dir.join("main").join(format!("{}.log", self.restart))
+    }
+
+    fn pod_json(&self, state: &str) -> Value {
+        pod(
+            NAMESPACE,
+            &self.pod,
+            &self.uid,
+            NODE,
+            &[("druid.k8s.peons", "true")],
+            &[("task.id", &self.id)],
+            &[("main", state)],
+        )
+    }
+
+    /// Writes one line tagged with its sequence number, so a ledger can name missing and
+    /// doubled lines.
+    fn write_line(&mut self, buf: &mut Vec<u8>, rec: &mut Vec<u8>) -> io::Result<usize> {
+        self.lines.next_line(buf);
+        self.seq += 1;
+        let _ = write!(buf, " #{}", self.seq);
+        let stream = if buf.first() == Some(&b'\t') {
+            "stderr"
+        } else {
+            "stdout"
+        };
+        rec.clear();
+        self.nanos += 1_000;
+        encode_cri(stream, self.nanos, buf, rec);
+        self.file.write_all(rec)?;
+        self.size += rec.len() as u64;
+        self.expected.extend_from_slice(buf);
+        self.expected.push(b'\n');
+        Ok(buf.len() + 1)
+    }
+
+    /// The kubelet's rotation: remove rotated files beyond MaxFiles-2, gzip the uncompressed
+    /// ones (through a .tmp, as the kubelet does), rename the live file, then the runtime
+    /// reopens, sometimes after one more line landed in the renamed file.
+    fn rotate(&mut self, late_write: bool, c: &Counters) -> io::Result<()> {
+        let main = self.dir.join("main");
+        let base = format!("{}.log.", self.restart);
+        let mut rotated: Vec<String> = fs::read_dir(&main)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&base) && !n.ends_with(".tmp"))
+            .collect();
+        rotated.sort();
+        let excess = rotated.len().saturating_sub(MAX_FILES - 2);
+        for name in rotated.drain(..excess) {
+            fs::remove_file(main.join(name))?;
+            add(&c.files_removed_by_kubelet, 1);
+        }
+        for name in rotated.iter().filter(|n| !n.ends_with(".gz")) {
+            let data = fs::read(main.join(name))?;
+            let tmp = main.join(format!("{name}.gz.tmp"));
+            let mut enc =
+                flate2::write::GzEncoder::new(File::create(&tmp)?, flate2::Compression::fast());
+            enc.write_all(&data)?;
+            enc.finish()?.sync_all()?;
+            fs::rename(&tmp, main.join(format!("{name}.gz")))?;
+            fs::remove_file(main.join(name))?;
+        }
+        self.rotations += 1;
+        fs::rename(
+            self.live(),
+            main.join(format!("{base}20240501-{:06}", self.rotations)),
+        )?;
+        if late_write {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            self.write_line(&mut a, &mut b)?;
+        }
+        self.file = open_append(&self.live())?;
+        self.size = 0;
+        add(&c.rotations, 1);
+        Ok(())
+    }
+}
+
+fn open_append(p: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(p)
+}
+
+fn new_task(
+    n: u64,
+    rng: &mut Rng,
+    args: &Args,
+    logs: &Path,
+    api: &FakeApi,
+    now: Instant,
+) -> io::Result<Task> {
+    let uid = format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        rng.next_u64() as u32,
+        rng.below(1 << 16),
+        rng.below(1 << 12),
+        rng.below(1 << 12),
+        rng.next_u64() >> 16
+    );
+    let pod_name = format!("peon-{n}-{:05x}", rng.below(1 << 20));
+    let id = format!(
+        "index_kafka_soak_{n}_{:08x}_2024-05-01T00:00:00.000Z",
+        rng.next_u64() as u32
+    );
+    let dir = logs.join(format!("{NAMESPACE}_{pod_name}_{uid}"));
+    fs::create_dir_all(dir.join("main"))?;
+    let file = open_append(&dir.join("main").join("0.log"))?;
+    let mean = args.rate_mib * 1048576.0 / args.writers.max(1) as f64;
+    let life =
+        args.task_min_secs + rng.below(args.task_max_secs.saturating_sub(args.task_min_secs) + 1);
+    let life = Duration::from_millis(life * 1000 + rng.below(1000));
+    let mut lines = LineGen::new(rng.next_u64());
+    lines.long_every = 400;
+    let task = Task {
+        id,
+        pod: pod_name,
+        uid,
+        dir,
+        lines,
+        seq: 0,
+        restart: 0,
+        file,
+        size: 0,
+        rotations: 0,
+        nanos: n * 1_000_000_000,
+        expected: Vec::new(),
+        rate: mean * (0.25 + rng.below(1750) as f64 / 1000.0),
+        credit: 0.0,
+        ends_at: now + life,
+        restart_at: (rng.below(5) == 0).then(|| now + life / 2),
+        next_rotate_check: now + Duration::from_millis(rng.below(1000)),
+        // The log sometimes appears before the pod is known, as on a busy kubelet.
+        pod_at: Some(now + Duration::from_millis(rng.below(3) * rng.below(1500))),
+        phase: Phase::Running,
+        quick_delete: rng.below(10) < 3,
+        remove_at: None,
+        removed: None,
+    };
+    if task.pod_at.is_some_and(|t| t <= now) {
+        api.apply(task.pod_json("running"));
+    }
+    Ok(task)
+}
+
+/// The node's writers and kubelet: writes, rotates, restarts containers, ends tasks and removes
+/// their directories.
+fn writer_loop(sh: &Shared, logs: &Path, api: &FakeApi) -> io::Result<()> {
+    let args = &sh.args;
+    let mut rng = Rng::new(args.seed ^ 0x5eed);
+    let (mut buf, mut rec) = (Vec::with_capacity(64 << 10), Vec::with_capacity(64 << 10));
+    let mut last = Instant::now();
+    let mut next_id = 0u64;
+    while !sh.all_done.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        let dt = now.duration_since(last).as_secs_f64();
+        last = now;
+        let agent_up = lock(&sh.agent).up_since.is_some();
+        let kills = lock(&sh.agent).kills;
+        let up_long = lock(&sh.agent)
+            .up_since
+            .is_some_and(|t| now.duration_since(t) >= STARTUP_WINDOW);
+        let load_done = sh.load_done.load(Ordering::SeqCst);
+        let mut tasks = lock(&sh.tasks);
+        let running = tasks.iter().filter(|t| t.phase == Phase::Running).count();
+        if !load_done {
+            for _ in running..args.writers {
+                next_id += 1;
+                tasks.push(new_task(next_id, &mut rng, args, logs, api, now)?);
+                add(&sh.counters.tasks_started, 1);
+            }
+        }
+        for t in tasks.iter_mut() {
+            if t.pod_at.is_some_and(|at| at <= now) {
+                t.pod_at = None;
+                api.apply(t.pod_json(if t.phase == Phase::Running {
+                    "running"
+                } else {
+                    "terminated"
+                }));
+            }
+            match t.phase {
+                Phase::Running => {
+                    t.credit = (t.credit + t.rate * dt).min(t.rate);
+                    while t.credit > 0.0 {
+                        let n = t.write_line(&mut buf, &mut rec)?;
+                        t.credit -= n as f64;
+                        add(&sh.counters.bytes_written, n as u64);
+                    }
+                    if now >= t.next_rotate_check {
+                        t.next_rotate_check = now + Duration::from_secs(1);
+                        if t.size >= args.rotate_kib << 10 {
+                            t.rotate(rng.below(2) == 0, &sh.counters)?;
+                            if !agent_up {
+                                add(&sh.counters.rotations_while_down, 1);
+                            }
+                        }
+                    }
+                    if t.restart_at.is_some_and(|at| at <= now) {
+                        t.restart_at = None;
+                        t.restart += 1;
+                        t.file = open_append(&t.live())?;
+                        t.size = 0;
+                        add(&sh.counters.container_restarts, 1);
+                    }
+                    if now >= t.ends_at || load_done {
+                        t.file.sync_all()?;
+                        t.phase = Phase::Ended;
+                        if t.pod_at.is_none() {
+                            api.apply(t.pod_json("terminated"));
+                        }
+                        if t.quick_delete {
+                            t.remove_at = Some(now + Duration::from_millis(rng.below(2000)));
+                        }
+                    }
+                }
+                Phase::Ended if t.remove_at.is_some_and(|at| at <= now) && t.pod_at.is_none() => {
+                    api.delete(&t.uid);
+                    fs::remove_dir_all(&t.dir)?;
+                    t.removed = Some((kills, agent_up && up_long));
+                    t.phase = Phase::Removed;
+                }
+                _ => {}
+            }
+        }
+        drop(tasks);
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent
+
+struct AgentProc {
+    child: Child,
+    started: Instant,
+}
+
+fn start_agent(sh: &Shared, bin: &Path, node: &Path, kubeconfig: &Path, s3: &str) -> AgentProc {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.join("agent.log"))
+        .expect("agent log file");
+    let child = Command::new(bin)
+        .arg("run")
+        .args(["--log-root", &node.join("logs").to_string_lossy()])
+        .args([
+            "--state-dir",
+            &node.join("state").join("agent").to_string_lossy(),
+        ])
+        .args([
+            "--s3-bucket",
+            BUCKET,
+            "--s3-endpoint",
+            s3,
+            "--s3-path-style",
+            "true",
+        ])
+        .args(["--s3-region", "us-east-1", "--listen", &sh.agent_addr])
+        .args(["--kubernetes", "true", "--node-name", NODE])
+        .args(["--archive-retry-max-secs", "4", "--retention-secs", "5"])
+        .args([
+            "--shutdown-timeout-secs",
+            "5",
+            "--pending-timeout-secs",
+            "60",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("agent log file"))
+        .stderr(log)
+        .spawn()
+        .expect("start the agent");
+    AgentProc {
+        child,
+        started: Instant::now(),
+    }
+}
+
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Counter values of one agent process, from its /metrics.
+fn counters_of(metrics: &str) -> HashMap<String, f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("druid_log_agent_") && l.contains("_total "))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Runs the agent, stops it at random moments and starts it again; samples its memory, fds and
+/// counters. Returns the counters summed over every run.
+fn supervise(
+    sh: &Shared,
+    bin: &Path,
+    node: &Path,
+    kubeconfig: &Path,
+    s3: &str,
+) -> HashMap<String, f64> {
+    let mut rng = Rng::new(sh.args.seed ^ 0xa9e7);
+    let mut totals: HashMap<String, f64> = HashMap::new();
+    loop {
+        let mut agent = start_agent(sh, bin, node, kubeconfig, s3);
+        lock(&sh.agent).up_since = Some(agent.started);
+        let pid = agent.child.id();
+        let run_for = Duration::from_millis(6000 + rng.below(14_000));
+        let mut last_counters = HashMap::new();
+        let mut next_scrape = Instant::now();
+        let mut exited = None;
+        while sh.faults_done.load(Ordering::SeqCst) || agent.started.elapsed() < run_for {
+            if sh.all_done.load(Ordering::SeqCst) {
+                break;
+            }
+            sample(sh, pid);
+            if Instant::now() >= next_scrape {
+                next_scrape = Instant::now() + Duration::from_secs(1);
+                if let Some((200, body)) = http_get(&sh.agent_addr, "/metrics") {
+                    last_counters = counters_of(&String::from_utf8_lossy(&body));
+                }
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                exited = Some(status);
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(status) = exited {
+            // The agent must never die on its own.
+            eprintln!("soak: the agent exited by itself: {status}");
+            lock(&sh.agent).up_since = None;
+            for (k, v) in last_counters {
+                *totals.entry(k).or_default() += v;
+            }
+            totals.insert("agent_died".into(), 1.0);
+            return totals;
+        }
+        if let Some((200, body)) = http_get(&sh.agent_addr, "/metrics") {
+            last_counters = counters_of(&String::from_utf8_lossy(&body));
+        }
+        for (k, v) in last_counters {
+            *totals.entry(k).or_default() += v;
+        }
+        let finish = sh.all_done.load(Ordering::SeqCst);
+        let graceful = finish || rng.below(5) < 2;
+        {
+            let mut st = lock(&sh.agent);
+            st.up_since = None;
+            st.stops += 1;
+        }
+        if graceful {
+            add(&sh.counters.sigterms, 1);
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let status = agent.child.wait().expect("wait for the agent");
+            if !status.success() {
+                eprintln!("soak: agent exit after SIGTERM: {status}");
+                add(&sh.counters.sigterm_unclean_exits, 1);
+            }
+        } else {
+            lock(&sh.agent).kills += 1;
+            add(&sh.counters.sigkills, 1);
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+        }
+        if finish {
+            return totals;
+        }
+        if !sh.faults_done.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(300 + rng.below(2700)));
+        }
+    }
+}
+
+fn sample(sh: &Shared, pid: u32) {
+    let c = &sh.counters;
+    c.peak_rss_kib
+        .fetch_max(proc_kib(pid, "VmHWM:"), Ordering::Relaxed);
+    c.max_threads
+        .fetch_max(proc_kib(pid, "Threads:"), Ordering::Relaxed);
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        c.max_fds.fetch_max(fds.count() as u64, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults other than agent restarts
+
+struct Disk {
+    mount: Option<PathBuf>,
+}
+
+impl Disk {
+    /// A tmpfs of `mib` at `dir` when we may mount; otherwise a plain directory.
+    fn new(dir: &Path, mib: u64) -> Disk {
+        fs::create_dir_all(dir).expect("state dir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "soak-state"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Disk {
+            mount: ok.then(|| dir.to_owned()),
+        }
+    }
+
+    /// Fills the volume; returns the filler's path.
+    fn fill(&self) -> Option<PathBuf> {
+        let dir = self.mount.as_ref()?;
+        let path = dir.join("filler");
+        let mut f = File::create(&path).ok()?;
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        // The last partial chunk: fill to the last byte.
+        while f.write_all(&chunk[..4096]).is_ok() {}
+        while f.write_all(&chunk[..1]).is_ok() {}
+        Some(path)
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.mount {
+            let _ = Command::new("umount").arg(dir).status();
+        }
+    }
+}
+
+fn faults_loop(sh: &Shared, proxy: &FaultProxy, api: &FakeApi, disk: &Disk) {
+    let mut rng = Rng::new(sh.args.seed ^ 0xfa17);
+    let now = Instant::now();
+    let secs = |rng: &mut Rng, lo: u64, hi: u64| {
+        Duration::from_millis(lo * 1000 + rng.below((hi - lo) * 1000))
+    };
+    let mut s3_next = now + secs(&mut rng, 5, 15);
+    let mut s3_heal: Option<Instant> = None;
+    let mut api_next = now + secs(&mut rng, 8, 20);
+    let mut api_heal: Option<Instant> = None;
+    let mut disk_next = now + secs(&mut rng, 15, 30);
+    let mut disk_heal: Option<(Instant, PathBuf)> = None;
+    while !sh.faults_done.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if s3_heal.is_some_and(|t| t <= now) {
+            s3_heal = None;
+            proxy.set_mode(Mode::Healthy);
+            s3_next = now + secs(&mut rng, 6, 20);
+        } else if s3_heal.is_none() && now >= s3_next {
+            // Alternate, so that even a short soak has both.
+            if get(&sh.counters.s3_outages) <= get(&sh.counters.s3_fault_periods) {
+                proxy.set_mode(Mode::Down);
+                add(&sh.counters.s3_outages, 1);
+                s3_heal = Some(now + secs(&mut rng, 3, 10));
+            } else {
+                proxy.set_mode(Mode::Faulty);
+                add(&sh.counters.s3_fault_periods, 1);
+                s3_heal = Some(now + secs(&mut rng, 4, 12));
+            }
+        }
+        if api_heal.is_some_and(|t| t <= now) {
+            api_heal = None;
+            if get(&sh.counters.api_outages) % 2 == 1 {
+                // Events during the outage are gone: the agent must relist.
+                api.expire_history();
+                add(&sh.counters.api_history_expired, 1);
+            }
+            api.set_down(false);
+            api_next = now + secs(&mut rng, 8, 25);
+        } else if api_heal.is_none() && now >= api_next {
+            api.set_down(true);
+            add(&sh.counters.api_outages, 1);
+            api_heal = Some(now + secs(&mut rng, 2, 8));
+        }
+        if disk_heal.as_ref().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, p)) = disk_heal.take() {
+                let _ = fs::remove_file(p);
+            }
+            disk_next = now + secs(&mut rng, 20, 40);
+        } else if disk_heal.is_none()
+            && now >= disk_next
+            && let Some(p) = disk.fill()
+        {
+            add(&sh.counters.disk_full_periods, 1);
+            disk_heal = Some((now + secs(&mut rng, 3, 7), p));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    proxy.set_mode(Mode::Healthy);
+    api.set_down(false);
+    if let Some((_, p)) = disk_heal {
+        let _ = fs::remove_file(p);
+    }
+}
+
+/// Reads whole task logs from the snapshot endpoint while they are written: each must be a
+/// prefix of what the writer wrote.
+fn snapshot_loop(sh: &Shared) {
+    let mut rng = Rng::new(sh.args.seed ^ 0x5a95);
+    while !sh.load_done.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(200));
+        let id = {
+            let tasks = lock(&sh.tasks);
+            let live: Vec<&Task> = tasks.iter().filter(|t| t.phase == Phase::Running).collect();
+            if live.is_empty() {
+                continue;
+            }
+            live[rng.below(live.len() as u64) as usize].id.clone()
+        };
+        let Some((200, body)) =
+            http_get(&sh.agent_addr, &format!("/druid/indexer/v1/task/{id}/log"))
+        else {
+            continue;
+        };
+        let tasks = lock(&sh.tasks);
+        if let Some(t) = tasks.iter().find(|t| t.id == id) {
+            add(&sh.counters.snapshot_checks, 1);
+            if !t.expected.starts_with(&body) {
+                add(&sh.counters.snapshot_mismatches, 1);
+                eprintln!(
+                    "soak: snapshot of {id} ({} bytes) is not a prefix of the {} bytes written",
+                    body.len(),
+                    t.expected.len()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification
+
+fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "soak");
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Sizes of every archived object, by task id.
+async fn list_archived(s3: &aws_sdk_s3::Client) -> Result<HashMap<String, i64>, String> {
+    let mut out = HashMap::new();
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket(BUCKET)
+        .prefix(format!("{PREFIX}/"))
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| format!("list: {e:?}"))?;
+        for o in page.contents() {
+            let Some(key) = o.key() else { continue };
+            if let Some(id) = key
+                .strip_prefix(&format!("{PREFIX}/"))
+                .and_then(|k| k.strip_suffix("/log"))
+            {
+                out.insert(id.to_owned(), o.size().unwrap_or(0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn fetch(s3: &aws_sdk_s3::Client, id: &str) -> Option<Vec<u8>> {
+    let o = s3
+        .get_object()
+        .bucket(BUCKET)
+        .key(format!("{PREFIX}/{id}/log"))
+        .send()
+        .await
+        .ok()?;
+    Some(o.body.collect().await.ok()?.into_bytes().to_vec())
+}
+
+/// Compares an archive with what was written. Lines carry ` #<seq>` at their end, so a
+/// difference is described as doubled and missing sequence numbers.
+fn ledger_row(t: &Task, got: Option<&[u8]>, exposed: bool) -> (Value, bool) {
+    let want = &t.expected;
+    let got_b = got.unwrap_or_default();
+    let exact = got.is_some() && got_b == want.as_slice();
+    let prefix = want.starts_with(got_b);
+    let (mut dups, mut missing, mut unparsable) = (0u64, Vec::new(), 0u64);
+    if !exact {
+        let mut seen = vec![0u32; t.seq as usize + 2];
+        for line in got_b.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let n = line
+                .iter()
+                .rposition(|b| *b == b'#')
+                .and_then(|i| {
+                    std::str::from_utf8(&line[i + 1..])
+                        .ok()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .filter(|n| *n < seen.len());
+            match n {
+                Some(n) => seen[n] += 1,
+                None => unparsable += 1,
+            }
+        }
+        dups = seen.iter().filter(|c| **c > 1).count() as u64;
+        let mut start = None;
+        for (n, c) in seen.iter().enumerate().take(t.seq as usize + 1).skip(1) {
+            match (*c == 0, start) {
+                (true, None) => start = Some(n),
+                (false, Some(s)) => {
+                    missing.push(format!("{s}-{}", n - 1));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            missing.push(format!("{s}-{}", t.seq));
+        }
+    }
+    // An exposed task may lose its tail (documented); nothing else may differ.
+    let ok = exact || (exposed && prefix);
+    let verdict = if exact {
+        "exact"
+    } else if ok {
+        "lost-tail-deleted-while-agent-down"
+    } else if got.is_none() {
+        "missing"
+    } else {
+        "mismatch"
+    };
+    let row = json!({
+        "task": t.id,
+        "pod_dir": t.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "lines_written": t.seq,
+        "bytes_written": want.len(),
+        "bytes_archived": got.map(|g| g.len()),
+        "equal": exact,
+        "prefix": prefix,
+        "duplicate_lines": dups,
+        "missing_line_ranges": missing,
+        "unparsable_lines": unparsable,
+        "rotations": t.rotations,
+        "restarts": t.restart,
+        "quick_delete": t.quick_delete,
+        "exposed": exposed,
+        "verdict": verdict,
+    });
+    (row, ok)
+}
+
+fn exposed(sh: &Shared, t: &Task) -> bool {
+    t.removed
+        .is_some_and(|(kills, was_up)| !was_up || lock(&sh.agent).kills > kills)
+}
+
+/// Checks ended tasks whose archive is complete, then lets the kubelet remove their
+/// directories (pods not deleted quickly stay until their log is archived, as when the pod
+/// garbage collector is slow). With `last`, checks everything that is left. Returns how many
+/// tasks are still to be archived.
+fn verify_round(
+    sh: &Shared,
+    rt: &tokio::runtime::Runtime,
+    s3: &aws_sdk_s3::Client,
+    api: &FakeApi,
+    last: bool,
+    failures: &mut u64,
+) -> Result<usize, String> {
+    let archived = rt.block_on(list_archived(s3))?;
+    // Take the tasks to check out of the table, so the writers are not held up by downloads.
+    let (mut checking, mut left) = (Vec::new(), 0);
+    {
+        let mut tasks = lock(&sh.tasks);
+        let mut i = 0;
+        while i < tasks.len() {
+            let t = &tasks[i];
+            let ended = matches!(t.phase, Phase::Ended | Phase::Removed);
+            let complete = archived.get(&t.id).copied() == Some(t.expected.len() as i64);
+            if ended && (complete || last) {
+                checking.push(tasks.swap_remove(i));
+                continue;
+            }
+            // An exposed task may never be complete; it is judged at the end.
+            if !ended || !exposed(sh, t) {
+                left += 1;
+            }
+            i += 1;
+        }
+    }
+    let mut unfinished = Vec::new();
+    for t in checking {
+        let got = if archived.contains_key(&t.id) {
+            rt.block_on(fetch(s3, &t.id))
+        } else {
+            None
+        };
+        if got.as_deref() != Some(t.expected.as_slice()) && !last {
+            left += 1;
+            unfinished.push(t);
+            continue;
+        }
+        let (row, ok) = ledger_row(&t, got.as_deref(), exposed(sh, &t));
+        if !ok {
+            *failures += 1;
+            eprintln!("soak: {row}");
+        }
+        lock(&sh.ledger).push(row);
+        if t.phase == Phase::Ended {
+            api.delete(&t.uid);
+            let _ = fs::remove_dir_all(&t.dir);
+        }
+        let _ = rt.block_on(
+            s3.delete_object()
+                .bucket(BUCKET)
+                .key(format!("{PREFIX}/{}/log", t.id))
+                .send(),
+        );
+    }
+    lock(&sh.tasks).extend(unfinished);
+    Ok(left)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plumbing
+
+fn http_get(addr: &str, target: &str) -> Option<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let head_end = memchr::memmem::find(&raw, b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..head_end]).ok()?;
+    let status = head.get(9..12)?.parse().ok()?;
+    let mut body = raw[head_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body)?;
+    }
+    Some((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = memchr::memmem::find(b, b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto(cmd: &str) -> Result<(Moto, String), String> {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let child = Command::new(cmd)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e} (pip install 'moto[server]==5.1.22')"))?;
+    let moto = Moto(child);
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{cmd} did not listen on {addr}"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok((moto, format!("http://{addr}")))
+}
+
+fn run(args: Args) -> Result<bool, String> {
+    let bin = match &args.agent {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("druid-log-agent"),
+    };
+    let tmp;
+    let node = match &args.dir {
+        Some(d) => {
+            fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            d.clone()
+        }
+        None => {
+            tmp = std::env::temp_dir().join(format!("dla-soak-{}", std::process::id()));
+            fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+            tmp.clone()
+        }
+    };
+    let logs = node.join("logs");
+    fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let disk = Disk::new(&node.join("state"), args.disk_mib);
+    let (_moto, moto_url) = start_moto(&args.moto)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let s3 = s3_client(&moto_url);
+    rt.block_on(s3.create_bucket().bucket(BUCKET).send())
+        .map_err(|e| format!("create bucket: {e:?}"))?;
+    let proxy =
+        FaultProxy::start(&moto_url, Mode::Healthy, args.seed).map_err(|e| e.to_string())?;
+    let api = FakeApi::start();
+    let kubeconfig = api.write_kubeconfig(&node);
+    let sh = Arc::new(Shared {
+        agent_addr: format!("127.0.0.1:{}", free_port().map_err(|e| e.to_string())?),
+        args: args.clone(),
+        agent: Mutex::new(AgentState::default()),
+        faults_done: AtomicBool::new(false),
+        load_done: AtomicBool::new(false),
+        all_done: AtomicBool::new(false),
+        tasks: Mutex::new(Vec::new()),
+        ledger: Mutex::new(Vec::new()),
+        counters: Counters::default(),
+    });
+    let started = Instant::now();
+    let mut failures = 0u64;
+    let (totals, drained) = thread::scope(|scope| {
+        let supervisor = {
+            let (sh, bin, node, kc, url) = (&sh, &bin, &node, &kubeconfig, proxy.url());
+            scope.spawn(move || supervise(sh, bin, node, kc, &url))
+        };
+        let writer = scope.spawn(|| writer_loop(&sh, &logs, &api));
+        scope.spawn(|| faults_loop(&sh, &proxy, &api, &disk));
+        scope.spawn(|| snapshot_loop(&sh));
+        let stop_at = started + Duration::from_secs(args.duration_secs);
+        let mut next_report = Instant::now() + Duration::from_secs(10);
+        let mut drained = false;
+        let mut drain_deadline = None;
+        loop {
+            thread::sleep(Duration::from_secs(1));
+            if Instant::now() >= stop_at && !sh.load_done.load(Ordering::SeqCst) {
+                eprintln!("soak: load and faults stop; draining");
+                sh.faults_done.store(true, Ordering::SeqCst);
+                sh.load_done.store(true, Ordering::SeqCst);
+                drain_deadline = Some(Instant::now() + Duration::from_secs(args.drain_secs));
+            }
+            if writer.is_finished() || supervisor.is_finished() {
+                break;
+            }
+            let left = match verify_round(&sh, &rt, &s3, &api, false, &mut failures) {
+                Ok(left) => left,
+                Err(e) => {
+                    eprintln!("soak: {e}");
+                    continue;
+                }
+            };
+            if Instant::now() >= next_report {
+                next_report = Instant::now() + Duration::from_secs(10);
+                eprintln!(
+                    "soak: {:>4} s: {} tasks started, {} MiB written, {} verified, {} failed, {} agent stops",
+                    started.elapsed().as_secs(),
+                    get(&sh.counters.tasks_started),
+                    get(&sh.counters.bytes_written) >> 20,
+                    lock(&sh.ledger).len(),
+                    failures,
+                    lock(&sh.agent).stops,
+                );
+            }
+            if sh.load_done.load(Ordering::SeqCst) && left == 0 {
+                drained = true;
+                break;
+            }
+            if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        // Judge what is left (with a healthy S3 and a running agent), then stop everything.
+        if let Err(e) = verify_round(&sh, &rt, &s3, &api, true, &mut failures) {
+            eprintln!("soak: final check: {e}");
+            failures += 1;
+        }
+        sh.all_done.store(true, Ordering::SeqCst);
+        if let Ok(Err(e)) = writer.join() {
+            eprintln!("soak: writer failed: {e}");
+            failures += 1;
+        }
+        (supervisor.join().unwrap_or_default(), drained)
+    });
+    let c = &sh.counters;
+    let ledger = lock(&sh.ledger);
+    if let Some(path) = &args.ledger {
+        let mut text = String::new();
+        for row in ledger.iter() {
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+        fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let count = |v: &str| ledger.iter().filter(|r| r["verdict"] == v).count();
+    let agent_log = fs::read_to_string(node.join("agent.log")).unwrap_or_default();
+    let panics = agent_log.matches("panicked at").count();
+    let metric = |name: &str| totals.get(name).copied().unwrap_or(0.0);
+    let ok = failures == 0
+        && drained
+        && panics == 0
+        && get(&c.snapshot_mismatches) == 0
+        && get(&c.sigterm_unclean_exits) == 0
+        && !totals.contains_key("agent_died");
+    let summary = json!({
+        "ok": ok,
+        "seconds": started.elapsed().as_secs(),
+        "load_seconds": args.duration_secs,
+        "writers": args.writers,
+        "rate_mib_s": args.rate_mib,
+        "tasks": ledger.len(),
+        "tasks_exact": count("exact"),
+        "tasks_exposed_lost_tail": count("lost-tail-deleted-while-agent-down"),
+        "tasks_failed": failures,
+        "drained": drained,
+        "bytes_written": get(&c.bytes_written),
+        "bytes_archived_verified": ledger.iter().filter_map(|r| r["bytes_archived"].as_u64()).sum::<u64>(),
+        "rotations": get(&c.rotations),
+        "rotations_while_agent_down": get(&c.rotations_while_down),
+        "rotated_files_removed_by_kubelet": get(&c.files_removed_by_kubelet),
+        "container_restarts": get(&c.container_restarts),
+        "agent_sigkills": get(&c.sigkills),
+        "agent_sigterms": get(&c.sigterms),
+        "agent_unclean_sigterm_exits": get(&c.sigterm_unclean_exits),
+        "agent_panics": panics,
+        "agent_peak_rss_mib": get(&c.peak_rss_kib) as f64 / 1024.0,
+        "agent_max_open_fds": get(&c.max_fds),
+        "agent_max_threads": get(&c.max_threads),
+        "s3_outages": get(&c.s3_outages),
+        "s3_fault_periods": get(&c.s3_fault_periods),
+        "s3_faults_injected": proxy.counts.faults(),
+        "kube_api_outages": get(&c.api_outages),
+        "kube_api_history_expired": get(&c.api_history_expired),
+        "disk_full_periods": get(&c.disk_full_periods),
+        "disk_full_fault": if disk.mount.is_some() { "tmpfs" } else { "skipped: cannot mount a tmpfs (not root?)" },
+        "snapshot_checks": get(&c.snapshot_checks),
+        "snapshot_mismatches": get(&c.snapshot_mismatches),
+        "agent_archive_errors_retried": metric("druid_log_agent_archive_errors_total"),
+        "agent_spool_errors_retried": metric("druid_log_agent_spool_errors_total"),
+        "agent_commit_errors_retried": metric("druid_log_agent_commit_errors_total"),
+        "agent_recovered_sources": metric("druid_log_agent_recovered_sources_total"),
+        "agent_lost_sources": metric("druid_log_agent_lost_sources_total"),
+        "agent_unmapped_tasks": metric("druid_log_agent_unmapped_tasks_total"),
+        "agent_archives": metric("druid_log_agent_archives_total"),
+        "node_dir": node.display().to_string(),
+    });
+    println!("{summary:#}");
+    drop(disk);
+    if ok && args.dir.is_none() {
+        let _ = fs::remove_dir_all(&node);
+    }
+    Ok(ok)
+}
