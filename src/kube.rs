@@ -75,12 +75,35 @@ struct PodInfo {
 pub struct PodCache {
     pods: RwLock<HashMap<String, PodInfo>>,
     synced: AtomicBool,
+    /// Since when the watch has run without a break (no error since its last complete list):
+    /// every peon that existed at any moment since then has been seen.
+    unbroken_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl PodCache {
     /// Whether the cache holds a complete list from the API (for `/readyz`).
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Whether the watch has been unbroken since `t`.
+    fn unbroken_since(&self, t: Instant) -> bool {
+        self.unbroken_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| since <= t)
+    }
+
+    fn set_unbroken(&self, ok: bool) {
+        let mut since = self
+            .unbroken_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match (ok, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, _) => *since = None,
+            _ => {}
+        }
     }
 
     fn get(&self, uid: &str) -> Option<PodInfo> {
@@ -164,16 +187,21 @@ pub async fn watch_pods(
                 }
                 let keep = Duration::from_secs(cfg.deleted_retention_secs);
                 pods.retain(|_, i| i.deleted_at.is_none_or(|d| now.duration_since(d) < keep));
+                cache.set_unbroken(true);
                 if !cache.synced.swap(true, Ordering::Relaxed) {
                     info!(pods = pods.len(), node = %node, "pod cache synced");
                 }
             }
             Err(e) => {
+                cache.set_unbroken(false);
                 warn!(error = %e, "pod watch failed; known tasks keep flowing, retrying with backoff");
             }
         }
     }
 }
+
+/// How much earlier than its log directory a pod may have been created and seen.
+const WATCH_LAG: Duration = Duration::from_secs(5);
 
 /// The [`TaskIdentity`] backed by the pod cache.
 pub struct KubeIdentity {
@@ -229,6 +257,14 @@ impl TaskIdentity for KubeIdentity {
         self.first_seen.remove(&pod.uid);
         if self.log_root.join(&pod.name).is_dir() {
             // The pod lives and a synced watch of this node's peons does not list it.
+            Identity::Ignore
+        } else if since
+            .checked_sub(WATCH_LAG)
+            .is_some_and(|t| self.cache.unbroken_since(t))
+        {
+            // The pod existed while the watch ran without a break, and the watch never showed
+            // it: not a peon (a short-lived pod of another app), so its log is not ours to ship.
+            info!(pod_dir = %pod.name, "pod gone and never listed by an unbroken watch of peons: not a peon pod; its log is not read");
             Identity::Ignore
         } else {
             warn!(pod_dir = %pod.name, "pod gone before its metadata arrived; archiving its log under _unmapped/");

@@ -207,6 +207,46 @@ fn non_peons_unmapped_peons_and_sidecars() {
     assert!(agent.terminate().success());
 }
 
+/// A short-lived pod of another app (a `main` container too) deleted while the watch runs
+/// unbroken is not a peon: its log is neither read nor archived under `_unmapped/`.
+#[test]
+fn short_lived_non_peon_is_not_shipped() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start(&node, &api, &["--pending-timeout-secs", "1"]);
+    let addr = wait_ready(&agent);
+    // The rule needs the watch unbroken since a little (5 s) before the directory appeared:
+    // this waits out that window, it synchronises nothing.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    api.apply(pod(
+        "batch",
+        "cron-x",
+        "uid-x",
+        "node-a",
+        &[("app", "cron")],
+        &[],
+        &[("main", "running")],
+    ));
+    let mut x = log_of(&node, "batch", "cron-x", "uid-x", "main");
+    write(&mut x, 11, 10 << 10);
+    // The agent holds the directory (unread) while it waits for the pod's metadata.
+    agent.wait_for_line("cron-x", LONG);
+    api.delete("uid-x");
+    fs::remove_dir_all(node.pods.join(dir_name("batch", "cron-x", "uid-x"))).unwrap();
+    agent.wait_for_line("never listed by an unbroken watch of peons", LONG);
+    let metrics = String::from_utf8(http_get(&addr, "/metrics", &[]).body).unwrap();
+    assert!(
+        metrics.contains("druid_log_agent_read_bytes_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("druid_log_agent_unmapped_tasks_total 0\n"),
+        "{metrics}"
+    );
+    assert!(!node.archive.join("_unmapped").exists());
+    assert!(agent.terminate().success());
+}
+
 /// The API server goes away and comes back (its history expired, so the watch must relist):
 /// tasks keep flowing meanwhile, a pod deleted during the outage is still archived, a pod that
 /// appeared during the outage is picked up after it, and nothing is archived twice.
