@@ -128,10 +128,20 @@ pub fn load(dir: &Path) -> Result<State, CheckpointError> {
             });
         }
     };
-    match serde_json::from_slice::<Checkpoint>(&bytes) {
-        Ok(Checkpoint::V1(s)) => Ok(s),
-        Err(source) => Err(CheckpointError::Parse { path, source }),
+    parse(&bytes).map_err(|source| CheckpointError::Parse { path, source })
+}
+
+/// Decodes the contents of a checkpoint file, any version. Split from [`load`] so that the
+/// format can be tested (and fuzzed, see fuzz/) without a file.
+pub fn parse(bytes: &[u8]) -> Result<State, serde_json::Error> {
+    match serde_json::from_slice::<Checkpoint>(bytes)? {
+        Checkpoint::V1(s) => Ok(s),
     }
+}
+
+/// The bytes [`commit`] writes for `state`: always the latest version.
+pub fn encode(state: &State) -> Vec<u8> {
+    serde_json::to_vec(&Checkpoint::V1(state.clone())).expect("checkpoint state always serializes")
 }
 
 /// Replaces the checkpoint in `dir` with `state`, atomically and durably.
@@ -143,8 +153,7 @@ pub fn commit(dir: &Path, state: &State) -> Result<(), CheckpointError> {
         op,
         source,
     };
-    let bytes = serde_json::to_vec(&Checkpoint::V1(state.clone()))
-        .expect("checkpoint state always serializes");
+    let bytes = encode(state);
     let write = || -> io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&bytes)?;

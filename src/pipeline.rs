@@ -1326,6 +1326,8 @@ fn read_step(
     {
         writer.append(|tail| tail.push(b'\n'));
         lines[c.stream as usize & 1] = LineState::default();
+        // The decoder counts the lines it ends; this one ends here.
+        stats.lines += 1;
     }
     let mut key = src.key;
     if let Ok((len, fp)) = tail::fingerprint(&src.file, FINGERPRINT_LEN) {
