@@ -7,9 +7,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::archive::{self, Job, Outcome, Target};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pipeline::{DirWatcher, Ingest, PipelineError};
+use crate::pipeline::{CommitDone, CommitJob, DirWatcher, Ingest, PipelineError};
 use crate::registry::Registry;
 use crate::task::TaskIdentity;
 
@@ -27,6 +27,8 @@ use crate::task::TaskIdentity;
 pub enum Msg {
     Fs(notify::Result<notify::Event>),
     Archive(Outcome),
+    /// The commit thread finished a commit job.
+    Committed(CommitDone),
     Shutdown,
 }
 
@@ -83,8 +85,20 @@ impl Agent {
     ) -> Result<Agent, StartError> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let fs_tx = tx.clone();
+        let queued = Arc::new(Mutex::new(HashSet::<PathBuf>::new()));
+        let queued_w = queued.clone();
         let inner = notify::INotifyWatcher::new(
-            move |res| {
+            move |res: notify::Result<notify::Event>| {
+                // The runtime writes a log line per write(2), so a busy node makes hundreds
+                // of thousands of data events a second, one per line. One queued event per
+                // file says all they say: the rest would only cost memory and ingest time.
+                if let Some(path) = res.as_ref().ok().and_then(data_event) {
+                    let mut q = queued_w.lock().unwrap_or_else(|e| e.into_inner());
+                    if q.contains(path) {
+                        return;
+                    }
+                    q.insert(path.to_owned());
+                }
                 let _ = fs_tx.send(Msg::Fs(res));
             },
             notify::Config::default(),
@@ -119,9 +133,27 @@ impl Agent {
             commit: Duration::from_millis(cfg.commit_interval_ms),
             shutdown_grace: Duration::from_secs(cfg.shutdown_timeout_secs),
         };
+        // Commits run beside ingest: their fsyncs can take hundreds of milliseconds on a busy
+        // disk, and reading must not stop for them (a line is visible once read).
+        let (commit_tx, commit_rx) = mpsc::channel::<CommitJob>();
+        let committed_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                for job in commit_rx {
+                    if committed_tx.send(Msg::Committed(job.run())).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(StartError::Thread)?;
         let ingest = std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || run_loop(ingest, rx, jobs_tx, stop, timing, observer))
+            .spawn(move || {
+                run_loop(
+                    ingest, rx, queued, jobs_tx, commit_tx, stop, timing, observer,
+                )
+            })
             .map_err(StartError::Thread)?;
         Ok(Agent {
             registry,
@@ -172,10 +204,21 @@ struct Timing {
     shutdown_grace: Duration,
 }
 
+/// The file a data-written event is about; such events are coalesced per file while queued.
+fn data_event(ev: &notify::Event) -> Option<&Path> {
+    match (&ev.kind, ev.paths.as_slice()) {
+        (notify::EventKind::Modify(notify::event::ModifyKind::Data(_)), [p]) => Some(p),
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_loop(
     mut ingest: Ingest,
     rx: Receiver<Msg>,
+    queued: Arc<Mutex<HashSet<PathBuf>>>,
     jobs_tx: tokio::sync::mpsc::UnboundedSender<Job>,
+    commit_tx: Sender<CommitJob>,
     stop: Arc<AtomicBool>,
     t: Timing,
     observer: Option<Sender<AgentEvent>>,
@@ -188,7 +231,14 @@ fn run_loop(
     let mut stopping = false;
     let on_msg =
         |ingest: &mut Ingest, msg: Msg, in_flight: &mut usize, stopping: &mut bool| match msg {
-            Msg::Fs(Ok(ev)) => ingest.on_fs_event(&ev),
+            Msg::Fs(Ok(ev)) => {
+                if let Some(p) = data_event(&ev) {
+                    // Taken off the queue before the file is read: a write from now on
+                    // queues a new event.
+                    queued.lock().unwrap_or_else(|e| e.into_inner()).remove(p);
+                }
+                ingest.on_fs_event(&ev)
+            }
             Msg::Fs(Err(e)) => ingest.on_watch_error(&e.to_string()),
             Msg::Archive(o) => {
                 *in_flight = in_flight.saturating_sub(1);
@@ -196,6 +246,9 @@ fn run_loop(
                 if let Some(obs) = &observer {
                     let _ = obs.send(AgentEvent::Archive(o));
                 }
+            }
+            Msg::Committed(done) => {
+                ingest.finish_commit(done);
             }
             Msg::Shutdown => *stopping = true,
         };
@@ -231,7 +284,12 @@ fn run_loop(
             ingest.tick(now);
             next_poll = now + t.poll;
         }
-        ingest.commit_if_due(now, t.commit);
+        if let Some(job) = ingest.commit_job_if_due(now, t.commit)
+            && let Err(mpsc::SendError(job)) = commit_tx.send(job)
+        {
+            // The commit thread is gone (it cannot be, short of a panic): commit here.
+            ingest.finish_commit(job.run());
+        }
         for job in ingest.take_archive_jobs() {
             in_flight += 1;
             if jobs_tx.send(job).is_err() {
@@ -255,6 +313,15 @@ fn run_loop(
             }
         }
     }
+    // The last commit must not race one still in flight over the checkpoint file.
+    let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
+    while ingest.commit_in_flight() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(msg) => on_msg(&mut ingest, msg, &mut in_flight, &mut stopping),
+            Err(_) => break,
+        }
+    }
+    drop(commit_tx);
     if !ingest.shutdown() {
         error!("final checkpoint failed; the next agent re-reads from the previous one");
     }

@@ -115,6 +115,12 @@ impl Spool {
         self.len() == 0
     }
 
+    /// Makes what was written to the spool file so far durable (see
+    /// [`SpoolWriter::take_unsynced`]); safe while the writer goes on appending.
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        self.file.sync_data().map_err(|e| self.io("fsync", e))
+    }
+
     /// Bytes of the spool file that hold sealed blocks.
     pub fn file_len(&self) -> u64 {
         self.read_inner().sealed_file
@@ -333,6 +339,16 @@ impl SpoolWriter {
         }
         self.unsynced = true;
         Ok(())
+    }
+
+    /// Whether blocks were sealed since the last sync; clears the flag, for a sync that runs
+    /// elsewhere ([`Spool::sync`]). If that sync fails, [`SpoolWriter::mark_unsynced`].
+    pub fn take_unsynced(&mut self) -> bool {
+        std::mem::take(&mut self.unsynced)
+    }
+
+    pub fn mark_unsynced(&mut self) {
+        self.unsynced = true;
     }
 
     /// Makes the sealed blocks durable; called before a checkpoint that refers to them.
