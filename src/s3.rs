@@ -9,14 +9,19 @@
 //! HEAD before anything is repeated.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, SdkBody};
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, ObjectCannedAcl, ServerSideEncryption,
 };
+use bytes::Bytes;
+use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -300,14 +305,6 @@ impl S3Target {
                 }
             };
             let number = state.parts.len() as u32 + 1;
-            let body = self.read(&job.spool, from, to).await.map_err(|e| Failure {
-                message: format!(
-                    "reading the spool of task {} for s3 key {key}: {e}",
-                    job.task
-                ),
-                permanent: false,
-                upload_gone: false,
-            })?;
             let out = self
                 .client
                 .upload_part()
@@ -316,7 +313,7 @@ impl S3Target {
                 .upload_id(&upload_id)
                 .part_number(number as i32)
                 .content_length((to - from) as i64)
-                .body(ByteStream::from(body))
+                .body(self.body(&job.spool, from, to))
                 .send()
                 .await
                 .map_err(|e| failure("UploadPart", key, e))?;
@@ -495,18 +492,13 @@ impl S3Target {
         len: u64,
         text_len: u64,
     ) -> Result<(), Failure> {
-        let body = if len == 0 {
+        let (body, body_len) = if len == 0 {
             let text = placeholder(&job.task).into_bytes();
-            if self.cfg.gzip { gzip(&text) } else { text }
+            let body = if self.cfg.gzip { gzip(&text) } else { text };
+            let n = body.len() as u64;
+            (ByteStream::from(body), n)
         } else {
-            self.read(&job.spool, 0, len).await.map_err(|e| Failure {
-                message: format!(
-                    "reading the spool of task {} for s3 key {key}: {e}",
-                    job.task
-                ),
-                permanent: false,
-                upload_gone: false,
-            })?
+            (self.body(&job.spool, 0, len), len)
         };
         let mut req = self
             .client
@@ -514,9 +506,9 @@ impl S3Target {
             .bucket(&self.cfg.bucket)
             .key(key)
             .content_type(self.cfg.content_type())
-            .content_length(body.len() as i64)
+            .content_length(body_len as i64)
             .set_metadata(Some(self.metadata(&job.task, &job.origin, text_len)))
-            .body(ByteStream::from(body));
+            .body(body);
         let (acl, sse, kms) = self.put_options();
         req = req
             .set_acl(acl)
@@ -535,23 +527,83 @@ fn gzip(text: &[u8]) -> Vec<u8> {
 }
 
 impl S3Target {
-    /// Bytes `[from, to)` of the uploaded stream: the text, or for gzip output the spool
-    /// file itself, whose members together are one valid gzip file.
-    async fn read(&self, spool: &Arc<Spool>, from: u64, to: u64) -> Result<Vec<u8>, String> {
-        if self.cfg.gzip {
-            let spool = spool.clone();
-            return tokio::task::spawn_blocking(move || spool.read_file(from, to))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string());
-        }
-        read_spool(spool, from, to).await
+    /// Bytes `[from, to)` of the uploaded stream (the text, or for gzip output the spool file
+    /// itself, whose members together are one valid gzip file) as a request body read from
+    /// the spool while it is sent, and read again from `from` if the SDK retries.
+    fn body(&self, spool: &Arc<Spool>, from: u64, to: u64) -> ByteStream {
+        let (spool, gzip) = (spool.clone(), self.cfg.gzip);
+        ByteStream::new(SdkBody::retryable(move || {
+            SdkBody::from_body_1_x(SpoolBody {
+                spool: spool.clone(),
+                gzip,
+                pos: from,
+                end: to,
+                reading: None,
+            })
+        }))
     }
 }
 
-async fn read_spool(spool: &Arc<Spool>, from: u64, to: u64) -> Result<Vec<u8>, String> {
-    let spool = spool.clone();
-    tokio::task::spawn_blocking(move || spool.read_to_vec(from, to).map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| e.to_string())?
+/// A piece of the uploaded stream read from the spool a chunk at a time (on the blocking
+/// pool), so an upload in flight holds a chunk in memory rather than its whole part: four
+/// uploads of 8 MiB parts at once would otherwise hold 32 MiB, and the allocator keeps such
+/// peaks long after they are freed.
+struct SpoolBody {
+    spool: Arc<Spool>,
+    gzip: bool,
+    pos: u64,
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<Result<Vec<u8>, String>>>,
+}
+
+/// What a [`SpoolBody`] reads at a time.
+const BODY_CHUNK: u64 = 256 << 10;
+
+impl http_body::Body for SpoolBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        if this.pos >= this.end {
+            return Poll::Ready(None);
+        }
+        let reading = this.reading.get_or_insert_with(|| {
+            let (spool, gzip, from) = (this.spool.clone(), this.gzip, this.pos);
+            let to = this.end.min(from + BODY_CHUNK);
+            tokio::task::spawn_blocking(move || {
+                let read = if gzip {
+                    spool.read_file(from, to)
+                } else {
+                    spool.read_to_vec(from, to)
+                };
+                read.map_err(|e| e.to_string())
+            })
+        });
+        let read = std::task::ready!(Pin::new(reading).poll(cx));
+        this.reading = None;
+        let error = match read {
+            Ok(Ok(chunk)) if !chunk.is_empty() => {
+                this.pos += chunk.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
+            }
+            Ok(Ok(_)) => "the spool holds fewer bytes than its checkpoint".to_owned(),
+            Ok(Err(e)) => e,
+            Err(e) => e.to_string(),
+        };
+        Poll::Ready(Some(Err(std::io::Error::other(format!(
+            "reading the spool: {error}"
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.end - self.pos)
+    }
 }
