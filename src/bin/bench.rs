@@ -55,17 +55,337 @@ struct Args {
     /// Extra arguments for `druid-log-agent run`, e.g. `--agent-arg=--compression-level=6`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Run the agent under this command, split at spaces, e.g. `--wrap "heaptrack -o /tmp/h"`;
+    /// figures from /proc are then taken from the agent process itself, and it is stopped with
+    /// SIGTERM so the wrapper can write its data.
+    #[arg(long)]
+    wrap: Option<String>,
+    /// Snapshot clients and the probe keep their connection open between requests (as an
+    /// overlord or proxy does) instead of opening one per request.
+    #[arg(long)]
+    keep_alive: bool,
+    /// Run all snapshot clients on one thread (an event loop, each client on its own
+    /// kept-alive connection) instead of a thread each: on a small machine 64 busy client
+    /// threads compete with the agent for the cores, and a client thread that waits for a core
+    /// after its response arrived counts that wait as latency. Implies --keep-alive.
+    #[arg(long)]
+    async_clients: bool,
+    /// Requests per second of each snapshot client; 0 (the default) sends the next request as
+    /// soon as the last one is answered (a closed loop, which on a small machine measures how
+    /// the cores are shared more than the agent). Paced latencies count from when a request
+    /// was due, so a client that falls behind reports the delay.
+    #[arg(long, default_value_t = 0.0)]
+    client_rate: f64,
+    /// Copy the agent's own log (stderr) to this file.
+    #[arg(long)]
+    agent_log: Option<PathBuf>,
 }
 
 struct Agent {
     child: Child,
     addr: String,
+    /// The agent process itself (the child, or a descendant of the wrapper).
+    pid: u32,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if self.pid != self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
+    }
+}
+
+/// The first descendant of `pid` (itself included) whose command is the agent's.
+fn agent_pid(pid: u32) -> Option<u32> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "druid-log-agen" || comm.trim() == "druid-log-agent" {
+        return Some(pid);
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .find_map(agent_pid)
+}
+
+/// Peak RSS since the last call (VmHWM, then reset through clear_refs), in MiB.
+fn phase_peak_mib(pid: u32) -> f64 {
+    let hwm = proc_field(pid, "status", "VmHWM:");
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    hwm as f64 / 1024.0
+}
+
+/// An HTTP/1.1 client on one kept-alive connection (reconnects when the server closes it).
+struct KeepAlive {
+    addr: String,
+    conn: Option<std::io::BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    fn new(addr: &str) -> KeepAlive {
+        KeepAlive {
+            addr: addr.to_owned(),
+            conn: None,
+        }
+    }
+
+    fn get(&mut self, target: &str) -> (u16, Vec<u8>) {
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                let s = TcpStream::connect(&self.addr).expect("connect to agent");
+                let _ = s.set_nodelay(true);
+                self.conn = Some(std::io::BufReader::new(s));
+            }
+            match self.try_get(target) {
+                Some(r) => return r,
+                None => self.conn = None,
+            }
+        }
+        (0, Vec::new())
+    }
+
+    fn try_get(&mut self, target: &str) -> Option<(u16, Vec<u8>)> {
+        use std::io::BufRead;
+        let c = self.conn.as_mut()?;
+        write!(c.get_mut(), "GET {target} HTTP/1.1\r\nHost: b\r\n\r\n").ok()?;
+        let mut line = String::new();
+        c.read_line(&mut line).ok()?;
+        let status: u16 = line.get(9..12)?.parse().ok()?;
+        let (mut len, mut chunked, mut close) = (None, false, false);
+        loop {
+            line.clear();
+            c.read_line(&mut line).ok()?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':')?;
+            let (k, v) = (k.to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+            match k.as_str() {
+                "content-length" => len = v.parse::<usize>().ok(),
+                "transfer-encoding" => chunked = v.contains("chunked"),
+                "connection" => close = v == "close",
+                _ => {}
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                c.read_line(&mut line).ok()?;
+                let n = usize::from_str_radix(line.trim_end().split(';').next()?, 16).ok()?;
+                let at = body.len();
+                body.resize(at + n + 2, 0);
+                c.read_exact(&mut body[at..]).ok()?;
+                body.truncate(at + n);
+                if n == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = len {
+            body.resize(n, 0);
+            c.read_exact(&mut body).ok()?;
+        } else {
+            c.read_to_end(&mut body).ok()?;
+            close = true;
+        }
+        if close {
+            self.conn = None;
+        }
+        Some((status, body))
+    }
+}
+
+/// When a paced client's requests are due: `rate` a second, client `i` of `n` offset so that
+/// the clients do not all send at once.
+struct Pace {
+    period: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    fn new(rate: f64, i: usize, n: usize) -> Pace {
+        let period = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+        let offset = period.map_or(Duration::ZERO, |p| p.mul_f64(i as f64 / n.max(1) as f64));
+        Pace {
+            period,
+            next: Instant::now() + offset,
+        }
+    }
+
+    /// The time the next request is due (and moves on), or `None` when not paced.
+    fn due(&mut self) -> Option<Instant> {
+        let p = self.period?;
+        let due = self.next;
+        self.next += p;
+        Some(due)
+    }
+
+    /// Sleeps until the next request is due; returns when it was due (now, if not paced).
+    fn wait(&mut self) -> Instant {
+        match self.due() {
+            Some(due) => {
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                due
+            }
+            None => Instant::now(),
+        }
+    }
+}
+
+/// Where a complete HTTP/1.1 response ends in `buf`, with its status and whether the server
+/// closes the connection after it; `None` while incomplete.
+fn parse_response(buf: &[u8]) -> Option<(u16, usize, bool)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let status = head.get(9..12)?.parse().ok()?;
+    let (mut len, mut chunked, mut close) = (None, false, false);
+    for l in head.lines().skip(1) {
+        if let Some((k, v)) = l.split_once(':') {
+            let v = v.trim().to_ascii_lowercase();
+            match k.to_ascii_lowercase().as_str() {
+                "content-length" => len = v.parse::<usize>().ok(),
+                "transfer-encoding" => chunked = v.contains("chunked"),
+                "connection" => close = v == "close",
+                _ => {}
+            }
+        }
+    }
+    if let Some(n) = len.filter(|_| !chunked) {
+        return (buf.len() >= head_end + n).then_some((status, head_end + n, close));
+    }
+    let mut at = head_end;
+    loop {
+        let line_end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        let size = std::str::from_utf8(&buf[at..line_end]).ok()?;
+        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        at = line_end + 2 + n + 2;
+        if buf.len() < at {
+            return None;
+        }
+        if n == 0 {
+            return Some((status, at, close));
+        }
+    }
+}
+
+/// `n` snapshot clients as tasks of one single-threaded event loop, each on a kept-alive
+/// connection, until `stop`; returns the latencies of the successful requests in ms.
+fn async_snapshot_clients(
+    addr: &str,
+    n: usize,
+    pods: usize,
+    rate: f64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (addr, stop) = (addr.to_owned(), stop.clone());
+            let task = format!("live-peon-{}", 1 + i % (pods - 1).max(1));
+            let mut pace = Pace::new(rate, i, n);
+            handles.push(tokio::spawn(async move {
+                let req = format!(
+                    "GET /druid/indexer/v1/task/{task}/log?offset=-8192 HTTP/1.1\r\nHost: b\r\n\r\n"
+                );
+                let mut lat = Vec::new();
+                let mut conn: Option<tokio::net::TcpStream> = None;
+                let mut buf = Vec::with_capacity(16 << 10);
+                while !stop.load(Ordering::Relaxed) {
+                    let s = match &conn {
+                        Some(s) => s,
+                        None => {
+                            let s = tokio::net::TcpStream::connect(&addr)
+                                .await
+                                .expect("connect to agent");
+                            let _ = s.set_nodelay(true);
+                            conn.insert(s)
+                        }
+                    };
+                    let t = match pace.due() {
+                        Some(due) => {
+                            tokio::time::sleep_until(due.into()).await;
+                            due
+                        }
+                        None => Instant::now(),
+                    };
+                    let mut sent = 0;
+                    let mut ok = true;
+                    while sent < req.len() {
+                        if s.writable().await.is_err() {
+                            ok = false;
+                            break;
+                        }
+                        match s.try_write(&req.as_bytes()[sent..]) {
+                            Ok(k) => sent += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    buf.clear();
+                    let mut done = None;
+                    while ok && done.is_none() {
+                        if s.readable().await.is_err() {
+                            break;
+                        }
+                        let at = buf.len();
+                        buf.resize(at + (16 << 10), 0);
+                        match s.try_read(&mut buf[at..]) {
+                            Ok(0) => ok = false,
+                            Ok(k) => {
+                                buf.truncate(at + k);
+                                done = parse_response(&buf);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                buf.truncate(at)
+                            }
+                            Err(_) => ok = false,
+                        }
+                    }
+                    match done {
+                        Some((status, _, close)) => {
+                            if status == 200 {
+                                lat.push(ms(t.elapsed()));
+                            }
+                            if close {
+                                conn = None;
+                            }
+                        }
+                        None => conn = None,
+                    }
+                }
+                lat
+            }));
+        }
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+/// One request, on a kept-alive connection when there is one.
+fn fetch(ka: &mut Option<KeepAlive>, addr: &str, target: &str) -> (u16, Vec<u8>) {
+    match ka {
+        Some(k) => k.get(target),
+        None => get(addr, target),
     }
 }
 
@@ -197,7 +517,15 @@ fn main() {
         })
         .sum();
     let started = Instant::now();
-    let mut cmd = Command::new(&agent_bin);
+    let mut cmd = match &args.wrap {
+        Some(w) => {
+            let mut parts = w.split_whitespace();
+            let mut c = Command::new(parts.next().expect("--wrap names a command"));
+            c.args(parts).arg(&agent_bin);
+            c
+        }
+        None => Command::new(&agent_bin),
+    };
     cmd.arg("run");
     if let Some(ep) = &args.s3_endpoint {
         cmd.args([
@@ -229,10 +557,17 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent_bin.display()));
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let mut agent_log = args
+        .agent_log
+        .as_ref()
+        .map(|p| std::fs::File::create(p).expect("create --agent-log file"));
     std::thread::spawn(move || {
         let mut r = std::io::BufReader::new(stderr);
         let mut line = String::new();
         while std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
+            if let Some(f) = &mut agent_log {
+                let _ = f.write_all(line.as_bytes());
+            }
             if let Some(a) = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("addr="))
@@ -245,9 +580,10 @@ fn main() {
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("agent address");
-    let pid = child.id();
-    let agent = Agent { child, addr };
+    let pid = agent_pid(child.id()).expect("agent process");
+    let agent = Agent { child, addr, pid };
     let idle_rss_kib = proc_field(pid, "status", "VmRSS:");
+    let mut peaks = serde_json::Map::new();
     let text_total: u64;
     loop {
         // Wait for the agent to hold what the files hold (the decoded text is a bit smaller
@@ -267,6 +603,7 @@ fn main() {
     }
     let ingest_secs = started.elapsed().as_secs_f64();
     let ingest_cpu = cpu_seconds(pid);
+    peaks.insert("ingest".into(), phase_peak_mib(pid).into());
     let spool_ratio = text_total as f64 / dir_size(&tmp.join("state").join("spool")).max(1) as f64;
 
     // Phase 2: those pods end (the kubelet removes their directories): time and CPU to the
@@ -303,6 +640,7 @@ fn main() {
         end_to_archive.push(ms(t0.elapsed()));
     }
     let archive_cpu = cpu_seconds(pid) - ingest_cpu;
+    peaks.insert("archive".into(), phase_peak_mib(pid).into());
 
     // Phase 3: whole-log streaming of an ended task whose spool is retained.
     let t = Instant::now();
@@ -312,6 +650,7 @@ fn main() {
     );
     let stream_mib_s = whole.len() as f64 / mib as f64 / t.elapsed().as_secs_f64();
     drop(whole);
+    peaks.insert("stream".into(), phase_peak_mib(pid).into());
 
     // Phase 4: new pods written at a set rate while clients read snapshots and a probe
     // measures how soon a written line is visible.
@@ -346,15 +685,24 @@ fn main() {
             }
         }));
     }
-    let clients: Vec<_> = (0..args.clients)
+    let async_clients = args.async_clients.then(|| {
+        let (addr, stop) = (agent.addr.clone(), stop.clone());
+        let (n, pods, rate) = (args.clients, args.pods, args.client_rate);
+        std::thread::spawn(move || async_snapshot_clients(&addr, n, pods, rate, &stop))
+    });
+    let clients: Vec<_> = (0..if args.async_clients { 0 } else { args.clients })
         .map(|i| {
             let (addr, stop) = (agent.addr.clone(), stop.clone());
             let task = format!("live-peon-{}", 1 + i % (args.pods - 1).max(1));
+            let keep_alive = args.keep_alive;
+            let mut pace = Pace::new(args.client_rate, i, args.clients);
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
+                let mut ka = keep_alive.then(|| KeepAlive::new(&addr));
                 while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let (status, _) = get(
+                    let t = pace.wait();
+                    let (status, _) = fetch(
+                        &mut ka,
                         &addr,
                         &format!("/druid/indexer/v1/task/{task}/log?offset=-8192"),
                     );
@@ -369,6 +717,7 @@ fn main() {
     let (mut pw, _, _) = probe_pod;
     let mut visible = Vec::new();
     let mut probe_get_max = 0f64;
+    let mut probe_ka = (args.keep_alive || args.async_clients).then(|| KeepAlive::new(&agent.addr));
     for i in 0..100 {
         let marker = format!("bench-marker-{i}-{}", started.elapsed().as_nanos());
         let t = Instant::now();
@@ -376,7 +725,8 @@ fn main() {
             .expect("write marker");
         loop {
             let g = Instant::now();
-            let (_, body) = get(
+            let (_, body) = fetch(
+                &mut probe_ka,
                 &agent.addr,
                 "/druid/indexer/v1/task/live-peon-0/log?offset=-8192",
             );
@@ -391,6 +741,11 @@ fn main() {
         visible.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The first marker also waits for the agent to find the new pod (with all the others).
+    let first_visible = visible.first().copied().unwrap_or_default();
+    let mut slowest: Vec<(usize, f64)> = visible.iter().copied().enumerate().collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    slowest.truncate(3);
     for h in handles {
         let _ = h.join();
     }
@@ -399,11 +754,18 @@ fn main() {
         .into_iter()
         .flat_map(|c| c.join().unwrap_or_default())
         .collect();
+    if let Some(h) = async_clients {
+        snap.extend(h.join().unwrap_or_default());
+    }
     let snap_max = snap.iter().cloned().fold(0.0, f64::max);
 
     let live_cpu = cpu_seconds(pid) - cpu_before_live;
     let total_cpu = cpu_seconds(pid);
-    let peak_rss_kib = proc_field(pid, "status", "VmHWM:");
+    peaks.insert("live".into(), phase_peak_mib(pid).into());
+    let peak_rss_mib = peaks
+        .values()
+        .filter_map(|v| v.as_f64())
+        .fold(0.0, f64::max);
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -424,8 +786,12 @@ fn main() {
         "live_phase_cpu_s_incl_serving": live_cpu,
         "total_cpu_s": total_cpu,
         "idle_rss_mib": idle_rss_kib as f64 / 1024.0,
-        "peak_rss_mib": peak_rss_kib as f64 / 1024.0,
-        "write_to_visible_ms": {"p50": pct(&mut visible, 0.5), "p99": pct(&mut visible, 0.99), "slowest_single_request": probe_get_max},
+        "peak_rss_mib": peak_rss_mib,
+        "peak_rss_mib_by_phase": peaks,
+        "keep_alive": args.keep_alive || args.async_clients,
+        "async_clients": args.async_clients,
+        "client_rate": args.client_rate,
+        "write_to_visible_ms": {"first": first_visible, "slowest_markers": slowest, "p50": pct(&mut visible, 0.5), "p99": pct(&mut visible, 0.99), "slowest_single_request": probe_get_max},
         "snapshot_offset_-8192_ms": {"clients": args.clients, "requests": snap.len(), "p50": pct(&mut snap, 0.5), "p99": pct(&mut snap, 0.99), "max": snap_max},
         "whole_log_stream_mib_s": stream_mib_s,
         "task_end_to_archive_ms": {"p50": pct(&mut end_to_archive, 0.5), "p99": pct(&mut end_to_archive, 0.99)},
