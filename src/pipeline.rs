@@ -214,6 +214,8 @@ pub struct Ingest {
     last_commit: Instant,
     /// The commit whose slow part runs elsewhere, if any (see [`Ingest::commit_job_if_due`]).
     commit_in_flight: Option<InFlight>,
+    /// Consecutive failed commits (logged once per streak).
+    commit_failures: u32,
     jobs: Vec<Job>,
     /// Set when inotify cannot be trusted (watch limit reached); the tree is then rescanned
     /// on every poll.
@@ -320,6 +322,7 @@ impl Ingest {
             commit_now: false,
             last_commit: Instant::now(),
             commit_in_flight: None,
+            commit_failures: 0,
             jobs: Vec::new(),
             degraded: false,
             registry: Registry::default(),
@@ -1111,6 +1114,13 @@ impl Ingest {
         match done.0 {
             Ok(()) => {
                 self.metrics.commits.fetch_add(1, Relaxed);
+                if self.commit_failures > 0 {
+                    info!(
+                        failed_attempts = self.commit_failures,
+                        "checkpoint committed again"
+                    );
+                    self.commit_failures = 0;
+                }
                 for m in f.marks {
                     if let Some(t) = self.tasks.get_mut(&m.pod_dir) {
                         if t.snapshot_gen == m.snapshot_gen {
@@ -1124,14 +1134,20 @@ impl Ingest {
             }
             Err(e) => {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);
-                error!(error = %e, "checkpoint not committed; retrying");
+                self.commit_failures += 1;
+                if self.commit_failures == 1 {
+                    error!(error = %e, "checkpoint not committed; retrying");
+                } else {
+                    debug!(error = %e, attempts = self.commit_failures, "checkpoint still not committed");
+                }
                 for name in &f.synced {
                     if let Some(t) = self.tasks.get_mut(name) {
                         t.writer.mark_unsynced();
                     }
                 }
-                self.commit_now |= f.commit_now;
-                self.checkpoint_dirty |= f.checkpoint_dirty;
+                // Retried after commit_interval_ms, not at once: a full disk must not turn
+                // the ingest loop into a stream of failing commits.
+                self.checkpoint_dirty |= f.checkpoint_dirty || f.commit_now;
                 false
             }
         }
