@@ -34,6 +34,7 @@ use clap::Parser;
 use druid_log_agent::loadgen::{LineGen, Rng, encode_cri};
 use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
 use druid_log_agent::testkit::kubeapi::{FakeApi, pod};
+use druid_log_agent::testkit::moto::Moto;
 use serde_json::{Value, json};
 
 #[derive(Parser, Clone)]
@@ -753,18 +754,6 @@ fn snapshot_loop(sh: &Shared) {
 // ---------------------------------------------------------------------------------------------
 // Verification
 
-fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "soak");
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .credentials_provider(creds)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
-
 /// Sizes of every archived object, by task id.
 async fn list_archived(s3: &aws_sdk_s3::Client) -> Result<HashMap<String, i64>, String> {
     let mut out = HashMap::new();
@@ -990,36 +979,6 @@ fn free_port() -> io::Result<u16> {
         .port())
 }
 
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_moto(cmd: &str) -> Result<(Moto, String), String> {
-    let port = free_port().map_err(|e| e.to_string())?;
-    let child = Command::new(cmd)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("{cmd}: {e} (pip install 'moto[server]==5.1.22')"))?;
-    let moto = Moto(child);
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("{cmd} did not listen on {addr}"));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok((moto, format!("http://{addr}")))
-}
-
 fn run(args: Args) -> Result<bool, String> {
     let bin = match &args.agent {
         Some(p) => p.clone(),
@@ -1042,12 +1001,13 @@ fn run(args: Args) -> Result<bool, String> {
     let logs = node.join("logs");
     fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let disk = Disk::new(&node.join("state"), args.disk_mib);
-    let (_moto, moto_url) = start_moto(&args.moto)?;
+    let moto = Moto::start_with(&args.moto)?;
+    let moto_url = moto.endpoint.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let s3 = s3_client(&moto_url);
+    let s3 = moto.client();
     rt.block_on(s3.create_bucket().bucket(BUCKET).send())
         .map_err(|e| format!("create bucket: {e:?}"))?;
     let proxy =

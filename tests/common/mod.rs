@@ -284,66 +284,9 @@ pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
     }
 }
 
-/// A moto S3 server on a free loopback port, stopped on drop. CI installs `moto[server]`
-/// (see .ci/run); a missing `moto_server` fails the test rather than skipping it.
-pub struct Moto {
-    child: Child,
-    pub endpoint: String,
-}
-
-impl Moto {
-    pub fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server must be installed: pip install 'moto[server]==5.1.22'");
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            child,
-            endpoint: format!("http://{addr}"),
-        }
-    }
-
-    /// A client for the test's own checks, with the same static credentials as the agent.
-    pub fn client(&self) -> aws_sdk_s3::Client {
-        client_for(&self.endpoint)
-    }
-}
-
-pub fn client_for(endpoint: &str) -> aws_sdk_s3::Client {
-    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "test");
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .credentials_provider(creds)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// Not every test crate that includes this module uses them.
+#[allow(unused_imports)]
+pub use druid_log_agent::testkit::moto::{Moto, client_for};
 
 /// Environment for an agent talking to a test S3 server: static credentials, no instance
 /// metadata lookups.
