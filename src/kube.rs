@@ -247,15 +247,16 @@ impl TaskIdentity for KubeIdentity {
                 }
             };
         }
+        let dir = self.log_root.join(&pod.name);
         let since = *self
             .first_seen
             .entry(pod.uid.clone())
-            .or_insert_with(Instant::now);
+            .or_insert_with(|| created(&dir));
         if !self.cache.is_synced() || since.elapsed() < self.pending_timeout {
             return Identity::Pending;
         }
         self.first_seen.remove(&pod.uid);
-        if self.log_root.join(&pod.name).is_dir() {
+        if dir.is_dir() {
             // The pod lives and a synced watch of this node's peons does not list it.
             Identity::Ignore
         } else if since
@@ -276,6 +277,18 @@ impl TaskIdentity for KubeIdentity {
     fn container_finished(&mut self, pod: &PodDir) -> bool {
         self.cache.get(&pod.uid).is_some_and(|i| i.finished)
     }
+}
+
+/// When a pod's log directory was created, as an `Instant`: the pending timeout counts from
+/// there, so an agent restart does not start it again. Now if the file system cannot say.
+fn created(dir: &std::path::Path) -> Instant {
+    let now = Instant::now();
+    std::fs::metadata(dir)
+        .and_then(|m| m.created().or_else(|_| m.modified()))
+        .ok()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(now)
 }
 
 /// The client the standard way: in-cluster config inside a pod, `KUBECONFIG` (or
