@@ -472,6 +472,27 @@ fn write_mib(w: &mut PeonWriter, g: &mut LineGen, bytes: u64) {
     w.expected.shrink_to(0);
 }
 
+/// `pods` peon log directories `druid_{name}-peon-{i}_<uid>` with a writer and a line
+/// generator each (seeds from `seed`); `uid_group` keeps the uids of two sets apart.
+fn create_pods(
+    dir: &std::path::Path,
+    name: &str,
+    uid_group: u32,
+    pods: usize,
+    rotate_bytes: u64,
+    seed: u64,
+) -> Vec<(PeonWriter, LineGen, PathBuf)> {
+    (0..pods)
+        .map(|i| {
+            let pod = dir.join(format!(
+                "druid_{name}-peon-{i}_00000000-0000-4000-{uid_group}-{i:012}"
+            ));
+            let w = PeonWriter::create(&pod.join("main"), rotate_bytes).expect("create pod");
+            (w, LineGen::new(seed + i as u64), pod)
+        })
+        .collect()
+}
+
 fn main() {
     let args = Args::parse();
     let tmp = args
@@ -490,18 +511,14 @@ fn main() {
     let per_pod = args.mib * mib / args.pods as u64;
 
     // Phase 1: logs already on the node; the agent starts and ingests them at full speed.
-    let mut writers: Vec<(PeonWriter, LineGen, PathBuf)> = (0..args.pods)
-        .map(|i| {
-            let pod = pods_dir.join(format!(
-                "druid_bench-peon-{i}_00000000-0000-4000-8000-{i:012}"
-            ));
-            let w =
-                PeonWriter::create(&pod.join("main"), args.rotate_mib * mib).expect("create pod");
-            let mut g = LineGen::new(i as u64);
-            g.long_every = 500;
-            (w, g, pod)
-        })
-        .collect();
+    let mut writers = create_pods(
+        &pods_dir,
+        "bench",
+        8000,
+        args.pods,
+        args.rotate_mib * mib,
+        0,
+    );
     for (w, g, _) in &mut writers {
         // No rotation before the start: a first start reads live and uncompressed files only.
         w.rotate_bytes = 0;
@@ -655,16 +672,14 @@ fn main() {
     // Phase 4: new pods written at a set rate while clients read snapshots and a probe
     // measures how soon a written line is visible.
     let cpu_before_live = cpu_seconds(pid);
-    let mut writers: Vec<(PeonWriter, LineGen, PathBuf)> = (0..args.pods)
-        .map(|i| {
-            let pod = pods_dir.join(format!(
-                "druid_live-peon-{i}_00000000-0000-4000-9000-{i:012}"
-            ));
-            let w =
-                PeonWriter::create(&pod.join("main"), args.rotate_mib * mib).expect("create pod");
-            (w, LineGen::new(1000 + i as u64), pod)
-        })
-        .collect();
+    let mut writers = create_pods(
+        &pods_dir,
+        "live",
+        9000,
+        args.pods,
+        args.rotate_mib * mib,
+        1000,
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let live_per_pod = args.live_mib * mib / args.pods as u64;

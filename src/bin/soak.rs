@@ -492,7 +492,8 @@ fn start_agent(sh: &Shared, bin: &Path, node: &Path, kubeconfig: &Path, s3: &str
     }
 }
 
-fn proc_kib(pid: u32, key: &str) -> u64 {
+/// A number from /proc/PID/status (`VmHWM:` in KiB, `Threads:`).
+fn proc_status(pid: u32, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -600,9 +601,9 @@ fn supervise(
 fn sample(sh: &Shared, pid: u32) {
     let c = &sh.counters;
     c.peak_rss_kib
-        .fetch_max(proc_kib(pid, "VmHWM:"), Ordering::Relaxed);
+        .fetch_max(proc_status(pid, "VmHWM:"), Ordering::Relaxed);
     c.max_threads
-        .fetch_max(proc_kib(pid, "Threads:"), Ordering::Relaxed);
+        .fetch_max(proc_status(pid, "Threads:"), Ordering::Relaxed);
     if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
         c.max_fds.fetch_max(fds.count() as u64, Ordering::Relaxed);
     }
