@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
@@ -75,30 +74,27 @@ struct PodInfo {
 pub struct PodCache {
     pods: RwLock<HashMap<String, PodInfo>>,
     synced: AtomicBool,
-    /// Since when the watch has run without a break (no error since its last complete list):
-    /// every peon that existed at any moment since then has been seen.
-    unbroken_since: std::sync::Mutex<Option<Instant>>,
+    /// When the list the cache rests on completed, while the watch has run without an error
+    /// since: the cache is current, and every peon that existed at any moment since then has
+    /// been seen. `None` while the watch is broken (API down, answering 503, history expired)
+    /// until its relist completes.
+    current_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl PodCache {
-    /// Whether the cache holds a complete list from the API (for `/readyz`).
+    /// Whether the cache has held a complete list from the API once (for `/readyz`: known
+    /// tasks flow during an outage, so readiness does not flap with the API).
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
     }
 
-    /// Whether the watch has been unbroken since `t`.
-    fn unbroken_since(&self, t: Instant) -> bool {
-        self.unbroken_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|since| since <= t)
+    /// Since when the cache has been current, if it is now.
+    fn current_since(&self) -> Option<Instant> {
+        *self.current_since.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_unbroken(&self, ok: bool) {
-        let mut since = self
-            .unbroken_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+    fn set_current(&self, ok: bool) {
+        let mut since = self.current_since.lock().unwrap_or_else(|e| e.into_inner());
         match (ok, *since) {
             (true, None) => *since = Some(Instant::now()),
             (false, _) => *since = None,
@@ -123,25 +119,64 @@ fn info_of(pod: &Pod, annotation: &str, container: &str) -> Option<(String, PodI
         .as_ref()
         .and_then(|a| a.get(annotation))
         .cloned();
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == container))
-        .and_then(|c| c.state.as_ref())
-        .is_some_and(|s| s.terminated.is_some());
     Some((
         uid,
         PodInfo {
             task_id,
-            finished,
+            finished: will_not_run_again(pod, container),
             deleted_at: None,
         },
     ))
 }
 
-/// Runs the list+watch until the process ends, with the watcher's backoff on errors (API
-/// down, 410 Gone, timeouts all end in a relist).
+/// Whether the log container of `pod` has ended for good, so its files will not grow.
+///
+/// The kubelet reports a container that exited as `state.terminated` whether or not it is about
+/// to restart it: during a restart the status shows `terminated` (phase still `Running`), then
+/// `waiting` (CrashLoopBackOff), then `running` with `restartCount + 1` and a new `<n>.log`.
+/// So `terminated` alone means nothing; it is final only when no restart can follow: the phase is
+/// terminal (`Succeeded`/`Failed`: no container of the pod will run again), or the pod's
+/// `restartPolicy` rules a restart out (`Never`; `OnFailure` after exit code 0). A sidecar can
+/// keep the phase `Running` long after `main` ended for good, hence the second rule.
+fn will_not_run_again(pod: &Pod, container: &str) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return true;
+    }
+    let Some(exit_code) = status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code)
+    else {
+        return false;
+    };
+    // The API's default; an unknown future value is treated like Always (keep following).
+    let policy = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always");
+    match policy {
+        "Never" => true,
+        "OnFailure" => exit_code == 0,
+        _ => false,
+    }
+}
+
+/// First and longest pause between two attempts to list and watch again after an error.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Runs the list+watch until the process ends. After any error (API down, answering 503,
+/// watch cut, 410 Gone) the watch is started again from a fresh list, with backoff: the cache
+/// is "current" again only once a list completed after the error (kube's watcher would resume
+/// from its last resourceVersion without a new list, and say nothing when it succeeds, leaving
+/// no moment from which the cache is known to be current).
 pub async fn watch_pods(
     client: Client,
     cfg: KubeConfig,
@@ -153,50 +188,75 @@ pub async fn watch_pods(
     let wc = watcher::Config::default()
         .fields(&format!("spec.nodeName={node}"))
         .labels(&cfg.label_selector);
-    let mut stream = watcher::watcher(api, wc).default_backoff().boxed();
-    let mut relist: Option<HashSet<String>> = None;
-    while let Some(ev) = stream.next().await {
-        let mut pods = cache.pods.write().unwrap_or_else(|e| e.into_inner());
-        match ev {
-            Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
-                if let Some((uid, info)) = info_of(&pod, &cfg.task_id_annotation, &container) {
-                    if let Some(seen) = &mut relist {
-                        seen.insert(uid.clone());
+    let keep = Duration::from_secs(cfg.deleted_retention_secs);
+    let mut retry = RETRY_FIRST;
+    loop {
+        let mut stream = watcher::watcher(api.clone(), wc.clone()).boxed();
+        let mut relist: Option<HashSet<String>> = None;
+        // Deleted pods are forgotten after their retention even if no relist comes.
+        let mut prune =
+            tokio::time::interval(keep.clamp(Duration::from_secs(1), Duration::from_secs(60)));
+        let error = loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = prune.tick() => {
+                    let mut pods = cache.pods.write().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    pods.retain(|_, i| i.deleted_at.is_none_or(|d| now.duration_since(d) < keep));
+                    continue;
+                }
+            };
+            let Some(ev) = ev else {
+                break "the watch stream ended".to_owned();
+            };
+            let mut pods = cache.pods.write().unwrap_or_else(|e| e.into_inner());
+            match ev {
+                Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
+                    if let Some((uid, info)) = info_of(&pod, &cfg.task_id_annotation, &container) {
+                        if let Some(seen) = &mut relist {
+                            seen.insert(uid.clone());
+                        }
+                        pods.insert(uid, info);
                     }
-                    pods.insert(uid, info);
                 }
-            }
-            Ok(Event::Delete(pod)) => {
-                if let Some((uid, mut info)) = info_of(&pod, &cfg.task_id_annotation, &container) {
-                    // Kept (as finished) so the log can be drained and archived.
-                    info.finished = true;
-                    info.deleted_at = Some(Instant::now());
-                    pods.insert(uid, info);
-                }
-            }
-            Ok(Event::Init) => relist = Some(HashSet::new()),
-            Ok(Event::InitDone) => {
-                // Pods missing from a relist were deleted while the watch was down.
-                let seen = relist.take().unwrap_or_default();
-                let now = Instant::now();
-                for (uid, info) in pods.iter_mut() {
-                    if !seen.contains(uid) && info.deleted_at.is_none() {
+                Ok(Event::Delete(pod)) => {
+                    if let Some((uid, mut info)) =
+                        info_of(&pod, &cfg.task_id_annotation, &container)
+                    {
+                        // Kept (as finished) so the log can be drained and archived.
                         info.finished = true;
-                        info.deleted_at = Some(now);
+                        info.deleted_at = Some(Instant::now());
+                        pods.insert(uid, info);
                     }
                 }
-                let keep = Duration::from_secs(cfg.deleted_retention_secs);
-                pods.retain(|_, i| i.deleted_at.is_none_or(|d| now.duration_since(d) < keep));
-                cache.set_unbroken(true);
-                if !cache.synced.swap(true, Ordering::Relaxed) {
-                    info!(pods = pods.len(), node = %node, "pod cache synced");
+                Ok(Event::Init) => relist = Some(HashSet::new()),
+                Ok(Event::InitDone) => {
+                    // Pods missing from a relist were deleted while the watch was down.
+                    let seen = relist.take().unwrap_or_default();
+                    let now = Instant::now();
+                    for (uid, info) in pods.iter_mut() {
+                        if !seen.contains(uid) && info.deleted_at.is_none() {
+                            info.finished = true;
+                            info.deleted_at = Some(now);
+                        }
+                    }
+                    pods.retain(|_, i| i.deleted_at.is_none_or(|d| now.duration_since(d) < keep));
+                    cache.set_current(true);
+                    retry = RETRY_FIRST;
+                    if !cache.synced.swap(true, Ordering::Relaxed) {
+                        info!(pods = pods.len(), node = %node, "pod cache synced");
+                    } else {
+                        info!(pods = pods.len(), "pod list current again");
+                    }
                 }
+                Err(e) => break e.to_string(),
             }
-            Err(e) => {
-                cache.set_unbroken(false);
-                warn!(error = %e, "pod watch failed; known tasks keep flowing, retrying with backoff");
-            }
-        }
+        };
+        cache.set_current(false);
+        warn!(error = %error, retry_in_ms = retry.as_millis() as u64,
+            "pod watch failed; known tasks keep flowing, new pod directories wait until the pod list is current again");
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
@@ -208,6 +268,8 @@ pub struct KubeIdentity {
     cache: Arc<PodCache>,
     pending_timeout: Duration,
     first_seen: HashMap<String, Instant>,
+    /// Pods already warned about as pending past the timeout, so the log says it once.
+    warned_pending: HashSet<String>,
     metrics: Arc<Metrics>,
     log_root: std::path::PathBuf,
 }
@@ -223,6 +285,7 @@ impl KubeIdentity {
             cache,
             pending_timeout: Duration::from_secs(cfg.pending_timeout_secs),
             first_seen: HashMap::new(),
+            warned_pending: HashSet::new(),
             metrics,
             log_root,
         }
@@ -248,21 +311,34 @@ impl TaskIdentity for KubeIdentity {
             };
         }
         let dir = self.log_root.join(&pod.name);
-        let since = *self
+        let born = *self
             .first_seen
             .entry(pod.uid.clone())
             .or_insert_with(|| created(&dir));
-        if !self.cache.is_synced() || since.elapsed() < self.pending_timeout {
+        let now = Instant::now();
+        let Some(current) = self.cache.current_since() else {
+            // Without a current pod list nothing can be concluded, however long that takes:
+            // the pod may be a peon that started while the API was unreachable.
+            if now.duration_since(born) >= self.pending_timeout
+                && self.warned_pending.insert(pod.uid.clone())
+            {
+                warn!(pod_dir = %pod.name, "pod log directory still unknown after pending_timeout_secs and the pod list is not current (API unreachable?); its files are held unread until the API answers");
+            }
+            return Identity::Pending;
+        };
+        // The list the cache rests on must have completed after the directory appeared (or the
+        // watch run unbroken since before), and the pod had pending_timeout to show up since.
+        if now < born.max(current) + self.pending_timeout {
             return Identity::Pending;
         }
         self.first_seen.remove(&pod.uid);
+        self.warned_pending.remove(&pod.uid);
         if dir.is_dir() {
-            // The pod lives and a synced watch of this node's peons does not list it.
+            // The pod lives and a current list of this node's peons does not show it. (A
+            // peon deleted while the watch was broken loses its directory to the kubelet's
+            // garbage collection well within the default pending timeout.)
             Identity::Ignore
-        } else if since
-            .checked_sub(WATCH_LAG)
-            .is_some_and(|t| self.cache.unbroken_since(t))
-        {
+        } else if born.checked_sub(WATCH_LAG).is_some_and(|t| current <= t) {
             // The pod existed while the watch ran without a break, and the watch never showed
             // it: not a peon (a short-lived pod of another app), so its log is not ours to ship.
             info!(pod_dir = %pod.name, "pod gone and never listed by an unbroken watch of peons: not a peon pod; its log is not read");
@@ -274,8 +350,22 @@ impl TaskIdentity for KubeIdentity {
         }
     }
 
+    fn is_peon(&mut self, pod: &PodDir) -> bool {
+        self.cache
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&pod.uid)
+    }
+
     fn container_finished(&mut self, pod: &PodDir) -> bool {
-        self.cache.get(&pod.uid).is_some_and(|i| i.finished)
+        // Asked at every end of file: a lookup, no clone.
+        self.cache
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pod.uid)
+            .is_some_and(|i| i.finished)
     }
 }
 
@@ -293,6 +383,14 @@ fn created(dir: &std::path::Path) -> Instant {
 
 /// The client the standard way: in-cluster config inside a pod, `KUBECONFIG` (or
 /// `~/.kube/config`) otherwise; plain `http://` servers included.
+///
+/// The client's own retries of 429/503/504 are off: they would hide an outage of minutes from
+/// the watcher (15 retries with backoff), which would then believe its pod list current while
+/// no event can arrive. The watch loop retries on its own, and knows it is doing so.
 pub async fn client() -> Result<Client, kube::Error> {
-    Client::try_default().await
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.default_retry = false;
+    Client::try_from(config)
 }

@@ -99,9 +99,16 @@ pub enum Identity {
 pub trait TaskIdentity: Send {
     fn identify(&mut self, pod: &PodDir) -> Identity;
 
-    /// Whether the pod's log container has terminated (its files will not grow). The pipeline
-    /// also ends a task when its directory is removed or it has been idle for too long.
+    /// Whether the pod's log container will not run again (its files will not grow once read
+    /// to their end). The pipeline also ends a task when its directory is removed or it has
+    /// been idle for too long.
     fn container_finished(&mut self, _pod: &PodDir) -> bool {
+        false
+    }
+
+    /// Whether the pod is now known to be a peon: a directory let go as "not a peon" is taken
+    /// back (and read from the start of its files) when its pod turns up after all.
+    fn is_peon(&mut self, _pod: &PodDir) -> bool {
         false
     }
 }
