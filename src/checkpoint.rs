@@ -64,6 +64,17 @@ pub struct FileKey {
     pub fp: u32,
 }
 
+/// A file read to its end and closed, and how long it was then: a rescan never reads it again
+/// unless it has grown since (the runtime wrote after all), then from where reading stopped.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DoneFile {
+    #[serde(flatten)]
+    pub key: FileKey,
+    /// `None` in checkpoints of agents before it was recorded: such a file is never read again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
+}
+
 /// Where the lifecycle of a task stands.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", tag = "phase")]
@@ -101,8 +112,8 @@ pub struct TaskState {
     pub phase: Phase,
     /// Files still being read, in log order.
     pub sources: Vec<SourceState>,
-    /// Files read to their end, so a rescan never reads them again.
-    pub done: Vec<FileKey>,
+    /// Files read to their end, so a rescan does not read them again.
+    pub done: Vec<DoneFile>,
     /// Highest restart number taken into the log so far.
     pub last_restart: Option<u32>,
     pub lines: [LineState; 2],
@@ -112,6 +123,10 @@ pub struct TaskState {
     /// When the agent first saw the task (ms since the epoch).
     #[serde(default)]
     pub first_seen_ms: u64,
+    /// The spool of this archived task was lost; the archive alone holds its log, and its
+    /// files must never be read (and archived) again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spool_lost: bool,
 }
 
 /// Reads the checkpoint in `dir`; a missing file is an empty state (first start).
@@ -196,23 +211,40 @@ mod tests {
                     archived_len: 20,
                 },
                 sources: vec![],
-                done: vec![FileKey {
-                    dev: 1,
-                    ino: 2,
-                    born_ns: 7,
-                    fp_len: 64,
-                    fp: 3,
+                done: vec![DoneFile {
+                    key: FileKey {
+                        dev: 1,
+                        ino: 2,
+                        born_ns: 7,
+                        fp_len: 64,
+                        fp: 3,
+                    },
+                    len: Some(4096),
                 }],
                 last_restart: Some(0),
                 lines: Default::default(),
                 upload: UploadState::default(),
                 first_seen_ms: 1,
+                spool_lost: false,
             }],
         };
         commit(dir.path(), &st).unwrap();
         assert_eq!(load(dir.path()).unwrap(), st);
         let text = fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
         assert!(text.starts_with(r#"{"version":"1","#), "{text}");
+    }
+
+    /// A checkpoint of an agent that recorded drained files without their length still loads.
+    #[test]
+    fn done_files_without_length_load() {
+        let old =
+            br#"{"version":"1","committed_at_ms":1,"tasks":[{"pod_dir":"a_b_c","container":"main",
+            "task_id":null,"spool_file_len":0,"log_len":0,"phase":{"phase":"running"},"sources":[],
+            "done":[{"dev":1,"ino":2,"born_ns":0,"fp_len":64,"fp":3}],"last_restart":null,
+            "lines":[{"len":0,"truncated":false},{"len":0,"truncated":false}]}]}"#;
+        let st = parse(old).unwrap();
+        assert_eq!(st.tasks[0].done[0].len, None);
+        assert_eq!(st.tasks[0].done[0].key.ino, 2);
     }
 
     #[test]

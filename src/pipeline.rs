@@ -22,12 +22,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, error, info, warn};
 
 use crate::archive::{Job, JobKind, Origin, Outcome, UploadState};
-use crate::checkpoint::{self, FileKey, Phase, SourceState, State, TaskState};
+use crate::checkpoint::{self, DoneFile, FileKey, Phase, SourceState, State, TaskState};
 use crate::config::Config;
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::loadgen::Rng;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, TaskEntry};
+use crate::registry::{PendingPod, Registry, TaskEntry};
 use crate::spool::{Packer, SpoolWriter};
 use crate::tail::{self, FINGERPRINT_LEN};
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
@@ -102,7 +102,13 @@ struct Task {
     container_dir: PathBuf,
     writer: SpoolWriter,
     sources: VecDeque<Source>,
-    done: VecDeque<FileKey>,
+    /// After a restart: the sources of the checkpoint while some cannot be reopened yet
+    /// (see [`Ingest::reopen_sources`]); nothing is read meanwhile.
+    restoring: Option<Vec<SourceState>>,
+    restore_warned: bool,
+    /// The spool of an archived task was lost (set aside): nothing is read or served.
+    spool_lost: bool,
+    done: VecDeque<DoneFile>,
     last_restart: Option<u32>,
     lines: [LineState; 2],
     phase: Phase,
@@ -144,6 +150,9 @@ impl Task {
             container_dir,
             writer,
             sources: VecDeque::new(),
+            restoring: None,
+            restore_warned: false,
+            spool_lost: false,
             done: VecDeque::new(),
             last_restart: None,
             lines: Default::default(),
@@ -224,6 +233,10 @@ pub struct Ingest {
     packer: Packer,
     /// Reading is paused because the spools reached `spool_max_bytes`.
     backpressure: bool,
+    /// A spool was created since the last commit: the next one syncs the spool directory.
+    spool_dir_unsynced: bool,
+    /// Bytes of spools set aside (`*.corrupt-*`), counted against `spool_max_bytes`.
+    aside_bytes: u64,
 }
 
 /// What a commit in flight holds, to apply when it is done.
@@ -231,6 +244,7 @@ struct InFlight {
     marks: Vec<Mark>,
     /// Tasks whose spools the job syncs.
     synced: Vec<String>,
+    spool_dir_synced: bool,
     commit_now: bool,
     checkpoint_dirty: bool,
 }
@@ -248,6 +262,10 @@ struct Mark {
 pub struct CommitJob {
     state_dir: PathBuf,
     spools: Vec<Arc<crate::spool::Spool>>,
+    /// The spool directory, when spools were created in it since the last commit: their
+    /// names must be durable before a checkpoint names them (after a power loss the
+    /// checkpoint could name a spool that is not there).
+    spool_dir: Option<PathBuf>,
     state: State,
 }
 
@@ -262,6 +280,14 @@ impl CommitJob {
                     "cannot sync spool ({e}); checkpoint not written"
                 )));
             }
+        }
+        if let Some(dir) = &self.spool_dir
+            && let Err(e) = checkpoint::sync_dir(dir)
+        {
+            return CommitDone(Err(format!(
+                "cannot sync spool directory {} ({e}); checkpoint not written",
+                dir.display()
+            )));
         }
         CommitDone(checkpoint::commit(&self.state_dir, &self.state).map_err(|e| e.to_string()))
     }
@@ -328,12 +354,15 @@ impl Ingest {
             registry: Registry::default(),
             packer: Packer::new(cfg.compression_level),
             backpressure: false,
+            spool_dir_unsynced: false,
+            aside_bytes: 0,
             s,
         };
         for ts in state.tasks {
             ingest.restore(ts);
         }
         ingest.remove_orphan_spools();
+        ingest.aside_bytes = aside_bytes(&ingest.s.spool_dir, None);
         Ok(ingest)
     }
 
@@ -347,101 +376,129 @@ impl Ingest {
             return;
         };
         let path = self.spool_path(&pod.name);
-        let writer = match SpoolWriter::open(&path, ts.spool_file_len) {
-            Ok(w) if w.spool().len() == ts.log_len => w,
-            Ok(w) => {
-                self.set_aside(
-                    &path,
-                    &format!(
-                        "holds {} bytes of text, checkpoint says {}",
-                        w.spool().len(),
-                        ts.log_len
-                    ),
-                );
-                return;
-            }
-            Err(e) => {
-                self.set_aside(&path, &e.to_string());
+        let bad = match SpoolWriter::open(&path, ts.spool_file_len) {
+            Ok(w) if w.spool().len() == ts.log_len => Ok(w),
+            Ok(w) => Err(format!(
+                "holds {} bytes of text, checkpoint says {}",
+                w.spool().len(),
+                ts.log_len
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        let writer = match bad {
+            Ok(w) => w,
+            Err(why) => {
+                self.set_aside(&path, &why);
+                self.restore_without_spool(pod, ts, &path);
                 return;
             }
         };
         let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
-        let found = tail::list(&container_dir).unwrap_or_default();
-        let mut sources = VecDeque::new();
-        for ss in ts.sources.clone() {
-            let located = found
-                .iter()
-                .filter(|f| f.dev == ss.key.dev && f.ino == ss.key.ino)
-                .find_map(|f| {
-                    let file = File::open(&f.path).ok()?;
-                    tail::is_same(&file, &ss.key)
-                        .ok()?
-                        .then(|| (f.path.clone(), file))
-                });
-            match located {
-                Some((path, file)) => {
-                    self.metrics.files_opened.fetch_add(1, Relaxed);
-                    sources.push_back(Source {
-                        held: held(&file),
-                        restart: ss.restart,
-                        key: ss.key,
-                        path,
-                        file,
-                        offset: ss.offset,
-                        decode: ss.decode,
-                    });
-                }
-                None if let Ok(Some(file)) =
-                    tail::recover_gz(&container_dir, &ss.key, &self.s.state_dir) =>
-                {
-                    // Gzipped by the kubelet while the agent was down: read from the copy.
-                    self.metrics.recovered_sources.fetch_add(1, Relaxed);
-                    info!(pod_dir = %pod.name, file = %ss.path.display(), offset = ss.offset,
-                        "log file was gzipped while the agent was down; reading it from its .gz");
-                    sources.push_back(Source {
-                        held: held(&file),
-                        restart: ss.restart,
-                        key: ss.key,
-                        path: ss.path,
-                        file,
-                        offset: ss.offset,
-                        decode: ss.decode,
-                    });
-                }
-                None => {
-                    self.metrics.lost_sources.fetch_add(1, Relaxed);
-                    warn!(
-                        pod_dir = %pod.name, file = %ss.path.display(), offset = ss.offset,
-                        "log file was rotated away or deleted while the agent was down; \
-                         its bytes after the committed offset cannot be read"
-                    );
-                }
-            }
-        }
         let identity = match ts.task_id.as_deref().map(TaskId::new) {
             Some(Ok(id)) => Identity::Task(id),
             _ => Identity::Pending,
         };
-        let snapshot = TaskState {
-            sources: sources.iter().map(source_state).collect(),
-            ..ts.clone()
-        };
         let mut task = Task::new(pod, identity, container_dir, writer);
-        task.sources = sources;
-        task.done = ts.done.into_iter().collect();
+        task.restoring = Some(ts.sources.clone());
+        task.done = ts.done.iter().copied().collect();
         task.last_restart = ts.last_restart;
         task.lines = ts.lines;
         task.phase = ts.phase;
-        task.snapshot = Some(snapshot);
+        task.snapshot = Some(ts.clone());
         task.upload = ts.upload.clone();
         task.committed_len = ts.log_len;
         task.committed_file_len = ts.spool_file_len;
         task.first_seen_ms = ts.first_seen_ms;
-        info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = task.sources.len(), "resumed task from checkpoint");
+        task.spool_lost = ts.spool_lost;
+        self.reopen_sources(&mut task);
+        info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = ts.sources.len(), "resumed task from checkpoint");
         let name = task.pod.name.clone();
         self.dirty_read.insert(name.clone());
         self.tasks.insert(name.clone(), task);
         self.publish(&name);
+    }
+
+    /// Opens again the files a restored task was reading, at their committed offsets. A file
+    /// that cannot be found now (EMFILE with hundreds of pods, EACCES for a moment, a rename
+    /// between listing and opening) is not taken for lost: that would let the directory scan
+    /// open it as new, from offset 0, and spool committed text twice. Until every file is
+    /// either found or known to be gone, the task reads nothing and opens no new file; the
+    /// checkpoint keeps its sources as they were. Returns whether the task is settled.
+    fn reopen_sources(&self, t: &mut Task) -> bool {
+        let Some(states) = t.restoring.as_ref() else {
+            return true;
+        };
+        let mut sources = VecDeque::new();
+        let mut lost = Vec::new();
+        for ss in states {
+            match locate(&t.container_dir, &ss.key, &self.s.state_dir) {
+                Ok(Some((path, file, recovered))) => {
+                    if recovered {
+                        // Gzipped by the kubelet while the agent was down: read from the copy.
+                        info!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset,
+                            "log file was gzipped while the agent was down; reading it from its .gz");
+                    }
+                    sources.push_back((
+                        recovered,
+                        Source {
+                            held: held(&file),
+                            restart: ss.restart,
+                            key: ss.key,
+                            path: path.unwrap_or_else(|| ss.path.clone()),
+                            file,
+                            offset: ss.offset,
+                            decode: ss.decode.clone(),
+                        },
+                    ));
+                }
+                Ok(None) => lost.push(ss),
+                Err(e) => {
+                    if !t.restore_warned {
+                        t.restore_warned = true;
+                        warn!(pod_dir = %t.pod.name, file = %ss.path.display(), error = %e,
+                            "cannot reopen a log file the checkpoint names; the task waits and retries (its file is not read again from the start)");
+                    }
+                    return false;
+                }
+            }
+        }
+        for ss in lost {
+            self.metrics.lost_sources.fetch_add(1, Relaxed);
+            warn!(
+                pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset,
+                "log file was rotated away or deleted while the agent was down; \
+                 its bytes after the committed offset cannot be read"
+            );
+        }
+        for (recovered, _) in &sources {
+            let counter = if *recovered {
+                &self.metrics.recovered_sources
+            } else {
+                &self.metrics.files_opened
+            };
+            counter.fetch_add(1, Relaxed);
+        }
+        if t.restore_warned {
+            info!(pod_dir = %t.pod.name, "log files reopened; the task reads on");
+        }
+        t.sources = sources.into_iter().map(|(_, s)| s).collect();
+        t.restoring = None;
+        t.restore_warned = false;
+        true
+    }
+
+    /// Tries again to reopen the files of a task restored from the checkpoint; once they are
+    /// open, its directory is scanned for files that came meanwhile.
+    fn retry_reopen(&mut self, name: &str) {
+        if self.tasks.get(name).is_none_or(|t| t.restoring.is_none()) {
+            return;
+        }
+        if let Some(mut t) = self.tasks.remove(name) {
+            if self.reopen_sources(&mut t) {
+                self.dirty_pods.insert(name.to_owned());
+            }
+            self.tasks.insert(name.to_owned(), t);
+        }
     }
 
     /// Tells readers the current state of a task (once its id is known).
@@ -449,6 +506,9 @@ impl Ingest {
         let Some(t) = self.tasks.get(name) else {
             return;
         };
+        if t.spool_lost {
+            return;
+        }
         let Some(id) = t.task_id() else {
             return;
         };
@@ -479,13 +539,64 @@ impl Ingest {
         &self.registry
     }
 
-    /// Moves a spool that does not match the checkpoint out of the way; its task is then read
-    /// again from the start of the files that are still there.
+    /// Moves a spool that does not match the checkpoint out of the way (kept for a look,
+    /// counted in `spool_max_bytes`, removed after `retention_secs`).
     fn set_aside(&mut self, path: &Path, why: &str) {
-        let aside = path.with_extension(format!("corrupt-{}", now_ms()));
-        error!(spool = %path.display(), moved_to = %aside.display(), "spool does not match the checkpoint ({why}); set aside, the task's log is read again from its files");
+        let aside = path.with_extension(format!("{ASIDE}{}", now_ms()));
+        error!(spool = %path.display(), moved_to = %aside.display(), "spool does not match the checkpoint ({why}); set aside");
         self.metrics.spool_errors.fetch_add(1, Relaxed);
         let _ = fs::rename(path, &aside);
+        self.aside_bytes = aside_bytes(&self.s.spool_dir, None);
+    }
+
+    /// Restores a task whose spool was set aside, with a new empty spool.
+    /// - Archived: the archive holds the whole log. The task is kept as it was (its files, what
+    ///   was read of them, the archive's length), so its files are never read again as new and
+    ///   archived over the complete object; it reads nothing more and is not served (readers
+    ///   go to the archive), and goes when its retention ends.
+    /// - Otherwise the log is read again from the start of the files that are still there;
+    ///   an upload in progress is continued under its id from part 1 (re-sent parts replace
+    ///   the old ones, and completion names only the new), so none is left orphaned.
+    fn restore_without_spool(&mut self, pod: PodDir, ts: TaskState, path: &Path) {
+        let writer = match SpoolWriter::open(path, 0) {
+            Ok(w) => w,
+            Err(e) => {
+                // The directory scan starts the task afresh once the disk allows.
+                error!(spool = %path.display(), error = %e, "cannot create spool");
+                return;
+            }
+        };
+        self.spool_dir_unsynced = true;
+        let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
+        let identity = match ts.task_id.as_deref().map(TaskId::new) {
+            Some(Ok(id)) => Identity::Task(id),
+            _ => Identity::Pending,
+        };
+        let mut task = Task::new(pod, identity, container_dir, writer);
+        task.first_seen_ms = ts.first_seen_ms;
+        if matches!(ts.phase, Phase::Archived { .. }) {
+            warn!(pod_dir = %task.pod.name, "the task's log was archived whole; its local copy is lost, so it is served from the archive only and not read again");
+            task.restoring = Some(ts.sources.clone());
+            task.done = ts.done.iter().copied().collect();
+            task.last_restart = ts.last_restart;
+            task.lines = ts.lines;
+            task.phase = ts.phase;
+            task.spool_lost = true;
+            self.reopen_sources(&mut task);
+        } else {
+            info!(pod_dir = %task.pod.name, "the task's log is read again from its files");
+            task.upload = UploadState {
+                upload_id: ts.upload.upload_id.clone(),
+                parts: Vec::new(),
+                completing: false,
+            };
+        }
+        task.snapshot = Some(snapshot(&mut task));
+        task.unsaved = true;
+        let name = task.pod.name.clone();
+        self.dirty_pods.insert(name.clone());
+        self.tasks.insert(name.clone(), task);
+        self.publish(&name);
     }
 
     fn remove_orphan_spools(&mut self) {
@@ -538,10 +649,18 @@ impl Ingest {
             let file = comps.next();
             match (container, file) {
                 (Some(c), Some(_)) if c == self.s.container => {
-                    if !matches!(
+                    let data = matches!(
                         ev.kind,
                         EventKind::Modify(notify::event::ModifyKind::Data(_))
-                    ) {
+                    );
+                    // Data written to a file no source holds: a new file, or one closed at
+                    // its end that grew after all; the directory scan decides which.
+                    let unheld = || {
+                        self.tasks
+                            .get(pod)
+                            .is_some_and(|t| t.sources.iter().all(|s| s.path != *p))
+                    };
+                    if !data || unheld() {
                         self.dirty_pods.insert(pod.to_owned());
                     }
                     self.dirty_read.insert(pod.to_owned());
@@ -640,6 +759,7 @@ impl Ingest {
                     return;
                 }
             };
+            self.spool_dir_unsynced = true;
             info!(pod_dir = name, identity = ?identity, "new pod log directory");
             self.metrics.tasks_started.fetch_add(1, Relaxed);
             let container_dir = pod_path.join(&self.s.container);
@@ -679,6 +799,10 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(name) else {
             return;
         };
+        if t.restoring.is_some() || t.spool_lost {
+            // The files being resumed are not all open yet: any file could be one of them.
+            return;
+        }
         let found = match tail::list(&t.container_dir) {
             Ok(f) => f,
             Err(e) => {
@@ -698,6 +822,12 @@ impl Ingest {
             }
             let file = match File::open(&f.path) {
                 Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Removed by the kubelet since the listing (a rotated file beyond
+                    // containerLogMaxFiles, or gzipped): nothing of it was ours to lose here.
+                    debug!(file = %f.path.display(), "log file gone between listing and open");
+                    continue;
+                }
                 Err(e) => {
                     self.metrics.unreadable_files.fetch_add(1, Relaxed);
                     if self.warned.insert(f.path.clone()) {
@@ -707,10 +837,35 @@ impl Ingest {
                 }
             };
             self.warned.remove(&f.path);
-            let was_read = t.done.iter().any(|k| {
-                k.dev == f.dev && k.ino == f.ino && tail::is_same(&file, k).unwrap_or(false)
+            let was_read = t.done.iter().position(|d| {
+                d.key.dev == f.dev
+                    && d.key.ino == f.ino
+                    && tail::is_same(&file, &d.key).unwrap_or(false)
             });
-            if was_read {
+            if let Some(i) = was_read {
+                let d = t.done[i];
+                let grown = d
+                    .len
+                    .is_some_and(|len| file.metadata().is_ok_and(|m| m.len() > len));
+                if !grown {
+                    continue;
+                }
+                // Closed at its end, then written to after all (a late write, or a status that
+                // said the container had ended when it had not): read on from where reading
+                // stopped. It precedes every file still open, which were all found after it.
+                let offset = d.len.unwrap_or_default();
+                warn!(file = %f.path.display(), offset, "log file grew after it was read to its end and closed; reading on");
+                t.done.remove(i);
+                self.metrics.files_opened.fetch_add(1, Relaxed);
+                t.sources.push_front(Source {
+                    held: held(&file),
+                    restart: f.name.restart(),
+                    key: d.key,
+                    path: f.path,
+                    file,
+                    offset,
+                    decode: FileDecodeState::default(),
+                });
                 continue;
             }
             let key = match tail::key_of(&file) {
@@ -787,10 +942,10 @@ impl Ingest {
                 .map(|t| t.writer.spool().file_len() + t.writer.tail_len() as u64)
                 .sum()
         };
-        let mut now_used = used(&self.tasks);
+        let mut now_used = used(&self.tasks) + self.aside_bytes;
         if now_used >= max {
             self.collect_expired_at(Duration::ZERO);
-            now_used = used(&self.tasks);
+            now_used = used(&self.tasks) + self.aside_bytes;
         }
         if now_used < max {
             if self.backpressure {
@@ -817,13 +972,16 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(name) else {
             return (false, 0);
         };
-        if t.task_id().is_none() {
+        if t.task_id().is_none() || t.restoring.is_some() || t.spool_lost {
             return (false, 0);
         }
         let size = |t: &Task| t.writer.spool().file_len() + t.writer.tail_len() as u64;
         let size_before = size(t);
-        let finished = t.dir_gone || self.identity.container_finished(&t.pod);
+        let (dir_gone, pod) = (t.dir_gone, t.pod.clone());
+        let identity = &mut self.identity;
+        let mut finished = || dir_gone || identity.container_finished(&pod);
         let mut total = 0u64;
+        let mut appended = 0u64;
         let mut stats = DecodeStats::default();
         let mut more = false;
         let mut reactivated = false;
@@ -847,7 +1005,7 @@ impl Ingest {
                 self.s.block_bytes,
                 &self.decoder,
                 &mut stats,
-                finished,
+                &mut finished,
                 &self.metrics,
             ) {
                 Step::Read(n) => total += n,
@@ -856,7 +1014,7 @@ impl Ingest {
                         break;
                     }
                 }
-                Step::Closed => {}
+                Step::Closed(n) => appended += n,
                 Step::Wait => break,
                 Step::Truncated => {
                     // What was read before the cut exists nowhere else now: make it durable
@@ -869,7 +1027,7 @@ impl Ingest {
         if t.tail_since.is_none() && t.writer.tail_len() > 0 {
             t.tail_since = Some(now);
         }
-        if total > 0 {
+        if total > 0 || appended > 0 {
             t.last_growth = now;
             if t.phase != Phase::Running {
                 info!(
@@ -888,7 +1046,7 @@ impl Ingest {
         m.truncated_lines.fetch_add(stats.truncated_lines, Relaxed);
         m.truncated_bytes.fetch_add(stats.truncated_bytes, Relaxed);
         let grew = size(t).saturating_sub(size_before);
-        if finished && t.sources.is_empty() && t.phase == Phase::Running {
+        if t.sources.is_empty() && t.phase == Phase::Running && finished() {
             self.end_task(name);
         } else if reactivated {
             self.publish(name);
@@ -906,6 +1064,7 @@ impl Ingest {
         }
         let names: Vec<String> = self.tasks.keys().cloned().collect();
         for name in &names {
+            self.retry_reopen(name);
             self.dirty_read.insert(name.clone());
         }
         self.process(now);
@@ -942,9 +1101,36 @@ impl Ingest {
             }
         }
         self.collect_expired();
+        self.take_back_peons();
         // Once a poll: readers see upload progress and how far behind each task's reading is.
         for name in &names {
             self.publish(name);
+        }
+        self.registry.set_pending(
+            self.tasks
+                .values()
+                .filter(|t| t.identity == Identity::Pending)
+                .map(|t| PendingPod {
+                    pod: t.pod.clone(),
+                    since_ms: t.first_seen_ms,
+                })
+                .collect(),
+        );
+    }
+
+    /// A directory let go as "not a peon" whose pod now turns out to be one (its metadata came
+    /// late) is taken back: it was never read, so it is read from the start of its files.
+    fn take_back_peons(&mut self) {
+        let back: Vec<String> = self
+            .ignored
+            .iter()
+            .filter(|name| PodDir::parse(name).is_some_and(|pod| self.identity.is_peon(&pod)))
+            .cloned()
+            .collect();
+        for name in back {
+            info!(pod_dir = %name, "pod turned out to be a peon after all; reading its log from the start");
+            self.ignored.remove(&name);
+            self.dirty_pods.insert(name);
         }
     }
 
@@ -997,6 +1183,10 @@ impl Ingest {
             })
             .map(|(n, _)| n.clone())
             .collect();
+        if self.aside_bytes > 0 {
+            self.aside_bytes =
+                aside_bytes(&self.s.spool_dir, Some(Duration::from_millis(retention)));
+        }
         for name in expired {
             if let Some(t) = self.tasks.remove(&name) {
                 if let Some(id) = t.task_id() {
@@ -1091,15 +1281,18 @@ impl Ingest {
                 .filter_map(|t| t.snapshot.clone())
                 .collect(),
         };
+        let spool_dir_synced = std::mem::take(&mut self.spool_dir_unsynced);
         self.commit_in_flight = Some(InFlight {
             marks,
             synced,
+            spool_dir_synced,
             commit_now: std::mem::take(&mut self.commit_now),
             checkpoint_dirty: std::mem::take(&mut self.checkpoint_dirty),
         });
         CommitJob {
             state_dir: self.s.state_dir.clone(),
             spools,
+            spool_dir: spool_dir_synced.then(|| self.s.spool_dir.clone()),
             state,
         }
     }
@@ -1145,6 +1338,7 @@ impl Ingest {
                         t.writer.mark_unsynced();
                     }
                 }
+                self.spool_dir_unsynced |= f.spool_dir_synced;
                 // Retried after commit_interval_ms, not at once: a full disk must not turn
                 // the ingest loop into a stream of failing commits.
                 self.checkpoint_dirty |= f.checkpoint_dirty || f.commit_now;
@@ -1167,9 +1361,11 @@ impl Ingest {
                 _ => continue,
             };
             let kind = match t.phase {
+                // The end is committed (not unsaved), so the committed lengths are the whole
+                // log; never the live lengths, which a crash could cut back.
                 Phase::Ended if !t.unsaved => JobKind::Finish {
-                    len: t.writer.spool().len(),
-                    file_len: t.writer.spool().file_len(),
+                    len: t.committed_len,
+                    file_len: t.committed_file_len,
                 },
                 Phase::Running => {
                     // Parts are cut from the text, or from the spool file for gzip output.
@@ -1358,12 +1554,16 @@ fn snapshot(t: &mut Task) -> TaskState {
         spool_file_len: t.writer.spool().file_len(),
         log_len: t.writer.spool().len(),
         phase: t.phase,
-        sources: t.sources.iter().map(source_state).collect(),
+        sources: match &t.restoring {
+            Some(states) => states.clone(),
+            None => t.sources.iter().map(source_state).collect(),
+        },
         done: t.done.iter().copied().collect(),
         last_restart: t.last_restart,
         lines: t.lines,
         upload: t.upload.clone(),
         first_seen_ms: t.first_seen_ms,
+        spool_lost: t.spool_lost,
     }
 }
 
@@ -1377,13 +1577,76 @@ fn source_state(s: &Source) -> SourceState {
     }
 }
 
+/// Marks a spool set aside: `<pod dir>.corrupt-<ms>`.
+const ASIDE: &str = "corrupt-";
+
+/// The bytes of the spools set aside in `dir`; with `older_than`, those set aside longer ago
+/// are removed first.
+fn aside_bytes(dir: &Path, older_than: Option<Duration>) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in rd.flatten() {
+        let is_aside = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.contains(&format!(".{ASIDE}")));
+        let Ok(md) = e.metadata() else {
+            continue;
+        };
+        if !is_aside {
+            continue;
+        }
+        let old = older_than.is_some_and(|age| {
+            md.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|elapsed| elapsed >= age)
+        });
+        if old && fs::remove_file(e.path()).is_ok() {
+            info!(file = %e.path().display(), "spool set aside longer than retention_secs; removed");
+            continue;
+        }
+        total += md.len();
+    }
+    total
+}
+
+/// Finds the file `key` was taken from in a container directory: `Ok(Some((path, file,
+/// recovered)))` if it is there (under any name, or read back from its `.gz`, then without a
+/// path), `Ok(None)` if a complete listing shows it is gone, `Err` if that cannot be told now.
+fn locate(
+    dir: &Path,
+    key: &FileKey,
+    scratch: &Path,
+) -> io::Result<Option<(Option<PathBuf>, File, bool)>> {
+    for f in tail::list(dir)?
+        .into_iter()
+        .filter(|f| f.dev == key.dev && f.ino == key.ino)
+    {
+        // NotFound too is an error here: renamed since the listing, found under its new name
+        // by the next attempt.
+        let file = File::open(&f.path)?;
+        if tail::is_same(&file, key)? {
+            return Ok(Some((Some(f.path), file, false)));
+        }
+    }
+    if !dir.is_dir() {
+        // The pod's directory went while the agent was down (listed as empty above).
+        return Ok(None);
+    }
+    Ok(tail::recover_gz(dir, key, scratch)?.map(|file| (None, file, true)))
+}
+
 enum Step {
-    /// Consumed this many bytes.
+    /// Consumed this many bytes (0: more arrived meanwhile, read again).
     Read(u64),
     /// The next record does not fit in the block: seal, then read on.
     Full,
-    /// The front file was drained and closed; the next one may be read.
-    Closed,
+    /// The front file was drained and closed, its text ended with this many bytes (the end
+    /// of a line left open); the next one may be read.
+    Closed(u64),
     /// Nothing more to read now.
     Wait,
     /// The front file shrank and is read again from 0.
@@ -1401,7 +1664,7 @@ fn read_step(
     block: usize,
     dec: &Decoder,
     stats: &mut DecodeStats,
-    finished: bool,
+    finished: &mut dyn FnMut() -> bool,
     m: &Metrics,
 ) -> Step {
     let Task {
@@ -1477,14 +1740,27 @@ fn read_step(
         src.key.fp = 0;
         return Step::Truncated;
     }
+    // Asked after the read, and before the file is looked at again: the freshest word on
+    // the container, and any byte written before it was given is seen below.
+    let finished = finished();
     // A later file that has data (or belongs to a later container start) means the runtime
     // has moved on: this one will not grow any more.
     let superseded = sources.iter().skip(1).any(|next| {
         next.restart > sources[0].restart || next.file.metadata().is_ok_and(|m| m.len() > 0)
     });
     let src = &mut sources[0];
+    let md = match src.file.metadata() {
+        Ok(md) => md,
+        Err(_) => return Step::Wait,
+    };
     if !(finished || superseded || md.nlink() == 0) {
         return Step::Wait;
+    }
+    // The file was at its end when read, and cannot grow from now on; but bytes written
+    // between that read and this decision (the runtime's last write, a write to a renamed
+    // file until the runtime reopens) are there: read them before closing.
+    if md.len() > src.offset + n as u64 {
+        return Step::Read(0);
     }
     if n > 0 {
         // The file will not grow: its unterminated last record is final.
@@ -1494,10 +1770,12 @@ fn read_step(
         src.offset += used as u64;
         return Step::Read(used as u64);
     }
+    let mut appended = 0;
     if let Some(c) = src.decode.continuing.take()
         && c.ends_line
     {
         writer.append(|tail| tail.push(b'\n'));
+        appended = 1;
         lines[c.stream as usize & 1] = LineState::default();
         // The decoder counts the lines it ends; this one ends here.
         stats.lines += 1;
@@ -1508,13 +1786,17 @@ fn read_step(
         key.fp = fp;
     }
     debug!(file = %src.path.display(), bytes = src.offset, "log file drained; closed");
+    let len = src.offset;
     sources.pop_front();
     m.files_closed.fetch_add(1, Relaxed);
-    done.push_back(key);
+    done.push_back(DoneFile {
+        key,
+        len: Some(len),
+    });
     if done.len() > DONE_MEMORY {
         done.pop_front();
     }
-    Step::Closed
+    Step::Closed(appended)
 }
 
 /// Makes room for `n` more bytes in a tail, growing it geometrically (a slow task's tail is

@@ -48,9 +48,21 @@ impl TaskEntry {
     }
 }
 
+/// A pod log directory whose pod is not known yet: its files are held open, unread, until
+/// the Kubernetes API says whose they are. Listed so that an operator sees what an API outage
+/// holds back.
+#[derive(Debug, Clone)]
+pub struct PendingPod {
+    pub pod: PodDir,
+    /// When the agent found the directory (ms since the epoch).
+    pub since_ms: u64,
+}
+
+/// The tasks (and pending pod directories) of this node, as readers may see them.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     inner: Arc<RwLock<HashMap<TaskId, Arc<TaskEntry>>>>,
+    pending: Arc<RwLock<Vec<PendingPod>>>,
 }
 
 impl Registry {
@@ -66,6 +78,19 @@ impl Registry {
         let mut v: Vec<_> = map.values().cloned().collect();
         v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
         v
+    }
+
+    /// Replaces the list of pending pod directories.
+    pub fn set_pending(&self, pending: Vec<PendingPod>) {
+        *self.pending.write().unwrap_or_else(|e| e.into_inner()) = pending;
+    }
+
+    /// The pod directories waiting for their pod's metadata.
+    pub fn pending(&self) -> Vec<PendingPod> {
+        self.pending
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn publish(&self, entry: TaskEntry) {

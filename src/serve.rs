@@ -396,6 +396,18 @@ async fn tasks(State(http): State<Arc<Http>>) -> Response {
             })
         })
         .collect();
+    // Directories held unread until their pod is known (an API outage holds them back).
+    let pending = http.registry.pending().into_iter().map(|p| {
+        serde_json::json!({
+            "id": null,
+            "namespace": p.pod.namespace,
+            "pod": p.pod.pod,
+            "podUid": p.pod.uid,
+            "state": "pending",
+            "pendingSinceMs": p.since_ms,
+        })
+    });
+    let list: Vec<serde_json::Value> = list.into_iter().chain(pending).collect();
     axum::Json(list).into_response()
 }
 
@@ -465,6 +477,13 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
         let n = tasks.iter().filter(|t| t.state() == state).count();
         let _ = writeln!(out, "druid_log_agent_tasks{{state=\"{state}\"}} {n}");
     }
+    single(
+        out,
+        "druid_log_agent_pending_pods",
+        "gauge",
+        "Pod log directories held unread until their pod is known (the API may be unreachable).",
+        http.registry.pending().len() as u64,
+    );
     let sum = |f: &dyn Fn(&TaskEntry) -> u64| tasks.iter().map(|t| f(t)).sum::<u64>();
     single(
         out,

@@ -1,0 +1,244 @@
+//! Races between the runtime's writes and the engine's decision that a file has ended, made
+//! deterministic: the engine asks its [`TaskIdentity`] whether the container finished after the
+//! read that found the end of a file and before it closes the file, so an identity that writes
+//! to the files when asked puts a write exactly in that window.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use druid_log_agent::archive::{DirArchive, JobKind, Outcome};
+use druid_log_agent::config::{ArchiveConfig, Config};
+use druid_log_agent::loadgen::encode_cri;
+use druid_log_agent::metrics::Metrics;
+use druid_log_agent::pipeline::{Ingest, NoWatch};
+use druid_log_agent::task::{Identity, PodDir, TaskId, TaskIdentity};
+
+const TASK: &str = "index-parallel-race";
+
+type Hook = Box<dyn FnMut() + Send>;
+
+/// The task id is the pod name; "finished" is whatever the test says, and the first time the
+/// engine asks, the hook runs (the runtime writes while the engine decides).
+#[derive(Clone, Default)]
+struct Scripted {
+    finished: Arc<Mutex<bool>>,
+    hook: Arc<Mutex<Option<Hook>>>,
+}
+
+impl TaskIdentity for Scripted {
+    fn identify(&mut self, pod: &PodDir) -> Identity {
+        Identity::Task(TaskId::new(pod.pod.clone()).unwrap())
+    }
+
+    fn container_finished(&mut self, _pod: &PodDir) -> bool {
+        if let Some(mut hook) = self.hook.lock().unwrap().take() {
+            hook();
+        }
+        *self.finished.lock().unwrap()
+    }
+}
+
+/// A container log directory and what `kubectl logs` would print of it.
+struct Files {
+    dir: PathBuf,
+    nanos: u64,
+    expected: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Files {
+    fn append(&mut self, file: &str, lines: usize) {
+        append(&self.dir.join(file), &mut self.nanos, lines, &self.expected);
+    }
+}
+
+fn append(path: &Path, nanos: &mut u64, lines: usize, expected: &Mutex<Vec<u8>>) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let mut rec = Vec::new();
+    for i in 0..lines {
+        *nanos += 1_000;
+        let line =
+            format!("2024-05-01T00:00:00,000 INFO [task-runner] line {nanos} {i} of {path:?}");
+        rec.clear();
+        encode_cri("stdout", *nanos, line.as_bytes(), &mut rec);
+        f.write_all(&rec).unwrap();
+        let mut e = expected.lock().unwrap();
+        e.extend_from_slice(line.as_bytes());
+        e.push(b'\n');
+    }
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    pod_dir: PathBuf,
+    files: Files,
+    identity: Scripted,
+    ingest: Ingest,
+    archive: DirArchive,
+    now: Instant,
+}
+
+impl World {
+    fn new() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("pods");
+        let archive_dir = tmp.path().join("archive");
+        let cfg = Config {
+            log_root: root.clone(),
+            state_dir: tmp.path().join("state"),
+            archive: ArchiveConfig::Dir {
+                dir: archive_dir.clone(),
+            },
+            idle_timeout_secs: 0,
+            ..Config::default()
+        };
+        let pod_dir = root.join(format!("druid_{TASK}_11111111-2222-3333-4444-555555555555"));
+        let dir = pod_dir.join("main");
+        fs::create_dir_all(&dir).unwrap();
+        let identity = Scripted::default();
+        let ingest = Ingest::open(
+            &cfg,
+            Box::new(identity.clone()),
+            Box::new(NoWatch),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        World {
+            _tmp: tmp,
+            pod_dir,
+            files: Files {
+                dir,
+                nanos: 0,
+                expected: Arc::default(),
+            },
+            identity,
+            ingest,
+            archive: DirArchive::new(archive_dir),
+            now: Instant::now(),
+        }
+    }
+
+    /// One round of the agent's loop: a rescan (for inotify's events), reads, a commit, and the
+    /// archive of a task whose end is committed. Returns the archive if one was written.
+    fn round(&mut self) -> Option<Vec<u8>> {
+        self.now += Duration::from_secs(2);
+        let now = self.now;
+        self.ingest.scan_all();
+        while self.ingest.process(now) {}
+        self.ingest.tick(now);
+        self.ingest.commit_if_due(now, Duration::from_secs(1));
+        let job = self.ingest.take_archive_jobs().pop()?;
+        let JobKind::Finish { len, .. } = job.kind else {
+            panic!("the directory archive takes no parts");
+        };
+        let location = self.archive.put(&job.task, &job.spool, len).unwrap();
+        let outcome = Outcome::Done {
+            pod_dir: job.pod_dir,
+            task: job.task.clone(),
+            len,
+            location,
+        };
+        self.ingest.archive_finished(&outcome, now);
+        Some(fs::read(self.archive.path_of(&job.task)).unwrap())
+    }
+
+    fn archived(&mut self) -> Vec<u8> {
+        for _ in 0..20 {
+            if let Some(a) = self.round() {
+                return a;
+            }
+        }
+        panic!("task never archived");
+    }
+
+    fn on_next_question(&self, hook: impl FnMut() + Send + 'static) {
+        *self.identity.hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    fn set_finished(&self, finished: bool) {
+        *self.identity.finished.lock().unwrap() = finished;
+    }
+
+    fn expected(&self) -> Vec<u8> {
+        self.files.expected.lock().unwrap().clone()
+    }
+}
+
+fn assert_same(got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "archive differs: {} bytes archived, {} written, first difference at {at:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// The container's last lines land after the read that found the end of the file and before
+/// the engine learns the container finished: they are read, not cut off by the close.
+#[test]
+fn last_write_while_the_end_is_decided_is_read() {
+    let mut w = World::new();
+    w.files.append("0.log", 50);
+    w.round();
+    let (path, expected) = (w.files.dir.join("0.log"), w.files.expected.clone());
+    let mut nanos = 1 << 40;
+    w.on_next_question(move || append(&path, &mut nanos, 7, &expected));
+    w.set_finished(true);
+    let got = w.archived();
+    assert_same(&got, &w.expected());
+}
+
+/// Rotation: the runtime writes to the renamed file until it reopens, and the new file gets
+/// its first line, both between the engine's read of the old file and its decision that the
+/// old file was superseded.
+#[test]
+fn late_write_to_a_renamed_file_while_the_new_one_starts_is_read() {
+    let mut w = World::new();
+    w.files.append("0.log", 50);
+    let rotated = w.files.dir.join("0.log.20240501-000001");
+    fs::rename(w.files.dir.join("0.log"), &rotated).unwrap();
+    // The new file exists (empty), and the engine follows it behind the renamed one.
+    fs::File::create(w.files.dir.join("0.log")).unwrap();
+    w.round();
+    let live = w.files.dir.join("0.log");
+    let expected = w.files.expected.clone();
+    let mut nanos = 1 << 40;
+    w.on_next_question(move || {
+        append(&rotated, &mut nanos, 3, &expected);
+        append(&live, &mut nanos, 2, &expected);
+    });
+    w.round();
+    w.files.nanos = 1 << 41;
+    w.files.append("0.log", 10);
+    fs::remove_dir_all(&w.pod_dir).unwrap();
+    let got = w.archived();
+    assert_same(&got, &w.expected());
+}
+
+/// A file closed at its end because the container was said to have finished, which then grows
+/// (the status was wrong, or a write came late), is read on from where reading stopped, and
+/// the task is archived again, whole.
+#[test]
+fn a_closed_file_that_grows_is_read_on() {
+    let mut w = World::new();
+    w.files.append("0.log", 40);
+    w.set_finished(true);
+    let first = w.archived();
+    assert_same(&first, &w.expected());
+    // The container was not done after all.
+    w.set_finished(false);
+    w.files.append("0.log", 30);
+    w.round();
+    w.files.append("0.log", 5);
+    w.set_finished(true);
+    let second = w.archived();
+    assert_same(&second, &w.expected());
+}
