@@ -1,7 +1,10 @@
 //! Races between the runtime's writes and the engine's decision that a file has ended, made
 //! deterministic: the engine asks its [`TaskIdentity`] whether the container finished after the
 //! read that found the end of a file and before it closes the file, so an identity that writes
-//! to the files when asked puts a write exactly in that window.
+//! to the files when asked puts a write exactly in that window. And transient errors when the
+//! engine reopens its files after a crash (EMFILE), made with the process's fd limit.
+//!
+//! The tests take turns (`SERIAL`): one of them lowers the fd limit of the whole process.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -17,6 +20,12 @@ use druid_log_agent::pipeline::{Ingest, NoWatch};
 use druid_log_agent::task::{Identity, PodDir, TaskId, TaskIdentity};
 
 const TASK: &str = "index-parallel-race";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 type Hook = Box<dyn FnMut() + Send>;
 
@@ -76,6 +85,7 @@ fn append(path: &Path, nanos: &mut u64, lines: usize, expected: &Mutex<Vec<u8>>)
 
 struct World {
     _tmp: tempfile::TempDir,
+    cfg: Config,
     pod_dir: PathBuf,
     files: Files,
     identity: Scripted,
@@ -102,15 +112,10 @@ impl World {
         let dir = pod_dir.join("main");
         fs::create_dir_all(&dir).unwrap();
         let identity = Scripted::default();
-        let ingest = Ingest::open(
-            &cfg,
-            Box::new(identity.clone()),
-            Box::new(NoWatch),
-            Arc::new(Metrics::default()),
-        )
-        .unwrap();
+        let ingest = open(&cfg, &identity);
         World {
             _tmp: tmp,
+            cfg,
             pod_dir,
             files: Files {
                 dir,
@@ -170,6 +175,16 @@ impl World {
     }
 }
 
+fn open(cfg: &Config, identity: &Scripted) -> Ingest {
+    Ingest::open(
+        cfg,
+        Box::new(identity.clone()),
+        Box::new(NoWatch),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+}
+
 fn assert_same(got: &[u8], want: &[u8]) {
     if got != want {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
@@ -185,6 +200,7 @@ fn assert_same(got: &[u8], want: &[u8]) {
 /// the engine learns the container finished: they are read, not cut off by the close.
 #[test]
 fn last_write_while_the_end_is_decided_is_read() {
+    let _turn = serial();
     let mut w = World::new();
     w.files.append("0.log", 50);
     w.round();
@@ -201,6 +217,7 @@ fn last_write_while_the_end_is_decided_is_read() {
 /// old file was superseded.
 #[test]
 fn late_write_to_a_renamed_file_while_the_new_one_starts_is_read() {
+    let _turn = serial();
     let mut w = World::new();
     w.files.append("0.log", 50);
     let rotated = w.files.dir.join("0.log.20240501-000001");
@@ -228,6 +245,7 @@ fn late_write_to_a_renamed_file_while_the_new_one_starts_is_read() {
 /// the task is archived again, whole.
 #[test]
 fn a_closed_file_that_grows_is_read_on() {
+    let _turn = serial();
     let mut w = World::new();
     w.files.append("0.log", 40);
     w.set_finished(true);
@@ -241,4 +259,73 @@ fn a_closed_file_that_grows_is_read_on() {
     w.set_finished(true);
     let second = w.archived();
     assert_same(&second, &w.expected());
+}
+
+/// The highest fd number in use by this process.
+fn highest_fd() -> u64 {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap()
+}
+
+fn set_fd_limit(soft: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        let old = lim.rlim_cur;
+        lim.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        old
+    }
+}
+
+/// After a crash, the engine cannot reopen the files it was reading (EMFILE, as with hundreds
+/// of pods): it waits and retries, and never takes them for lost, which would read them again
+/// from offset 0 and spool committed text twice.
+#[test]
+fn restore_under_emfile_retries_and_doubles_nothing() {
+    let _turn = serial();
+    let mut w = World::new();
+    w.files.append("0.log", 60);
+    w.round();
+    w.round(); // committed: the checkpoint names 0.log and how far it was read
+    w.files.append("0.log", 20);
+    // Every free fd number below the highest in use is taken first (open() takes the lowest),
+    // then the limit leaves room for the checkpoint read and the spool the engine keeps open,
+    // none for listing the container directory or opening the log file.
+    let mut fillers = Vec::new();
+    let highest = highest_fd();
+    let top = loop {
+        let f = fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f) as u64;
+        fillers.push(f);
+        if fd > highest {
+            break fd;
+        }
+    };
+    let old = set_fd_limit(top + 2);
+    // kill -9 before, and the new agent starts now.
+    let mut reopened = open(&w.cfg, &w.identity);
+    // The first rounds still fail to open anything.
+    reopened.tick(w.now);
+    set_fd_limit(old);
+    drop(fillers);
+    w.ingest = reopened;
+    w.files.append("0.log", 5);
+    w.set_finished(true);
+    let got = w.archived();
+    assert_same(&got, &w.expected());
+    assert_eq!(
+        w.ingest
+            .metrics()
+            .lost_sources
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
