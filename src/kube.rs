@@ -33,9 +33,11 @@ pub struct KubeConfig {
     pub label_selector: String,
     /// Annotation holding the exact task id.
     pub task_id_annotation: String,
-    /// How long a log directory whose pod the watch has not shown is held before it is
-    /// decided on: ignored if the pod directory is still there (the pod lives and is not a
-    /// peon), archived under `_unmapped/` if it is gone (its metadata never arrived).
+    /// How long a log directory whose pod a current pod list has not shown is held before it
+    /// is decided on: ignored if the pod directory is still there (the pod lives and is not a
+    /// peon), archived under `_unmapped/` if it is gone (its metadata never arrived). Counted
+    /// from the later of the directory's creation and the list; nothing is decided while the
+    /// list is not current (API unreachable).
     pub pending_timeout_secs: u64,
     /// How long the metadata of a deleted pod is kept so its log can finish.
     pub deleted_retention_secs: u64,
