@@ -329,3 +329,51 @@ fn restore_under_emfile_retries_and_doubles_nothing() {
         0
     );
 }
+
+/// An archived task whose spool turns out damaged after a crash keeps its state: what is left
+/// of its files (the kubelet has removed a rotated one since) is not archived again over the
+/// complete object.
+#[test]
+fn archived_task_with_a_damaged_spool_is_not_archived_again() {
+    let _turn = serial();
+    let mut w = World::new();
+    w.files.append("0.log", 40);
+    let rotated = w.files.dir.join("0.log.20240501-000001");
+    fs::rename(w.files.dir.join("0.log"), &rotated).unwrap();
+    w.files.append("0.log", 40);
+    w.set_finished(true);
+    let complete = w.archived();
+    assert_same(&complete, &w.expected());
+    w.round(); // the archive's success is committed
+    fs::remove_file(&rotated).unwrap();
+    let spool = fs::read_dir(w.cfg.state_dir.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "gz"))
+        .unwrap();
+    let len = fs::metadata(&spool).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&spool)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    w.ingest = open(&w.cfg, &w.identity);
+    for _ in 0..5 {
+        assert!(w.round().is_none(), "archived again");
+    }
+    let archive = w.archive.path_of(&TaskId::new(TASK).unwrap());
+    assert_same(&fs::read(archive).unwrap(), &complete);
+    let aside = fs::read_dir(w.cfg.state_dir.join("spool"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .contains(".corrupt-")
+        })
+        .count();
+    assert_eq!(aside, 1, "the damaged spool is kept aside for a look");
+}
