@@ -263,9 +263,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// Waits until `/tasks` reports `task` holding `len` bytes of log.
 pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
+    wait_for_bytes_with(addr, task, len, timeout, &[]);
+}
+
+/// [`wait_for_bytes`] sending `extra` header lines (a token) with every request.
+pub fn wait_for_bytes_with(addr: &str, task: &str, len: usize, timeout: Duration, extra: &[&str]) {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = http_get(addr, "/tasks", &[]);
+        let r = http_get(addr, "/tasks", extra);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let have = v
             .as_array()
