@@ -74,7 +74,8 @@ struct RunArgs {
     #[arg(long, env = "DLA_ARCHIVE_DIR")]
     archive_dir: Option<PathBuf>,
     /// Archive to this S3 bucket instead of a directory (Druid's S3TaskLogs layout,
-    /// s3://{bucket}/{prefix}/{taskId}/log) [default: unset].
+    /// s3://{bucket}/{prefix}/{taskId}/log); replaces only the bucket of the config file's S3
+    /// section, whose other settings stay [default: unset].
     #[arg(long, env = "DLA_S3_BUCKET")]
     s3_bucket: Option<String>,
     /// Druid's druid.indexer.logs.s3Prefix [default: druid/indexing-logs].
@@ -226,22 +227,20 @@ impl RunArgs {
         if let Some(v) = self.pending_timeout_secs {
             c.kubernetes.pending_timeout_secs = v;
         }
-        if let Some(d) = &self.archive_dir {
-            c.archive = ArchiveConfig::Dir { dir: d.clone() };
-        }
-        if let Some(bucket) = &self.s3_bucket {
-            c.archive = ArchiveConfig::S3(S3Config {
-                bucket: bucket.clone(),
-                prefix: "druid/indexing-logs".into(),
-                region: None,
-                endpoint: None,
-                path_style: false,
-                sse: None,
-                sse_kms_key_id: None,
-                disable_acl: false,
-                part_bytes: 8 << 20,
-                gzip: false,
-            });
+        // The bucket chooses S3 over a directory and replaces only itself: an S3 section of the
+        // file (endpoint, path style, region, encryption) stays, as every other flag over the
+        // file setting it names.
+        match (&self.s3_bucket, &self.archive_dir) {
+            (Some(bucket), _) => {
+                let mut s3 = match &c.archive {
+                    ArchiveConfig::S3(s3) => s3.clone(),
+                    ArchiveConfig::Dir { .. } => S3Config::default(),
+                };
+                s3.bucket = bucket.clone();
+                c.archive = ArchiveConfig::S3(s3);
+            }
+            (None, Some(dir)) => c.archive = ArchiveConfig::Dir { dir: dir.clone() },
+            (None, None) => {}
         }
         if let ArchiveConfig::S3(s3) = &mut c.archive {
             macro_rules! set_s3 {

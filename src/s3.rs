@@ -74,6 +74,24 @@ fn default_part_bytes() -> u64 {
     8 << 20
 }
 
+/// What an S3 archive set up by flags alone starts from; the defaults `--help` shows.
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: "druid/indexing-logs".into(),
+            region: None,
+            endpoint: None,
+            path_style: false,
+            sse: None,
+            sse_kms_key_id: None,
+            disable_acl: false,
+            part_bytes: default_part_bytes(),
+            gzip: false,
+        }
+    }
+}
+
 impl S3Config {
     pub fn key(&self, task: &TaskId) -> String {
         let name = if self.gzip { "log.gz" } else { "log" };

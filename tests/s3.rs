@@ -419,6 +419,48 @@ fn permanent_error_then_recovery() {
     assert!(agent.terminate().success());
 }
 
+/// A bucket set by `DLA_S3_BUCKET` (as a DaemonSet sets it per environment) replaces only the
+/// bucket: the endpoint, path style, region and prefix of the config file's S3 section stay, so
+/// the log goes to the configured S3-compatible store, not to AWS.
+#[test]
+fn bucket_from_the_environment_keeps_the_file_s3_settings() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, "logs");
+    let node = Node::new();
+    let config = node.tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[archive]\ntype = \"s3\"\nbucket = \"bucket-of-the-file\"\n\
+             prefix = \"from-the-file\"\nendpoint = \"{}\"\npath_style = true\n\
+             region = \"us-east-1\"\n",
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let task = "index-kafka-env-bucket";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, 6, 64 << 10, false);
+    let mut cmd = AgentProc::command(
+        &node,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--idle-timeout-secs",
+            "1",
+        ],
+    );
+    s3_env(&mut cmd);
+    cmd.env("DLA_S3_BUCKET", "logs");
+    let agent = AgentProc::spawn(cmd);
+    let line = agent.wait_for_any(&["log archived", "archive failed"], LONG);
+    let key = format!("from-the-file/{task}/log");
+    assert!(line.contains(&format!("s3://logs/{key}")), "{line}");
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
+}
+
 /// Optional gzip output: the spool's own gzip members, at `log.gz`, readable by any gzip
 /// reader, in parts while the task runs like the plain log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

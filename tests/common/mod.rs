@@ -90,13 +90,19 @@ impl AgentProc {
 
     /// Waits for a line of the agent's log containing `needle`; returns it.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_any(&[needle], timeout)
+    }
+
+    /// Waits for a line containing any of `needles` (an outcome or its failure, so a test
+    /// fails on the first sign of the wrong one rather than at its timeout); returns it.
+    pub fn wait_for_any(&self, needles: &[&str], timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
+                Ok(l) if needles.iter().any(|n| l.contains(n)) => return l,
                 Ok(_) => {}
-                Err(_) => panic!("agent never logged {needle:?} within {timeout:?}"),
+                Err(_) => panic!("agent never logged any of {needles:?} within {timeout:?}"),
             }
         }
     }
