@@ -34,39 +34,33 @@ pub const MIN_PART: u64 = 5 * 1024 * 1024;
 const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 const GZIP_TYPE: &str = "application/gzip";
 
-/// `[archive] type = "s3"` settings.
+/// `[archive] type = "s3"` settings. Every key has a default (the bucket's, empty, is refused
+/// by [`S3Config::validate`]), so a file may leave the bucket to `DLA_S3_BUCKET`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct S3Config {
+    /// Druid's `druid.indexer.logs.s3Bucket`.
     pub bucket: String,
     /// Druid's `druid.indexer.logs.s3Prefix`; the key is `{prefix}/{taskId}/log`, exactly as
     /// Druid builds it.
     pub prefix: String,
     /// AWS region; from the standard chain (`AWS_REGION`, profile) if unset.
-    #[serde(default)]
     pub region: Option<String>,
     /// An S3-compatible endpoint, e.g. `http://minio:9000`.
-    #[serde(default)]
     pub endpoint: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
-    #[serde(default)]
     pub path_style: bool,
     /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
-    #[serde(default)]
     pub sse: Option<String>,
     /// KMS key id for `aws:kms`; the bucket's default key if unset.
-    #[serde(default)]
     pub sse_kms_key_id: Option<String>,
     /// Do not send the `bucket-owner-full-control` ACL (Druid's `disableAcl`).
-    #[serde(default)]
     pub disable_acl: bool,
     /// Size of the parts stored while a task runs; at least 5 MiB.
-    #[serde(default = "default_part_bytes")]
     pub part_bytes: u64,
     /// Store the log gzip-compressed at `{prefix}/{taskId}/log.gz` (`Content-Type:
     /// application/gzip`, no `Content-Encoding`) for consumers other than Druid, which reads
     /// only the plain `log`.
-    #[serde(default)]
     pub gzip: bool,
 }
 
@@ -102,21 +96,45 @@ impl S3Config {
         if self.gzip { GZIP_TYPE } else { CONTENT_TYPE }
     }
 
+    /// Refuses settings S3 would refuse on every request, or that would be dropped unused.
     pub fn validate(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
-            return Err("archive.bucket must be set".into());
+            return Err(
+                "archive.bucket must be set (in the config file, or by --s3-bucket or DLA_S3_BUCKET)"
+                    .into(),
+            );
         }
         if self.part_bytes < MIN_PART {
             return Err(format!(
                 "archive.part_bytes must be at least {MIN_PART} (5 MiB): S3 rejects smaller parts"
             ));
         }
-        match self.sse.as_deref() {
-            None | Some("AES256") | Some("aws:kms") => Ok(()),
-            Some(other) => Err(format!(
-                "archive.sse must be \"AES256\" or \"aws:kms\", not {other:?}"
-            )),
+        if let Some(ep) = &self.endpoint {
+            let uri: Result<axum::http::Uri, _> = ep.parse();
+            let ok = uri.is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !ok {
+                return Err(format!(
+                    "archive.endpoint {ep:?} must be an http:// or https:// URL such as http://minio:9000"
+                ));
+            }
         }
+        match self.sse.as_deref() {
+            None | Some("AES256") | Some("aws:kms") => {}
+            Some(other) => {
+                return Err(format!(
+                    "archive.sse must be \"AES256\" or \"aws:kms\", not {other:?}"
+                ));
+            }
+        }
+        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+            return Err(
+                "archive.sse_kms_key_id is used only with sse = \"aws:kms\": set sse too, or unset it"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 

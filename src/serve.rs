@@ -169,7 +169,9 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
     }
 }
 
-pub async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
+/// Binds the first of `addr` (the `listen` setting, resolved when the settings were checked)
+/// that can be bound; returns the address bound, whose port is the one chosen for port 0.
+pub async fn bind(addr: &[SocketAddr]) -> io::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))

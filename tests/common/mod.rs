@@ -107,6 +107,22 @@ impl AgentProc {
         }
     }
 
+    /// Waits until the agent either listens (`Ok`, still running) or exits before it does
+    /// (`Err` with its exit status and everything it logged): a test of start-up refusals
+    /// waits for one of the two events, never for a time.
+    pub fn listening_or_exit(mut self) -> Result<AgentProc, (std::process::ExitStatus, String)> {
+        let mut log = String::new();
+        // The stderr reader ends (and the channel closes) when the process exits.
+        for line in self.lines.iter() {
+            if line.contains("listening") {
+                return Ok(self);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        Err((self.child.wait().unwrap(), log))
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -337,4 +353,19 @@ pub fn write_log(
             }
         }
     }
+}
+
+/// Writes `dir/kubeconfig` for an API server at `server`: what `run` and `check-config` need to
+/// configure a Kubernetes client. Configuring one never contacts the server.
+pub fn write_kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\n\
+         clusters:\n- name: c\n  cluster:\n    server: {server}\n\
+         users:\n- name: u\n  user:\n    token: t\n\
+         contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+         current-context: x\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
