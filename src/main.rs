@@ -455,6 +455,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .max_blocking_threads(4)
         .enable_all()
         .build()?;
+    // Before anything else: a SIGTERM that came while the agent started (or right after it
+    // announced its address) would otherwise kill it by the default action, not stop it.
+    let mut signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let Startup {
         cfg,
         token,
@@ -508,10 +518,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(%addr, "listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve::serve(listener, http, stop_rx));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let (term, int) = &mut signals;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = int.recv() => tracing::info!("SIGINT"),
         }
         let _ = stop_tx.send(true);
         let _ = server.await;

@@ -189,3 +189,17 @@ fn full_state_disk_is_reported_and_recovered() {
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
 }
+
+/// SIGTERM while the agent is still starting (the kubelet stops pods whenever it likes) is a
+/// clean stop, exit 0, as after start: the handler is in place before the agent says anything.
+#[test]
+fn sigterm_during_start_is_a_clean_stop() {
+    let node = Node::new();
+    let task = "index-kafka-early-term";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, &mut LineGen::new(9), 64 << 10, None);
+    let agent = AgentProc::start(&node, &[]);
+    agent.wait_for_line("agent started", LONG);
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+}
