@@ -272,6 +272,8 @@ fn run_loop(
     let mut next_poll = start;
     let mut next_rescan = start + t.rescan;
     let mut in_flight = 0usize;
+    // Logged once: every later job would only say it again.
+    let mut worker_gone = false;
     let mut more = true;
     let mut stopping = false;
     let on_msg =
@@ -336,13 +338,17 @@ fn run_loop(
             ingest.finish_commit(job.run());
         }
         for job in ingest.take_archive_jobs() {
-            in_flight += 1;
-            if jobs_tx.send(job).is_err() {
+            // Only a job the worker got will be answered: one it never got must not hold up
+            // the shutdown until the end of the grace period.
+            if jobs_tx.send(job).is_ok() {
+                in_flight += 1;
+            } else if !worker_gone {
+                worker_gone = true;
                 error!("archive worker is gone; archives will resume after a restart");
             }
         }
     }
-    info!("shutting down: sealing spools and committing");
+    info!(in_flight, "shutting down: sealing spools and committing");
     stop.store(true, Ordering::Relaxed);
     drop(jobs_tx);
     let deadline = Instant::now() + t.shutdown_grace;
