@@ -144,6 +144,19 @@ pub struct S3Target {
     client: Client,
 }
 
+/// What HeadObject says of a completion that may have happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completion {
+    /// The object is there with the log's length.
+    Complete,
+    /// No object, or an older one (an earlier, shorter archive of the task).
+    NotComplete,
+    /// 403: without `s3:ListBucket` S3 answers a missing key with 403 rather than 404 (and
+    /// without `s3:GetObject` an existing one too). Asking again changes nothing: the agent
+    /// must go on without the answer.
+    CannotTell,
+}
+
 /// What went wrong, and whether retrying soon can help.
 struct Failure {
     message: String,
@@ -410,24 +423,49 @@ impl S3Target {
         text_len: u64,
     ) -> Result<String, Failure> {
         let location = format!("s3://{}/{}", self.cfg.bucket, key);
-        if state.completing && self.is_complete(key, len).await? {
-            info!(key, "found the upload completed before a restart");
-            return Ok(location);
-        }
-        if state.upload_id.is_none() && len <= self.cfg.part_bytes {
-            self.put_whole(job, key, len, text_len).await?;
-            return Ok(location);
+        if state.completing {
+            match self.completion(key, len).await? {
+                Completion::Complete => {
+                    info!(key, "found the upload completed before a restart");
+                    return Ok(location);
+                }
+                Completion::NotComplete => {}
+                // Completing an upload that still exists is safe; if it is gone, the
+                // reconciliation below finds out and stores the log again.
+                Completion::CannotTell => warn!(
+                    key,
+                    "cannot tell whether the upload was completed before a restart \
+                     (HeadObject answers 403: does the policy lack s3:ListBucket?); completing it"
+                ),
+            }
         }
         if let Some(id) = state.upload_id.clone() {
             match self.reconcile(key, &id, state).await {
                 Ok(()) => {}
-                // Completed before a crash that kept the news from the checkpoint?
-                Err(f) if f.upload_gone && self.is_complete(key, len).await? => {
-                    info!(key, "found the upload completed before a restart");
-                    return Ok(location);
-                }
+                Err(f) if f.upload_gone => match self.completion(key, len).await? {
+                    // Completed before a crash that kept the news from the checkpoint.
+                    Completion::Complete => {
+                        info!(key, "found the upload completed before a restart");
+                        return Ok(location);
+                    }
+                    // Aborted (a lifecycle rule), or completed with no way to know: the spool
+                    // holds the whole log, and storing the same bytes at the same key again
+                    // leaves the same object.
+                    c @ (Completion::NotComplete | Completion::CannotTell) => {
+                        warn!(
+                            key,
+                            head_object_forbidden = c == Completion::CannotTell,
+                            "the multipart upload is gone and no complete object is known; storing the log again"
+                        );
+                        *state = UploadState::default();
+                    }
+                },
                 Err(f) => return Err(f),
             }
+        }
+        if state.upload_id.is_none() && len <= self.cfg.part_bytes {
+            self.put_whole(job, key, len, text_len).await?;
+            return Ok(location);
         }
         self.store_parts(job, key, state, len, true).await?;
         let Some(id) = state.upload_id.clone() else {
@@ -462,9 +500,12 @@ impl S3Target {
         match done {
             Ok(_) => Ok(location),
             // The first attempt may have succeeded with its answer lost: check, don't guess.
+            // Unless the object is known complete, the failure stands; an upload that is
+            // gone resets the state (see `run`), so the next attempt stores the log again
+            // rather than asking a question S3 will not answer.
             Err(e) => {
                 let f = failure("CompleteMultipartUpload", key, e);
-                if f.upload_gone && self.is_complete(key, len).await? {
+                if f.upload_gone && self.completion(key, len).await? == Completion::Complete {
                     return Ok(location);
                 }
                 Err(f)
@@ -506,7 +547,8 @@ impl S3Target {
         Ok(())
     }
 
-    async fn is_complete(&self, key: &str, len: u64) -> Result<bool, Failure> {
+    /// Whether `key` holds the complete log of `len` bytes, as far as HeadObject can say.
+    async fn completion(&self, key: &str, len: u64) -> Result<Completion, Failure> {
         match self
             .client
             .head_object()
@@ -515,8 +557,13 @@ impl S3Target {
             .send()
             .await
         {
-            Ok(h) => Ok(h.content_length() == Some(len as i64)),
-            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Ok(h) if h.content_length() == i64::try_from(len).ok() => Ok(Completion::Complete),
+            Ok(_) => Ok(Completion::NotComplete),
+            Err(SdkError::ServiceError(e)) => match e.raw().status().as_u16() {
+                404 => Ok(Completion::NotComplete),
+                403 => Ok(Completion::CannotTell),
+                _ => Err(failure("HeadObject", key, SdkError::ServiceError(e))),
+            },
             Err(e) => Err(failure("HeadObject", key, e)),
         }
     }

@@ -419,6 +419,88 @@ fn permanent_error_then_recovery() {
     assert!(agent.terminate().success());
 }
 
+/// With the least privilege AWS users often grant (no `s3:ListBucket`), HeadObject of a missing
+/// key answers 403, not 404, so the check of a completion that may have happened tells nothing.
+/// The agent then goes on by what it can know: an upload that still exists is completed again;
+/// one that is gone (completed or aborted, no way to tell) is stored again from the spool, the
+/// same bytes at the same key. Before, every attempt failed on the 403 forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_check_without_list_bucket_permission() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let aws = common::no_list_bucket::NoListBucket::start(&moto.endpoint);
+    let target = target(&aws.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let content = text(12 * MIB as usize, 21);
+    let spool = spool_of(tmp.path(), &content);
+    let (len, file_len) = (content.len() as u64, spool.file_len());
+    let finish = JobKind::Finish { len, file_len };
+    // Parts stored and CompleteMultipartUpload sent (the checkpoint says so), then a crash.
+    let sent_completion = |id: &'static str| {
+        let (target, spool) = (&target, &spool);
+        let task = TaskId::new(id).unwrap();
+        async move {
+            let parts = JobKind::Parts {
+                committed: len,
+                committed_file: file_len,
+            };
+            let out = target
+                .run(job(&task, spool, UploadState::default(), parts))
+                .await;
+            let Outcome::Progress { mut state, .. } = out else {
+                panic!("{id}: {out:?}")
+            };
+            assert_eq!(state.parts.len(), 2, "{id}");
+            state.completing = true;
+            (task, state)
+        }
+    };
+
+    // The completion did not happen and the upload is still there: complete it.
+    let (task, state) = sent_completion("index_kafka_not_completed").await;
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_not_completed/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+    let forbidden = aws.forbidden.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        forbidden > 0,
+        "HeadObject of the missing key never got its 403"
+    );
+
+    // The upload is gone (a lifecycle rule aborted it): store the log again.
+    let (task, state) = sent_completion("index_kafka_upload_gone").await;
+    client
+        .abort_multipart_upload()
+        .bucket("logs")
+        .key("druid/indexing-logs/index_kafka_upload_gone/log")
+        .upload_id(state.upload_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_upload_gone/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+    assert!(aws.forbidden.load(std::sync::atomic::Ordering::SeqCst) > forbidden);
+
+    // The completion happened, its answer was lost: HeadObject of the existing key still
+    // answers, and nothing is stored again.
+    let (task, state) = sent_completion("index_kafka_completed").await;
+    let done = target.run(job(&task, &spool, state.clone(), finish)).await;
+    assert!(matches!(done, Outcome::Done { .. }), "{done:?}");
+    let before = aws.forbidden.load(std::sync::atomic::Ordering::SeqCst);
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert_eq!(
+        aws.forbidden.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+    let key = "druid/indexing-logs/index_kafka_completed/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
 /// A bucket set by `DLA_S3_BUCKET` (as a DaemonSet sets it per environment) replaces only the
 /// bucket: the endpoint, path style, region and prefix of the config file's S3 section stay, so
 /// the log goes to the configured S3-compatible store, not to AWS.
