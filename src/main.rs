@@ -94,7 +94,8 @@ struct RunArgs {
     /// Path-style addressing (needed by most S3-compatible stores) [default: false].
     #[arg(long, env = "DLA_S3_PATH_STYLE")]
     s3_path_style: Option<bool>,
-    /// Multipart part size, at least 5 MiB [default: 8388608].
+    /// Size of the first 1,000 multipart parts, 5 MiB to 5 GiB; later parts double every 500
+    /// parts up to 5 GiB, so a log up to S3's 5 TiB fits [default: 8388608].
     #[arg(long, env = "DLA_S3_PART_BYTES")]
     s3_part_bytes: Option<u64>,
     /// Server-side encryption: AES256 or aws:kms [default: unset].

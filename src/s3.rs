@@ -31,6 +31,126 @@ use crate::task::TaskId;
 
 /// S3 refuses parts under 5 MiB (MiB, not MB), except the last.
 pub const MIN_PART: u64 = 5 * 1024 * 1024;
+/// S3's largest part: 5 GiB.
+pub const MAX_PART: u64 = 5 << 30;
+/// S3's largest object: 5 TiB. The part sizes must let a log of this size fit in
+/// [`PartNumber::MAX`] parts.
+pub const MAX_OBJECT: u64 = 5 << 40;
+
+/// A multipart part number. S3 numbers parts 1 to 10,000 and refuses any other, so a number
+/// outside that range cannot be made, and one past the last is a clear error rather than a
+/// request S3 refuses on every retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct PartNumber(u16);
+
+impl PartNumber {
+    pub const FIRST: PartNumber = PartNumber(1);
+    pub const MAX: PartNumber = PartNumber(10_000);
+
+    /// `n` if S3 accepts it as a part number.
+    pub fn new(n: u32) -> Option<PartNumber> {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| (Self::FIRST.0..=Self::MAX.0).contains(n))
+            .map(PartNumber)
+    }
+
+    /// The number after this one; `None` after the last S3 accepts.
+    pub fn next(self) -> Option<PartNumber> {
+        Self::new(u32::from(self.0) + 1)
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+
+    /// As the SDK takes it.
+    fn sdk(self) -> i32 {
+        i32::from(self.0)
+    }
+}
+
+impl TryFrom<u32> for PartNumber {
+    type Error = String;
+
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        PartNumber::new(n).ok_or_else(|| format!("part number {n} is not within 1 to 10000"))
+    }
+}
+
+impl From<PartNumber> for u32 {
+    fn from(n: PartNumber) -> u32 {
+        u32::from(n.0)
+    }
+}
+
+impl std::fmt::Display for PartNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How big each part of a multipart upload is, by part number. A fixed size would cap a log at
+/// 10,000 parts (78 GiB with 8 MiB parts); a size that grows with the log keeps small logs in
+/// small parts (little to resend after a failure, little waiting on the node) and lets any log
+/// up to S3's 5 TiB object limit fit. The size depends on the part number alone, so an upload
+/// resumed after a crash cuts the same parts as the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSizes {
+    /// The size of the first parts (`part_bytes`).
+    base: u64,
+    /// Parts of the base size before the first doubling.
+    flat: u32,
+    /// Parts between two doublings.
+    double_every: u32,
+}
+
+impl PartSizes {
+    /// `base` for parts 1 to 1,000, then twice as much every 500 parts, up to 5 GiB. From
+    /// the smallest base (5 MiB) 10,000 parts hold about 24 TiB, well over S3's 5 TiB; logs
+    /// under 1,000 base parts (7.8 GiB at the default 8 MiB) never see the growth.
+    pub fn new(base: u64) -> PartSizes {
+        Self::growing(base, 1_000, 500)
+    }
+
+    /// A schedule that grows sooner: `base` for `flat` parts, then doubling every
+    /// `double_every` parts. For tests through a real S3, where an upload of 1,000 parts is
+    /// too big; the agent itself uses [`PartSizes::new`].
+    pub fn growing(base: u64, flat: u32, double_every: u32) -> PartSizes {
+        PartSizes {
+            base,
+            flat,
+            double_every: double_every.max(1),
+        }
+    }
+
+    /// The size of part `n` (the last part of an upload may be shorter).
+    pub fn size(&self, n: PartNumber) -> u64 {
+        let n = u32::from(n);
+        let doublings = n.saturating_sub(self.flat).div_ceil(self.double_every);
+        let factor = 1u64.checked_shl(doublings).unwrap_or(u64::MAX);
+        self.base.saturating_mul(factor).min(MAX_PART)
+    }
+
+    /// Where the next whole part of `upload` ends in the uploaded stream: ingest asks for
+    /// parts once this many committed bytes exist. `None` once all 10,000 parts are stored.
+    pub fn next_part_end(&self, upload: &UploadState) -> Option<u64> {
+        let n = upload.next_part_number()?;
+        Some(upload.uploaded().saturating_add(self.size(n)))
+    }
+
+    /// The longest log one upload of these sizes holds: the sum over all 10,000 parts.
+    pub fn capacity(&self) -> u64 {
+        let mut n = Some(PartNumber::FIRST);
+        let mut sum = 0u64;
+        while let Some(p) = n {
+            sum = sum.saturating_add(self.size(p));
+            n = p.next();
+        }
+        sum
+    }
+}
 const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 const GZIP_TYPE: &str = "application/gzip";
 
@@ -56,7 +176,8 @@ pub struct S3Config {
     pub sse_kms_key_id: Option<String>,
     /// Do not send the `bucket-owner-full-control` ACL (Druid's `disableAcl`).
     pub disable_acl: bool,
-    /// Size of the parts stored while a task runs; at least 5 MiB.
+    /// Size of the parts stored while a task runs, at least 5 MiB and at most 5 GiB: of the
+    /// first 1,000; later parts grow (see [`PartSizes`]).
     pub part_bytes: u64,
     /// Store the log gzip-compressed at `{prefix}/{taskId}/log.gz` (`Content-Type:
     /// application/gzip`, no `Content-Encoding`) for consumers other than Druid, which reads
@@ -104,9 +225,9 @@ impl S3Config {
                     .into(),
             );
         }
-        if self.part_bytes < MIN_PART {
+        if !(MIN_PART..=MAX_PART).contains(&self.part_bytes) {
             return Err(format!(
-                "archive.part_bytes must be at least {MIN_PART} (5 MiB): S3 rejects smaller parts"
+                "archive.part_bytes must be between {MIN_PART} (5 MiB) and {MAX_PART} (5 GiB): S3 rejects other parts"
             ));
         }
         if let Some(ep) = &self.endpoint {
@@ -141,6 +262,7 @@ impl S3Config {
 /// A client and its settings.
 pub struct S3Target {
     cfg: S3Config,
+    sizes: PartSizes,
     client: Client,
 }
 
@@ -244,12 +366,25 @@ impl S3Target {
         }
         S3Target {
             client: Client::from_conf(b.build()),
+            sizes: PartSizes::new(cfg.part_bytes),
             cfg,
         }
     }
 
+    /// Cuts parts by `sizes` instead of the agent's schedule: for tests of growing parts
+    /// through a real S3 (see [`PartSizes::growing`]).
+    pub fn with_part_sizes(mut self, sizes: PartSizes) -> S3Target {
+        self.sizes = sizes;
+        self
+    }
+
     pub fn config(&self) -> &S3Config {
         &self.cfg
+    }
+
+    /// The part sizes this target cuts.
+    pub fn part_sizes(&self) -> PartSizes {
+        self.sizes
     }
 
     pub async fn run(&self, job: Job) -> Outcome {
@@ -335,12 +470,25 @@ impl S3Target {
         upto: u64,
         last: bool,
     ) -> Result<(), Failure> {
-        let part = self.cfg.part_bytes;
         loop {
             let from = state.uploaded();
+            if from >= upto {
+                return Ok(());
+            }
+            let Some(number) = state.next_part_number() else {
+                return Err(Failure {
+                    message: format!(
+                        "UploadPart of s3 key {key}: the log is longer than 10000 parts of these sizes hold ({} bytes); S3 takes no more parts",
+                        self.sizes.capacity()
+                    ),
+                    permanent: true,
+                    upload_gone: false,
+                });
+            };
+            let part = self.sizes.size(number);
             let to = if from + part <= upto {
                 from + part
-            } else if last && from < upto {
+            } else if last {
                 upto
             } else {
                 return Ok(());
@@ -353,21 +501,20 @@ impl S3Target {
                     id
                 }
             };
-            let number = state.parts.len() as u32 + 1;
             let out = self
                 .client
                 .upload_part()
                 .bucket(&self.cfg.bucket)
                 .key(key)
                 .upload_id(&upload_id)
-                .part_number(number as i32)
+                .part_number(number.sdk())
                 .content_length((to - from) as i64)
                 .body(self.body(&job.spool, from, to))
                 .send()
                 .await
                 .map_err(|e| failure("UploadPart", key, e))?;
             let etag = out.e_tag().unwrap_or_default().to_owned();
-            info!(key, part = number, bytes = to - from, "part stored");
+            info!(key, part = %number, bytes = to - from, "part stored");
             state.parts.push(Part {
                 number,
                 etag,
@@ -463,7 +610,7 @@ impl S3Target {
                 Err(f) => return Err(f),
             }
         }
-        if state.upload_id.is_none() && len <= self.cfg.part_bytes {
+        if state.upload_id.is_none() && len <= self.sizes.size(PartNumber::FIRST) {
             self.put_whole(job, key, len, text_len).await?;
             return Ok(location);
         }
@@ -479,7 +626,7 @@ impl S3Target {
             .iter()
             .map(|p| {
                 CompletedPart::builder()
-                    .part_number(p.number as i32)
+                    .part_number(p.number.sdk())
                     .e_tag(&p.etag)
                     .build()
             })
@@ -533,7 +680,7 @@ impl S3Target {
         let keep = state
             .parts
             .iter()
-            .take_while(|p| stored.get(&(p.number as i32)) == Some(&p.etag))
+            .take_while(|p| stored.get(&p.number.sdk()) == Some(&p.etag))
             .count();
         if keep < state.parts.len() {
             warn!(
@@ -688,5 +835,92 @@ impl http_body::Body for SpoolBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.end - self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Part;
+
+    const MIB: u64 = 1 << 20;
+
+    fn all_parts() -> impl Iterator<Item = PartNumber> {
+        std::iter::successors(Some(PartNumber::FIRST), |n| n.next())
+    }
+
+    /// For every base the settings allow: 10,000 parts hold S3's largest object, each part is
+    /// one S3 accepts, sizes never shrink, and the first 1,000 are the base size.
+    #[test]
+    fn part_sizes_fit_the_largest_object_within_s3_limits() {
+        assert_eq!(all_parts().count(), 10_000);
+        for base in [MIN_PART, 8 * MIB, 64 * MIB, 1 << 30, MAX_PART] {
+            let sizes = PartSizes::new(base);
+            assert!(
+                sizes.capacity() >= MAX_OBJECT,
+                "base {base}: {} < 5 TiB",
+                sizes.capacity()
+            );
+            let mut previous = 0;
+            for n in all_parts() {
+                let size = sizes.size(n);
+                assert!(
+                    (MIN_PART..=MAX_PART).contains(&size),
+                    "base {base}, part {n}"
+                );
+                assert!(size >= previous, "base {base}: part {n} shrinks");
+                if n.get() <= 1_000 {
+                    assert_eq!(size, base, "part {n}");
+                }
+                previous = size;
+            }
+        }
+        // The growth: double at part 1001 and every 500 parts after it.
+        let sizes = PartSizes::new(MIN_PART);
+        let size = |n| sizes.size(PartNumber::new(n).unwrap());
+        assert_eq!(size(1_001), 2 * MIN_PART);
+        assert_eq!(size(1_500), 2 * MIN_PART);
+        assert_eq!(size(1_501), 4 * MIN_PART);
+        assert_eq!(size(10_000), MAX_PART);
+    }
+
+    /// Part numbers are 1 to 10,000, also when read back from a checkpoint.
+    #[test]
+    fn part_numbers_are_those_s3_accepts() {
+        assert_eq!(PartNumber::new(0), None);
+        assert_eq!(PartNumber::new(1), Some(PartNumber::FIRST));
+        assert_eq!(PartNumber::new(10_000), Some(PartNumber::MAX));
+        assert_eq!(PartNumber::new(10_001), None);
+        assert_eq!(PartNumber::new(u32::MAX), None);
+        assert_eq!(PartNumber::MAX.next(), None);
+        let part = |n: u32| format!(r#"{{"number":{n},"etag":"e","end":1}}"#);
+        assert!(serde_json::from_str::<Part>(&part(0)).is_err());
+        assert!(serde_json::from_str::<Part>(&part(10_001)).is_err());
+        let p: Part = serde_json::from_str(&part(10_000)).unwrap();
+        assert_eq!(p.number, PartNumber::MAX);
+        assert_eq!(serde_json::to_string(&p).unwrap(), part(10_000));
+    }
+
+    /// Ingest's question "is there a whole part to store?": the next part's end, by its
+    /// number; none once every number is used.
+    #[test]
+    fn next_part_end_follows_the_schedule() {
+        let sizes = PartSizes::growing(MIN_PART, 1, 1);
+        let mut upload = UploadState::default();
+        assert_eq!(sizes.next_part_end(&upload), Some(MIN_PART));
+        upload.parts.push(Part {
+            number: PartNumber::FIRST,
+            etag: "e".into(),
+            end: MIN_PART,
+        });
+        assert_eq!(sizes.next_part_end(&upload), Some(3 * MIN_PART));
+        upload.parts = all_parts()
+            .map(|number| Part {
+                number,
+                etag: "e".into(),
+                end: u64::from(number.get()) * MIN_PART,
+            })
+            .collect();
+        assert_eq!(sizes.next_part_end(&upload), None);
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{AgentProc, Moto, Node, assert_same_log, s3_env};
-use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, UploadState};
+use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
-use druid_log_agent::s3::{S3Config, S3Target};
+use druid_log_agent::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::serve::druid_start;
 use druid_log_agent::spool::{Spool, SpoolWriter};
 use druid_log_agent::task::TaskId;
@@ -234,6 +234,102 @@ async fn parts_while_running_then_one_last_part() {
         .await;
     assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
     assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
+/// Parts grow with the log as the schedule says (here one that grows from the second part:
+/// 5, 10, 20 MiB... as the agent's does after 1,000 parts), S3 takes them, and an upload
+/// resumed from a shorter recorded state cuts the same parts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_grow_with_the_log() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let sizes = PartSizes::growing(5 * MIB, 1, 1);
+    let target = target(&moto.endpoint).await.with_part_sizes(sizes);
+    let tmp = tempfile::tempdir().unwrap();
+    let content = text(17 * MIB as usize, 31);
+    let spool = spool_of(tmp.path(), &content);
+    let (len, file_len) = (content.len() as u64, spool.file_len());
+    let task = TaskId::new("index_kafka_growing").unwrap();
+    let parts = |committed| JobKind::Parts {
+        committed,
+        committed_file: 0,
+    };
+    let out = target
+        .run(job(&task, &spool, UploadState::default(), parts(len)))
+        .await;
+    let Outcome::Progress { state, .. } = out else {
+        panic!("{out:?}")
+    };
+    let ends: Vec<u64> = state.parts.iter().map(|p| p.end).collect();
+    assert_eq!(
+        ends,
+        [5 * MIB, 15 * MIB],
+        "5 MiB, then 10 MiB; 20 MiB is not there yet"
+    );
+    // A crash after the first part was recorded: the second is cut as before.
+    let mut resumed = state.clone();
+    resumed.parts.truncate(1);
+    let out = target.run(job(&task, &spool, resumed, parts(len))).await;
+    let Outcome::Progress { state: again, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(again.parts, state.parts);
+    let listed = client
+        .list_parts()
+        .bucket("logs")
+        .key("druid/indexing-logs/index_kafka_growing/log")
+        .upload_id(state.upload_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let stored: Vec<i64> = listed.parts().iter().filter_map(|p| p.size()).collect();
+    assert_eq!(stored, [5 * MIB as i64, 10 * MIB as i64]);
+    let out = target
+        .run(job(&task, &spool, again, JobKind::Finish { len, file_len }))
+        .await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_growing/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
+/// All 10,000 part numbers used and the log goes on: a clear, permanent error naming the key,
+/// before any request (S3 would refuse part 10,001 on every retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_part_after_the_last_part_number() {
+    // Never contacted.
+    let target = target("http://127.0.0.1:9").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = spool_of(tmp.path(), b"");
+    let task = TaskId::new("index_kafka_huge").unwrap();
+    let state = UploadState {
+        upload_id: Some("upload".into()),
+        parts: (1..=10_000)
+            .map(|n| Part {
+                number: PartNumber::new(n).unwrap(),
+                etag: "e".into(),
+                end: u64::from(n) * 5 * MIB,
+            })
+            .collect(),
+        completing: false,
+    };
+    let committed = state.uploaded() + 5 * MIB;
+    let kind = JobKind::Parts {
+        committed,
+        committed_file: 0,
+    };
+    let out = target.run(job(&task, &spool, state, kind)).await;
+    let Outcome::Failed {
+        error, permanent, ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(permanent, "{error}");
+    assert!(
+        error.contains("druid/indexing-logs/index_kafka_huge/log") && error.contains("10000 parts"),
+        "{error}"
+    );
 }
 
 /// An empty log is stored as Druid's own placeholder line, never as an empty object.
