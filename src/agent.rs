@@ -108,6 +108,8 @@ impl Agent {
             inner,
             watched: HashSet::new(),
         };
+        // Before the checkpoint is read: a second agent must not even restore from it.
+        let state_lock = lock_state_dir(&cfg.state_dir)?;
         let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
         let registry = ingest.registry().clone();
 
@@ -152,7 +154,9 @@ impl Agent {
             .spawn(move || {
                 run_loop(
                     ingest, rx, queued, jobs_tx, commit_tx, stop, timing, observer,
-                )
+                );
+                // The ingest thread writes the last checkpoint: the directory is free after it.
+                drop(state_lock);
             })
             .map_err(StartError::Thread)?;
         Ok(Agent {
@@ -189,12 +193,53 @@ impl Agent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(
+        "state directory {} is in use by another agent (it holds {}): run one agent per state directory, or stop the other one first",
+        dir.display(),
+        dir.join(LOCK_FILE).display()
+    )]
+    StateDirInUse { dir: PathBuf },
+    #[error("state directory {}: cannot {op} {}: {source}", dir.display(), dir.join(LOCK_FILE).display())]
+    StateDirLock {
+        dir: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot initialise inotify: {0}")]
     Inotify(notify::Error),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+}
+
+/// The file in the state directory whose lock says an agent uses the directory. Two agents on
+/// one directory would restore the same spools and overwrite each other's checkpoint.
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the state directory for this agent: an exclusive `flock` on [`LOCK_FILE`], held as
+/// long as the returned file is open. The kernel releases it when the process dies, however it
+/// dies, so a crashed agent never leaves a stale lock behind.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let fail = |op, source| StartError::StateDirLock {
+        dir: dir.to_owned(),
+        op,
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail("create the directory of", e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| fail("open", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::StateDirInUse {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail("lock", e)),
+    }
 }
 
 struct Timing {
@@ -227,6 +272,8 @@ fn run_loop(
     let mut next_poll = start;
     let mut next_rescan = start + t.rescan;
     let mut in_flight = 0usize;
+    // Logged once: every later job would only say it again.
+    let mut worker_gone = false;
     let mut more = true;
     let mut stopping = false;
     let on_msg =
@@ -291,13 +338,17 @@ fn run_loop(
             ingest.finish_commit(job.run());
         }
         for job in ingest.take_archive_jobs() {
-            in_flight += 1;
-            if jobs_tx.send(job).is_err() {
+            // Only a job the worker got will be answered: one it never got must not hold up
+            // the shutdown until the end of the grace period.
+            if jobs_tx.send(job).is_ok() {
+                in_flight += 1;
+            } else if !worker_gone {
+                worker_gone = true;
                 error!("archive worker is gone; archives will resume after a restart");
             }
         }
     }
-    info!("shutting down: sealing spools and committing");
+    info!(in_flight, "shutting down: sealing spools and committing");
     stop.store(true, Ordering::Relaxed);
     drop(jobs_tx);
     let deadline = Instant::now() + t.shutdown_grace;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::checkpoint::sync_dir;
+use crate::s3::{PartNumber, PartSizes};
 use crate::spool::{Spool, SpoolError};
 use crate::task::TaskId;
 
@@ -63,7 +64,7 @@ pub fn placeholder(task: &TaskId) -> String {
 /// A multipart part already stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
-    pub number: u32,
+    pub number: PartNumber,
     pub etag: String,
     /// End of the part in the uploaded byte stream; parts are contiguous from 0.
     pub end: u64,
@@ -83,6 +84,14 @@ pub struct UploadState {
 impl UploadState {
     pub fn uploaded(&self) -> u64 {
         self.parts.last().map_or(0, |p| p.end)
+    }
+
+    /// The number the next part gets; `None` once S3's last part number is used.
+    pub fn next_part_number(&self) -> Option<PartNumber> {
+        match self.parts.last() {
+            None => Some(PartNumber::FIRST),
+            Some(p) => p.number.next(),
+        }
     }
 }
 
@@ -159,11 +168,11 @@ pub enum Target {
 
 impl Target {
     /// Whether this target stores a log in parts while the task runs (then ingest sends
-    /// `Parts` jobs), with the part size.
-    pub fn part_bytes(&self) -> Option<u64> {
+    /// `Parts` jobs), with the part sizes.
+    pub fn part_sizes(&self) -> Option<PartSizes> {
         match self {
             Target::Dir(_) => None,
-            Target::S3(s) => Some(s.config().part_bytes),
+            Target::S3(s) => Some(s.part_sizes()),
         }
     }
 

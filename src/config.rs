@@ -71,11 +71,21 @@ pub enum ArchiveConfig {
 }
 
 impl ArchiveConfig {
-    /// The part size of targets that store logs in parts while tasks run.
+    /// The size of the first parts of targets that store logs in parts while tasks run.
+    /// Superseded by [`ArchiveConfig::part_sizes`]: later parts are larger.
     pub fn part_bytes(&self) -> Option<u64> {
         match self {
             ArchiveConfig::Dir { .. } => None,
             ArchiveConfig::S3(s) => Some(s.part_bytes),
+        }
+    }
+
+    /// The part sizes of targets that store logs in parts while tasks run: ingest asks for
+    /// parts once [`PartSizes::next_part_end`] committed bytes exist.
+    pub fn part_sizes(&self) -> Option<crate::s3::PartSizes> {
+        match self {
+            ArchiveConfig::Dir { .. } => None,
+            ArchiveConfig::S3(s) => Some(crate::s3::PartSizes::new(s.part_bytes)),
         }
     }
 }

@@ -29,11 +29,15 @@ struct Cli {
 enum Command {
     /// Run the agent (the DaemonSet's job).
     Run(Box<RunArgs>),
-    /// Validate a config file and print the effective settings (defaults filled in) as TOML.
-    /// Exits non-zero with the reason if the file is not valid.
+    /// Check the settings `run` would use (the config file, then the same environment
+    /// variables and flags) and print them as TOML, defaults filled in. Exits non-zero with
+    /// the reason for anything `run` would refuse at start. It neither opens the state
+    /// directory nor binds the port, which a running agent holds.
     CheckConfig {
-        /// The TOML config file.
-        file: PathBuf,
+        /// The TOML config file (or --config / DLA_CONFIG).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<RunArgs>,
     },
     /// Run the pipeline on a synthetic node in a temporary directory and check the archives
     /// byte for byte against what the synthetic peons wrote. Needs no cluster and no cloud.
@@ -74,7 +78,8 @@ struct RunArgs {
     #[arg(long, env = "DLA_ARCHIVE_DIR")]
     archive_dir: Option<PathBuf>,
     /// Archive to this S3 bucket instead of a directory (Druid's S3TaskLogs layout,
-    /// s3://{bucket}/{prefix}/{taskId}/log) [default: unset].
+    /// s3://{bucket}/{prefix}/{taskId}/log); replaces only the bucket of the config file's S3
+    /// section, whose other settings stay [default: unset].
     #[arg(long, env = "DLA_S3_BUCKET")]
     s3_bucket: Option<String>,
     /// Druid's druid.indexer.logs.s3Prefix [default: druid/indexing-logs].
@@ -89,7 +94,8 @@ struct RunArgs {
     /// Path-style addressing (needed by most S3-compatible stores) [default: false].
     #[arg(long, env = "DLA_S3_PATH_STYLE")]
     s3_path_style: Option<bool>,
-    /// Multipart part size, at least 5 MiB [default: 8388608].
+    /// Size of the first 1,000 multipart parts, 5 MiB to 5 GiB; later parts double every 500
+    /// parts up to 5 GiB, so a log up to S3's 5 TiB fits [default: 8388608].
     #[arg(long, env = "DLA_S3_PART_BYTES")]
     s3_part_bytes: Option<u64>,
     /// Server-side encryption: AES256 or aws:kms [default: unset].
@@ -226,37 +232,140 @@ impl RunArgs {
         if let Some(v) = self.pending_timeout_secs {
             c.kubernetes.pending_timeout_secs = v;
         }
-        if let Some(d) = &self.archive_dir {
-            c.archive = ArchiveConfig::Dir { dir: d.clone() };
-        }
-        if let Some(bucket) = &self.s3_bucket {
-            c.archive = ArchiveConfig::S3(S3Config {
-                bucket: bucket.clone(),
-                prefix: "druid/indexing-logs".into(),
-                region: None,
-                endpoint: None,
-                path_style: false,
-                sse: None,
-                sse_kms_key_id: None,
-                disable_acl: false,
-                part_bytes: 8 << 20,
-                gzip: false,
-            });
-        }
-        if let ArchiveConfig::S3(s3) = &mut c.archive {
-            macro_rules! set_s3 {
-                ($($flag:ident => $field:ident),*) => {
-                    $(if let Some(v) = &self.$flag { s3.$field = v.clone().into(); })*
+        // The bucket chooses S3 over a directory and replaces only itself: an S3 section of the
+        // file (endpoint, path style, region, encryption) stays, as every other flag over the
+        // file setting it names.
+        match (&self.s3_bucket, &self.archive_dir) {
+            (Some(bucket), _) => {
+                let mut s3 = match &c.archive {
+                    ArchiveConfig::S3(s3) => s3.clone(),
+                    ArchiveConfig::Dir { .. } => S3Config::default(),
                 };
+                s3.bucket = bucket.clone();
+                c.archive = ArchiveConfig::S3(s3);
             }
-            set_s3!(s3_prefix => prefix, s3_region => region, s3_endpoint => endpoint,
-                s3_path_style => path_style, s3_part_bytes => part_bytes, s3_sse => sse,
-                s3_sse_kms_key_id => sse_kms_key_id, s3_disable_acl => disable_acl,
-                s3_gzip => gzip);
+            (None, Some(dir)) => c.archive = ArchiveConfig::Dir { dir: dir.clone() },
+            (None, None) => {}
+        }
+        match &mut c.archive {
+            ArchiveConfig::S3(s3) => {
+                macro_rules! set_s3 {
+                    ($($flag:ident => $field:ident),*) => {
+                        $(if let Some(v) = &self.$flag { s3.$field = v.clone().into(); })*
+                    };
+                }
+                set_s3!(s3_prefix => prefix, s3_region => region, s3_endpoint => endpoint,
+                    s3_path_style => path_style, s3_part_bytes => part_bytes, s3_sse => sse,
+                    s3_sse_kms_key_id => sse_kms_key_id, s3_disable_acl => disable_acl,
+                    s3_gzip => gzip);
+            }
+            // An S3 setting without an S3 archive would be dropped without a word.
+            ArchiveConfig::Dir { .. } => {
+                if let Some(flag) = self.s3_setting_given() {
+                    anyhow::bail!(
+                        "{flag} is set but the archive is a directory: set the bucket too \
+                         (--s3-bucket, DLA_S3_BUCKET or [archive] type = \"s3\" in the config \
+                         file), or unset it"
+                    );
+                }
+            }
         }
         c.validate()?;
         Ok(c)
     }
+
+    /// The first S3 setting given by flag or environment other than the bucket, as the user
+    /// would name it.
+    fn s3_setting_given(&self) -> Option<&'static str> {
+        [
+            (self.s3_prefix.is_some(), "--s3-prefix (DLA_S3_PREFIX)"),
+            (self.s3_region.is_some(), "--s3-region (DLA_S3_REGION)"),
+            (
+                self.s3_endpoint.is_some(),
+                "--s3-endpoint (DLA_S3_ENDPOINT)",
+            ),
+            (
+                self.s3_path_style.is_some(),
+                "--s3-path-style (DLA_S3_PATH_STYLE)",
+            ),
+            (
+                self.s3_part_bytes.is_some(),
+                "--s3-part-bytes (DLA_S3_PART_BYTES)",
+            ),
+            (self.s3_sse.is_some(), "--s3-sse (DLA_S3_SSE)"),
+            (
+                self.s3_sse_kms_key_id.is_some(),
+                "--s3-sse-kms-key-id (DLA_S3_SSE_KMS_KEY_ID)",
+            ),
+            (
+                self.s3_disable_acl.is_some(),
+                "--s3-disable-acl (DLA_S3_DISABLE_ACL)",
+            ),
+            (self.s3_gzip.is_some(), "--s3-gzip (DLA_S3_GZIP)"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    }
+}
+
+/// Everything `run` checks before it touches the state directory, and what those checks
+/// produced. `check-config` goes through the same function, so it refuses exactly what the
+/// daemon refuses.
+struct Startup {
+    cfg: Config,
+    token: Option<String>,
+    /// `listen`, resolved once so the check and the bind agree.
+    listen: Vec<std::net::SocketAddr>,
+    /// The pod watch's client and this node's name, when the watch is on.
+    kube: Option<(::kube::Client, String)>,
+}
+
+/// Builds the settings and checks them against the environment. Must run on the runtime that
+/// will run the pod watch: the Kubernetes client starts a task on it.
+async fn startup(args: &RunArgs) -> anyhow::Result<Startup> {
+    let cfg = args.config()?;
+    let listen: Vec<_> = tokio::net::lookup_host(cfg.listen.as_str())
+        .await
+        .map(Iterator::collect)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "listen {:?} is not an address to listen on, such as 0.0.0.0:8095 or [::]:8095: {e}",
+                cfg.listen
+            )
+        })?;
+    anyhow::ensure!(
+        !listen.is_empty(),
+        "listen {:?} resolves to no address",
+        cfg.listen
+    );
+    let token = match &cfg.auth_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
+            let t = t.trim().to_owned();
+            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
+            Some(t)
+        }
+        None => None,
+    };
+    let kube = if cfg.kubernetes.is_enabled() {
+        let node = cfg
+            .node_name
+            .clone()
+            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
+        let client = kube::client()
+            .await
+            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        Some((client, node))
+    } else {
+        None
+    };
+    Ok(Startup {
+        cfg,
+        token,
+        listen,
+        kube,
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -277,7 +386,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file, mut settings } => {
+            if file.is_some() {
+                settings.config = file;
+            }
+            check_config(&settings)
+        }
         Command::Demo {
             dir,
             keep,
@@ -315,33 +429,25 @@ fn main() -> ExitCode {
     })
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg = Config::from_file(file)?;
-    cfg.validate()?;
+fn check_config(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cfg = rt.block_on(startup(args))?.cfg;
     // The config holds no secrets itself (credentials come from the AWS chain, the token from
     // a file), so the effective settings print as they are.
     print!(
         "{}",
         toml::to_string(&cfg).context("cannot print the settings")?
     );
-    eprintln!("{}: valid", file.display());
+    match &args.config {
+        Some(file) => eprintln!("{}: valid", file.display()),
+        None => eprintln!("valid (no config file: defaults, environment and flags)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = args.config()?;
-    init_logging(cfg.log_format);
-    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
-    let token = match &cfg.auth_token_file {
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
-            let t = t.trim().to_owned();
-            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
-            Some(t)
-        }
-        None => None,
-    };
     // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
     // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
     // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
@@ -350,37 +456,49 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .max_blocking_threads(4)
         .enable_all()
         .build()?;
+    // Before anything else: a SIGTERM that came while the agent started (or right after it
+    // announced its address) would otherwise kill it by the default action, not stop it.
+    let mut signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    let Startup {
+        cfg,
+        token,
+        listen,
+        kube: kube_client,
+    } = rt.block_on(startup(&args))?;
+    init_logging(cfg.log_format);
+    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
     let target = match &cfg.archive {
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
         ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
     };
     let metrics = std::sync::Arc::new(Metrics::default());
-    let (identity, pod_cache): (Box<dyn TaskIdentity>, _) = if cfg.kubernetes.is_enabled() {
-        let node = cfg
-            .node_name
-            .clone()
-            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
-        let client = rt
-            .block_on(kube::client())
-            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        let cache = std::sync::Arc::new(kube::PodCache::default());
-        rt.spawn(kube::watch_pods(
-            client,
-            cfg.kubernetes.clone(),
-            node,
-            cfg.container.clone(),
-            cache.clone(),
-        ));
-        let identity = kube::KubeIdentity::new(
-            cache.clone(),
-            &cfg.kubernetes,
-            cfg.log_root.clone(),
-            metrics.clone(),
-        );
-        (Box::new(identity), Some(cache))
-    } else {
-        (Box::new(DirNameIdentity), None)
-    };
+    let (identity, pod_cache): (Box<dyn TaskIdentity>, _) =
+        if let Some((client, node)) = kube_client {
+            let cache = std::sync::Arc::new(kube::PodCache::default());
+            rt.spawn(kube::watch_pods(
+                client,
+                cfg.kubernetes.clone(),
+                node,
+                cfg.container.clone(),
+                cache.clone(),
+            ));
+            let identity = kube::KubeIdentity::new(
+                cache.clone(),
+                &cfg.kubernetes,
+                cfg.log_root.clone(),
+                metrics.clone(),
+            );
+            (Box::new(identity), Some(cache))
+        } else {
+            (Box::new(DirNameIdentity), None)
+        };
     let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
         .context("cannot start the agent")?;
     let http = serve::Http::new(
@@ -395,16 +513,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     );
     rt.block_on(async {
-        let (listener, addr) = serve::bind(&cfg.listen)
+        let (listener, addr) = serve::bind(&listen[..])
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         tracing::info!(%addr, "listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve::serve(listener, http, stop_rx));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let (term, int) = &mut signals;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = int.recv() => tracing::info!("SIGINT"),
         }
         let _ = stop_tx.send(true);
         let _ = server.await;

@@ -31,47 +31,180 @@ use crate::task::TaskId;
 
 /// S3 refuses parts under 5 MiB (MiB, not MB), except the last.
 pub const MIN_PART: u64 = 5 * 1024 * 1024;
+/// S3's largest part: 5 GiB.
+pub const MAX_PART: u64 = 5 << 30;
+/// S3's largest object: 5 TiB. The part sizes must let a log of this size fit in
+/// [`PartNumber::MAX`] parts.
+pub const MAX_OBJECT: u64 = 5 << 40;
+
+/// A multipart part number. S3 numbers parts 1 to 10,000 and refuses any other, so a number
+/// outside that range cannot be made, and one past the last is a clear error rather than a
+/// request S3 refuses on every retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct PartNumber(u16);
+
+impl PartNumber {
+    pub const FIRST: PartNumber = PartNumber(1);
+    pub const MAX: PartNumber = PartNumber(10_000);
+
+    /// `n` if S3 accepts it as a part number.
+    pub fn new(n: u32) -> Option<PartNumber> {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| (Self::FIRST.0..=Self::MAX.0).contains(n))
+            .map(PartNumber)
+    }
+
+    /// The number after this one; `None` after the last S3 accepts.
+    pub fn next(self) -> Option<PartNumber> {
+        Self::new(u32::from(self.0) + 1)
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+
+    /// As the SDK takes it.
+    fn sdk(self) -> i32 {
+        i32::from(self.0)
+    }
+}
+
+impl TryFrom<u32> for PartNumber {
+    type Error = String;
+
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        PartNumber::new(n).ok_or_else(|| format!("part number {n} is not within 1 to 10000"))
+    }
+}
+
+impl From<PartNumber> for u32 {
+    fn from(n: PartNumber) -> u32 {
+        u32::from(n.0)
+    }
+}
+
+impl std::fmt::Display for PartNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How big each part of a multipart upload is, by part number. A fixed size would cap a log at
+/// 10,000 parts (78 GiB with 8 MiB parts); a size that grows with the log keeps small logs in
+/// small parts (little to resend after a failure, little waiting on the node) and lets any log
+/// up to S3's 5 TiB object limit fit. The size depends on the part number alone, so an upload
+/// resumed after a crash cuts the same parts as the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSizes {
+    /// The size of the first parts (`part_bytes`).
+    base: u64,
+    /// Parts of the base size before the first doubling.
+    flat: u32,
+    /// Parts between two doublings.
+    double_every: u32,
+}
+
+impl PartSizes {
+    /// `base` for parts 1 to 1,000, then twice as much every 500 parts, up to 5 GiB. From
+    /// the smallest base (5 MiB) 10,000 parts hold about 24 TiB, well over S3's 5 TiB; logs
+    /// under 1,000 base parts (7.8 GiB at the default 8 MiB) never see the growth.
+    pub fn new(base: u64) -> PartSizes {
+        Self::growing(base, 1_000, 500)
+    }
+
+    /// A schedule that grows sooner: `base` for `flat` parts, then doubling every
+    /// `double_every` parts. For tests through a real S3, where an upload of 1,000 parts is
+    /// too big; the agent itself uses [`PartSizes::new`].
+    pub fn growing(base: u64, flat: u32, double_every: u32) -> PartSizes {
+        PartSizes {
+            base,
+            flat,
+            double_every: double_every.max(1),
+        }
+    }
+
+    /// The size of part `n` (the last part of an upload may be shorter).
+    pub fn size(&self, n: PartNumber) -> u64 {
+        let n = u32::from(n);
+        let doublings = n.saturating_sub(self.flat).div_ceil(self.double_every);
+        let factor = 1u64.checked_shl(doublings).unwrap_or(u64::MAX);
+        self.base.saturating_mul(factor).min(MAX_PART)
+    }
+
+    /// Where the next whole part of `upload` ends in the uploaded stream: ingest asks for
+    /// parts once this many committed bytes exist. `None` once all 10,000 parts are stored.
+    pub fn next_part_end(&self, upload: &UploadState) -> Option<u64> {
+        let n = upload.next_part_number()?;
+        Some(upload.uploaded().saturating_add(self.size(n)))
+    }
+
+    /// The longest log one upload of these sizes holds: the sum over all 10,000 parts.
+    pub fn capacity(&self) -> u64 {
+        let mut n = Some(PartNumber::FIRST);
+        let mut sum = 0u64;
+        while let Some(p) = n {
+            sum = sum.saturating_add(self.size(p));
+            n = p.next();
+        }
+        sum
+    }
+}
 const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 const GZIP_TYPE: &str = "application/gzip";
 
-/// `[archive] type = "s3"` settings.
+/// `[archive] type = "s3"` settings. Every key has a default (the bucket's, empty, is refused
+/// by [`S3Config::validate`]), so a file may leave the bucket to `DLA_S3_BUCKET`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct S3Config {
+    /// Druid's `druid.indexer.logs.s3Bucket`.
     pub bucket: String,
     /// Druid's `druid.indexer.logs.s3Prefix`; the key is `{prefix}/{taskId}/log`, exactly as
     /// Druid builds it.
     pub prefix: String,
     /// AWS region; from the standard chain (`AWS_REGION`, profile) if unset.
-    #[serde(default)]
     pub region: Option<String>,
     /// An S3-compatible endpoint, e.g. `http://minio:9000`.
-    #[serde(default)]
     pub endpoint: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
-    #[serde(default)]
     pub path_style: bool,
     /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
-    #[serde(default)]
     pub sse: Option<String>,
     /// KMS key id for `aws:kms`; the bucket's default key if unset.
-    #[serde(default)]
     pub sse_kms_key_id: Option<String>,
     /// Do not send the `bucket-owner-full-control` ACL (Druid's `disableAcl`).
-    #[serde(default)]
     pub disable_acl: bool,
-    /// Size of the parts stored while a task runs; at least 5 MiB.
-    #[serde(default = "default_part_bytes")]
+    /// Size of the parts stored while a task runs, at least 5 MiB and at most 5 GiB: of the
+    /// first 1,000; later parts grow (see [`PartSizes`]).
     pub part_bytes: u64,
     /// Store the log gzip-compressed at `{prefix}/{taskId}/log.gz` (`Content-Type:
     /// application/gzip`, no `Content-Encoding`) for consumers other than Druid, which reads
     /// only the plain `log`.
-    #[serde(default)]
     pub gzip: bool,
 }
 
 fn default_part_bytes() -> u64 {
     8 << 20
+}
+
+/// What an S3 archive set up by flags alone starts from; the defaults `--help` shows.
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: "druid/indexing-logs".into(),
+            region: None,
+            endpoint: None,
+            path_style: false,
+            sse: None,
+            sse_kms_key_id: None,
+            disable_acl: false,
+            part_bytes: default_part_bytes(),
+            gzip: false,
+        }
+    }
 }
 
 impl S3Config {
@@ -84,28 +217,66 @@ impl S3Config {
         if self.gzip { GZIP_TYPE } else { CONTENT_TYPE }
     }
 
+    /// Refuses settings S3 would refuse on every request, or that would be dropped unused.
     pub fn validate(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
-            return Err("archive.bucket must be set".into());
+            return Err(
+                "archive.bucket must be set (in the config file, or by --s3-bucket or DLA_S3_BUCKET)"
+                    .into(),
+            );
         }
-        if self.part_bytes < MIN_PART {
+        if !(MIN_PART..=MAX_PART).contains(&self.part_bytes) {
             return Err(format!(
-                "archive.part_bytes must be at least {MIN_PART} (5 MiB): S3 rejects smaller parts"
+                "archive.part_bytes must be between {MIN_PART} (5 MiB) and {MAX_PART} (5 GiB): S3 rejects other parts"
             ));
         }
-        match self.sse.as_deref() {
-            None | Some("AES256") | Some("aws:kms") => Ok(()),
-            Some(other) => Err(format!(
-                "archive.sse must be \"AES256\" or \"aws:kms\", not {other:?}"
-            )),
+        if let Some(ep) = &self.endpoint {
+            let uri: Result<axum::http::Uri, _> = ep.parse();
+            let ok = uri.is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !ok {
+                return Err(format!(
+                    "archive.endpoint {ep:?} must be an http:// or https:// URL such as http://minio:9000"
+                ));
+            }
         }
+        match self.sse.as_deref() {
+            None | Some("AES256") | Some("aws:kms") => {}
+            Some(other) => {
+                return Err(format!(
+                    "archive.sse must be \"AES256\" or \"aws:kms\", not {other:?}"
+                ));
+            }
+        }
+        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+            return Err(
+                "archive.sse_kms_key_id is used only with sse = \"aws:kms\": set sse too, or unset it"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
 /// A client and its settings.
 pub struct S3Target {
     cfg: S3Config,
+    sizes: PartSizes,
     client: Client,
+}
+
+/// What HeadObject says of a completion that may have happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completion {
+    /// The object is there with the log's length.
+    Complete,
+    /// No object, or an older one (an earlier, shorter archive of the task).
+    NotComplete,
+    /// 403: without `s3:ListBucket` S3 answers a missing key with 403 rather than 404 (and
+    /// without `s3:GetObject` an existing one too). Asking again changes nothing: the agent
+    /// must go on without the answer.
+    CannotTell,
 }
 
 /// What went wrong, and whether retrying soon can help.
@@ -195,12 +366,25 @@ impl S3Target {
         }
         S3Target {
             client: Client::from_conf(b.build()),
+            sizes: PartSizes::new(cfg.part_bytes),
             cfg,
         }
     }
 
+    /// Cuts parts by `sizes` instead of the agent's schedule: for tests of growing parts
+    /// through a real S3 (see [`PartSizes::growing`]).
+    pub fn with_part_sizes(mut self, sizes: PartSizes) -> S3Target {
+        self.sizes = sizes;
+        self
+    }
+
     pub fn config(&self) -> &S3Config {
         &self.cfg
+    }
+
+    /// The part sizes this target cuts.
+    pub fn part_sizes(&self) -> PartSizes {
+        self.sizes
     }
 
     pub async fn run(&self, job: Job) -> Outcome {
@@ -286,12 +470,25 @@ impl S3Target {
         upto: u64,
         last: bool,
     ) -> Result<(), Failure> {
-        let part = self.cfg.part_bytes;
         loop {
             let from = state.uploaded();
+            if from >= upto {
+                return Ok(());
+            }
+            let Some(number) = state.next_part_number() else {
+                return Err(Failure {
+                    message: format!(
+                        "UploadPart of s3 key {key}: the log is longer than 10000 parts of these sizes hold ({} bytes); S3 takes no more parts",
+                        self.sizes.capacity()
+                    ),
+                    permanent: true,
+                    upload_gone: false,
+                });
+            };
+            let part = self.sizes.size(number);
             let to = if from + part <= upto {
                 from + part
-            } else if last && from < upto {
+            } else if last {
                 upto
             } else {
                 return Ok(());
@@ -304,21 +501,20 @@ impl S3Target {
                     id
                 }
             };
-            let number = state.parts.len() as u32 + 1;
             let out = self
                 .client
                 .upload_part()
                 .bucket(&self.cfg.bucket)
                 .key(key)
                 .upload_id(&upload_id)
-                .part_number(number as i32)
+                .part_number(number.sdk())
                 .content_length((to - from) as i64)
                 .body(self.body(&job.spool, from, to))
                 .send()
                 .await
                 .map_err(|e| failure("UploadPart", key, e))?;
             let etag = out.e_tag().unwrap_or_default().to_owned();
-            info!(key, part = number, bytes = to - from, "part stored");
+            info!(key, part = %number, bytes = to - from, "part stored");
             state.parts.push(Part {
                 number,
                 etag,
@@ -374,24 +570,49 @@ impl S3Target {
         text_len: u64,
     ) -> Result<String, Failure> {
         let location = format!("s3://{}/{}", self.cfg.bucket, key);
-        if state.completing && self.is_complete(key, len).await? {
-            info!(key, "found the upload completed before a restart");
-            return Ok(location);
-        }
-        if state.upload_id.is_none() && len <= self.cfg.part_bytes {
-            self.put_whole(job, key, len, text_len).await?;
-            return Ok(location);
+        if state.completing {
+            match self.completion(key, len).await? {
+                Completion::Complete => {
+                    info!(key, "found the upload completed before a restart");
+                    return Ok(location);
+                }
+                Completion::NotComplete => {}
+                // Completing an upload that still exists is safe; if it is gone, the
+                // reconciliation below finds out and stores the log again.
+                Completion::CannotTell => warn!(
+                    key,
+                    "cannot tell whether the upload was completed before a restart \
+                     (HeadObject answers 403: does the policy lack s3:ListBucket?); completing it"
+                ),
+            }
         }
         if let Some(id) = state.upload_id.clone() {
             match self.reconcile(key, &id, state).await {
                 Ok(()) => {}
-                // Completed before a crash that kept the news from the checkpoint?
-                Err(f) if f.upload_gone && self.is_complete(key, len).await? => {
-                    info!(key, "found the upload completed before a restart");
-                    return Ok(location);
-                }
+                Err(f) if f.upload_gone => match self.completion(key, len).await? {
+                    // Completed before a crash that kept the news from the checkpoint.
+                    Completion::Complete => {
+                        info!(key, "found the upload completed before a restart");
+                        return Ok(location);
+                    }
+                    // Aborted (a lifecycle rule), or completed with no way to know: the spool
+                    // holds the whole log, and storing the same bytes at the same key again
+                    // leaves the same object.
+                    c @ (Completion::NotComplete | Completion::CannotTell) => {
+                        warn!(
+                            key,
+                            head_object_forbidden = c == Completion::CannotTell,
+                            "the multipart upload is gone and no complete object is known; storing the log again"
+                        );
+                        *state = UploadState::default();
+                    }
+                },
                 Err(f) => return Err(f),
             }
+        }
+        if state.upload_id.is_none() && len <= self.sizes.size(PartNumber::FIRST) {
+            self.put_whole(job, key, len, text_len).await?;
+            return Ok(location);
         }
         self.store_parts(job, key, state, len, true).await?;
         let Some(id) = state.upload_id.clone() else {
@@ -405,7 +626,7 @@ impl S3Target {
             .iter()
             .map(|p| {
                 CompletedPart::builder()
-                    .part_number(p.number as i32)
+                    .part_number(p.number.sdk())
                     .e_tag(&p.etag)
                     .build()
             })
@@ -426,9 +647,12 @@ impl S3Target {
         match done {
             Ok(_) => Ok(location),
             // The first attempt may have succeeded with its answer lost: check, don't guess.
+            // Unless the object is known complete, the failure stands; an upload that is
+            // gone resets the state (see `run`), so the next attempt stores the log again
+            // rather than asking a question S3 will not answer.
             Err(e) => {
                 let f = failure("CompleteMultipartUpload", key, e);
-                if f.upload_gone && self.is_complete(key, len).await? {
+                if f.upload_gone && self.completion(key, len).await? == Completion::Complete {
                     return Ok(location);
                 }
                 Err(f)
@@ -456,7 +680,7 @@ impl S3Target {
         let keep = state
             .parts
             .iter()
-            .take_while(|p| stored.get(&(p.number as i32)) == Some(&p.etag))
+            .take_while(|p| stored.get(&p.number.sdk()) == Some(&p.etag))
             .count();
         if keep < state.parts.len() {
             warn!(
@@ -470,7 +694,8 @@ impl S3Target {
         Ok(())
     }
 
-    async fn is_complete(&self, key: &str, len: u64) -> Result<bool, Failure> {
+    /// Whether `key` holds the complete log of `len` bytes, as far as HeadObject can say.
+    async fn completion(&self, key: &str, len: u64) -> Result<Completion, Failure> {
         match self
             .client
             .head_object()
@@ -479,8 +704,13 @@ impl S3Target {
             .send()
             .await
         {
-            Ok(h) => Ok(h.content_length() == Some(len as i64)),
-            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Ok(h) if h.content_length() == i64::try_from(len).ok() => Ok(Completion::Complete),
+            Ok(_) => Ok(Completion::NotComplete),
+            Err(SdkError::ServiceError(e)) => match e.raw().status().as_u16() {
+                404 => Ok(Completion::NotComplete),
+                403 => Ok(Completion::CannotTell),
+                _ => Err(failure("HeadObject", key, SdkError::ServiceError(e))),
+            },
             Err(e) => Err(failure("HeadObject", key, e)),
         }
     }
@@ -605,5 +835,92 @@ impl http_body::Body for SpoolBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.end - self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Part;
+
+    const MIB: u64 = 1 << 20;
+
+    fn all_parts() -> impl Iterator<Item = PartNumber> {
+        std::iter::successors(Some(PartNumber::FIRST), |n| n.next())
+    }
+
+    /// For every base the settings allow: 10,000 parts hold S3's largest object, each part is
+    /// one S3 accepts, sizes never shrink, and the first 1,000 are the base size.
+    #[test]
+    fn part_sizes_fit_the_largest_object_within_s3_limits() {
+        assert_eq!(all_parts().count(), 10_000);
+        for base in [MIN_PART, 8 * MIB, 64 * MIB, 1 << 30, MAX_PART] {
+            let sizes = PartSizes::new(base);
+            assert!(
+                sizes.capacity() >= MAX_OBJECT,
+                "base {base}: {} < 5 TiB",
+                sizes.capacity()
+            );
+            let mut previous = 0;
+            for n in all_parts() {
+                let size = sizes.size(n);
+                assert!(
+                    (MIN_PART..=MAX_PART).contains(&size),
+                    "base {base}, part {n}"
+                );
+                assert!(size >= previous, "base {base}: part {n} shrinks");
+                if n.get() <= 1_000 {
+                    assert_eq!(size, base, "part {n}");
+                }
+                previous = size;
+            }
+        }
+        // The growth: double at part 1001 and every 500 parts after it.
+        let sizes = PartSizes::new(MIN_PART);
+        let size = |n| sizes.size(PartNumber::new(n).unwrap());
+        assert_eq!(size(1_001), 2 * MIN_PART);
+        assert_eq!(size(1_500), 2 * MIN_PART);
+        assert_eq!(size(1_501), 4 * MIN_PART);
+        assert_eq!(size(10_000), MAX_PART);
+    }
+
+    /// Part numbers are 1 to 10,000, also when read back from a checkpoint.
+    #[test]
+    fn part_numbers_are_those_s3_accepts() {
+        assert_eq!(PartNumber::new(0), None);
+        assert_eq!(PartNumber::new(1), Some(PartNumber::FIRST));
+        assert_eq!(PartNumber::new(10_000), Some(PartNumber::MAX));
+        assert_eq!(PartNumber::new(10_001), None);
+        assert_eq!(PartNumber::new(u32::MAX), None);
+        assert_eq!(PartNumber::MAX.next(), None);
+        let part = |n: u32| format!(r#"{{"number":{n},"etag":"e","end":1}}"#);
+        assert!(serde_json::from_str::<Part>(&part(0)).is_err());
+        assert!(serde_json::from_str::<Part>(&part(10_001)).is_err());
+        let p: Part = serde_json::from_str(&part(10_000)).unwrap();
+        assert_eq!(p.number, PartNumber::MAX);
+        assert_eq!(serde_json::to_string(&p).unwrap(), part(10_000));
+    }
+
+    /// Ingest's question "is there a whole part to store?": the next part's end, by its
+    /// number; none once every number is used.
+    #[test]
+    fn next_part_end_follows_the_schedule() {
+        let sizes = PartSizes::growing(MIN_PART, 1, 1);
+        let mut upload = UploadState::default();
+        assert_eq!(sizes.next_part_end(&upload), Some(MIN_PART));
+        upload.parts.push(Part {
+            number: PartNumber::FIRST,
+            etag: "e".into(),
+            end: MIN_PART,
+        });
+        assert_eq!(sizes.next_part_end(&upload), Some(3 * MIN_PART));
+        upload.parts = all_parts()
+            .map(|number| Part {
+                number,
+                etag: "e".into(),
+                end: u64::from(number.get()) * MIN_PART,
+            })
+            .collect();
+        assert_eq!(sizes.next_part_end(&upload), None);
     }
 }

@@ -169,7 +169,9 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
     }
 }
 
-pub async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
+/// Binds the first of `addr` (the `listen` setting, resolved when the settings were checked)
+/// that can be bound; returns the address bound, whose port is the one chosen for port 0.
+pub async fn bind(addr: &[SocketAddr]) -> io::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))
@@ -216,11 +218,22 @@ fn authorized(req: &Request, token: &str) -> bool {
     let Some(got) = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| bearer_credentials(v.as_bytes()))
     else {
         return false;
     };
     constant_time_eq(got, token.as_bytes())
+}
+
+/// The credentials of a `Bearer` authorization, or `None` for another scheme. RFC 9110
+/// (section 11.1) makes the scheme case-insensitive and allows one or more spaces after it:
+/// clients that send `bearer` must not be locked out.
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(b"bearer".len())?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    Some(rest.trim_ascii_start())
 }
 
 /// Compares without an early exit, so response time says nothing about how much matched.

@@ -189,3 +189,60 @@ fn full_state_disk_is_reported_and_recovered() {
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
 }
+
+/// SIGTERM while the agent is still starting (the kubelet stops pods whenever it likes) is a
+/// clean stop, exit 0, as after start: the handler is in place before the agent says anything.
+#[test]
+fn sigterm_during_start_is_a_clean_stop() {
+    let node = Node::new();
+    let task = "index-kafka-early-term";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, &mut LineGen::new(9), 64 << 10, None);
+    let agent = AgentProc::start(&node, &[]);
+    agent.wait_for_line("agent started", LONG);
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+}
+
+/// A second agent on a state directory another agent uses exits at once, non-zero, naming the
+/// directory, before it reads the checkpoint; the first goes on, and once it has stopped the
+/// directory can be used again.
+#[test]
+fn second_agent_on_a_state_directory_is_refused() {
+    let node = Node::new();
+    let task = "index-kafka-two-agents";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, &mut LineGen::new(11), 64 << 10, None);
+    let first = AgentProc::start(&node, &["--idle-timeout-secs", "0"])
+        .listening_or_exit()
+        .unwrap_or_else(|(status, log)| panic!("the first agent did not start ({status}): {log}"));
+    // A checkpoint holding the task, which a second agent would restore.
+    let checkpoint = node.state.join(druid_log_agent::checkpoint::FILE_NAME);
+    let deadline = std::time::Instant::now() + LONG;
+    while !fs::read_to_string(&checkpoint).is_ok_and(|c| c.contains(task)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint holds {task}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = AgentProc::start(&node, &["--idle-timeout-secs", "0"]).listening_or_exit();
+    let Err((status, log)) = second else {
+        panic!("a second agent started on the state directory of the first");
+    };
+    assert!(!status.success(), "{status}: {log}");
+    let dir = node.state.display().to_string();
+    assert!(
+        log.contains(&dir) && log.contains("in use by another agent"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("resumed task from checkpoint"),
+        "the second agent read the checkpoint: {log}"
+    );
+    assert!(first.terminate().success());
+    let third = AgentProc::start(&node, &["--idle-timeout-secs", "0"])
+        .listening_or_exit()
+        .unwrap_or_else(|(status, log)| panic!("the directory stayed locked ({status}): {log}"));
+    assert!(third.terminate().success());
+}

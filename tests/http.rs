@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use common::{AgentProc, Node, http_get, wait_for_archive, wait_for_bytes};
+use common::{AgentProc, Node, http_get, wait_for_archive, wait_for_bytes, wait_for_bytes_with};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent::serve::{NO_LOG, druid_start};
 
@@ -157,6 +157,43 @@ fn bearer_token_is_required_except_for_probes() {
     assert_eq!(http_get(&addr, "/readyz", &[]).status, 200);
     let ok = http_get(&addr, &path, &["Authorization: Bearer s3cret-token"]);
     assert_eq!(ok.status, 200);
+    assert!(agent.terminate().success());
+}
+
+/// The authentication scheme is case-insensitive (RFC 9110, section 11.1) and may be followed
+/// by more than one space: clients that send `bearer` are not locked out. The token itself is
+/// compared exactly.
+#[test]
+fn bearer_scheme_is_case_insensitive() {
+    let node = Node::new();
+    let token_file = node.tmp.path().join("token");
+    fs::write(&token_file, "s3cret-token\n").unwrap();
+    let task = "index-kafka-auth-scheme";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write(&mut w, 3, 1 << 10);
+    let agent = AgentProc::start(&node, &["--auth-token-file", token_file.to_str().unwrap()]);
+    let addr = agent.http_addr();
+    let auth = "Authorization: Bearer s3cret-token";
+    wait_for_bytes_with(&addr, task, w.expected.len(), LONG, &[auth]);
+    let path = log_path(task, "0");
+    for header in [
+        "Authorization: bearer s3cret-token",
+        "Authorization: BEARER s3cret-token",
+        "Authorization: BeArEr s3cret-token",
+        "Authorization: Bearer   s3cret-token",
+    ] {
+        let r = http_get(&addr, &path, &[header]);
+        assert_eq!(r.status, 200, "{header}");
+        assert!(r.body == w.expected, "{header}");
+    }
+    for header in [
+        "Authorization: bearer S3CRET-TOKEN",
+        "Authorization: Basic s3cret-token",
+        "Authorization: bearers3cret-token",
+        "Authorization: s3cret-token",
+    ] {
+        assert_eq!(http_get(&addr, &path, &[header]).status, 401, "{header}");
+    }
     assert!(agent.terminate().success());
 }
 

@@ -10,6 +10,8 @@
 //! PyYAML, used here to turn the rendered YAML into JSON). `.ci/run` installs the latter. A
 //! missing tool fails the test: these checks are never skipped.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -206,10 +208,16 @@ fn effective_config() -> &'static toml::Table {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.toml");
         std::fs::write(&file, config).unwrap();
+        // check-config checks what `run` would at start, in the DaemonSet's environment: the
+        // node name from the downward API and a Kubernetes client configuration (in the pod
+        // the in-cluster one; here a kubeconfig, which is never contacted).
+        let kubeconfig = common::write_kubeconfig(dir.path(), "http://127.0.0.1:9");
         let out = run(
             Command::new(env!("CARGO_BIN_EXE_druid-log-agent"))
                 .arg("check-config")
-                .arg(&file),
+                .arg(&file)
+                .env("NODE_NAME", "node-1")
+                .env("KUBECONFIG", &kubeconfig),
             b"",
             "the agent binary is built by cargo test",
         );

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{AgentProc, Moto, Node, assert_same_log, s3_env};
-use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, UploadState};
+use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
-use druid_log_agent::s3::{S3Config, S3Target};
+use druid_log_agent::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::serve::druid_start;
 use druid_log_agent::spool::{Spool, SpoolWriter};
 use druid_log_agent::task::TaskId;
@@ -236,6 +236,102 @@ async fn parts_while_running_then_one_last_part() {
     assert_same_log(&get(&client, "logs", key, None).await, &content);
 }
 
+/// Parts grow with the log as the schedule says (here one that grows from the second part:
+/// 5, 10, 20 MiB... as the agent's does after 1,000 parts), S3 takes them, and an upload
+/// resumed from a shorter recorded state cuts the same parts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_grow_with_the_log() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let sizes = PartSizes::growing(5 * MIB, 1, 1);
+    let target = target(&moto.endpoint).await.with_part_sizes(sizes);
+    let tmp = tempfile::tempdir().unwrap();
+    let content = text(17 * MIB as usize, 31);
+    let spool = spool_of(tmp.path(), &content);
+    let (len, file_len) = (content.len() as u64, spool.file_len());
+    let task = TaskId::new("index_kafka_growing").unwrap();
+    let parts = |committed| JobKind::Parts {
+        committed,
+        committed_file: 0,
+    };
+    let out = target
+        .run(job(&task, &spool, UploadState::default(), parts(len)))
+        .await;
+    let Outcome::Progress { state, .. } = out else {
+        panic!("{out:?}")
+    };
+    let ends: Vec<u64> = state.parts.iter().map(|p| p.end).collect();
+    assert_eq!(
+        ends,
+        [5 * MIB, 15 * MIB],
+        "5 MiB, then 10 MiB; 20 MiB is not there yet"
+    );
+    // A crash after the first part was recorded: the second is cut as before.
+    let mut resumed = state.clone();
+    resumed.parts.truncate(1);
+    let out = target.run(job(&task, &spool, resumed, parts(len))).await;
+    let Outcome::Progress { state: again, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(again.parts, state.parts);
+    let listed = client
+        .list_parts()
+        .bucket("logs")
+        .key("druid/indexing-logs/index_kafka_growing/log")
+        .upload_id(state.upload_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let stored: Vec<i64> = listed.parts().iter().filter_map(|p| p.size()).collect();
+    assert_eq!(stored, [5 * MIB as i64, 10 * MIB as i64]);
+    let out = target
+        .run(job(&task, &spool, again, JobKind::Finish { len, file_len }))
+        .await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_growing/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
+/// All 10,000 part numbers used and the log goes on: a clear, permanent error naming the key,
+/// before any request (S3 would refuse part 10,001 on every retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_part_after_the_last_part_number() {
+    // Never contacted.
+    let target = target("http://127.0.0.1:9").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = spool_of(tmp.path(), b"");
+    let task = TaskId::new("index_kafka_huge").unwrap();
+    let state = UploadState {
+        upload_id: Some("upload".into()),
+        parts: (1..=10_000)
+            .map(|n| Part {
+                number: PartNumber::new(n).unwrap(),
+                etag: "e".into(),
+                end: u64::from(n) * 5 * MIB,
+            })
+            .collect(),
+        completing: false,
+    };
+    let committed = state.uploaded() + 5 * MIB;
+    let kind = JobKind::Parts {
+        committed,
+        committed_file: 0,
+    };
+    let out = target.run(job(&task, &spool, state, kind)).await;
+    let Outcome::Failed {
+        error, permanent, ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(permanent, "{error}");
+    assert!(
+        error.contains("druid/indexing-logs/index_kafka_huge/log") && error.contains("10000 parts"),
+        "{error}"
+    );
+}
+
 /// An empty log is stored as Druid's own placeholder line, never as an empty object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_log_gets_the_placeholder() {
@@ -415,6 +511,130 @@ fn permanent_error_then_recovery() {
     create_bucket_now(&moto, "late-bucket");
     let key = format!("druid/indexing-logs/{task}/log");
     let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len());
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
+}
+
+/// With the least privilege AWS users often grant (no `s3:ListBucket`), HeadObject of a missing
+/// key answers 403, not 404, so the check of a completion that may have happened tells nothing.
+/// The agent then goes on by what it can know: an upload that still exists is completed again;
+/// one that is gone (completed or aborted, no way to tell) is stored again from the spool, the
+/// same bytes at the same key. Before, every attempt failed on the 403 forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_check_without_list_bucket_permission() {
+    let moto = Moto::start();
+    let client = moto.client();
+    create_bucket(&client, "logs").await;
+    let aws = common::no_list_bucket::NoListBucket::start(&moto.endpoint);
+    let target = target(&aws.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let content = text(12 * MIB as usize, 21);
+    let spool = spool_of(tmp.path(), &content);
+    let (len, file_len) = (content.len() as u64, spool.file_len());
+    let finish = JobKind::Finish { len, file_len };
+    // Parts stored and CompleteMultipartUpload sent (the checkpoint says so), then a crash.
+    let sent_completion = |id: &'static str| {
+        let (target, spool) = (&target, &spool);
+        let task = TaskId::new(id).unwrap();
+        async move {
+            let parts = JobKind::Parts {
+                committed: len,
+                committed_file: file_len,
+            };
+            let out = target
+                .run(job(&task, spool, UploadState::default(), parts))
+                .await;
+            let Outcome::Progress { mut state, .. } = out else {
+                panic!("{id}: {out:?}")
+            };
+            assert_eq!(state.parts.len(), 2, "{id}");
+            state.completing = true;
+            (task, state)
+        }
+    };
+
+    // The completion did not happen and the upload is still there: complete it.
+    let (task, state) = sent_completion("index_kafka_not_completed").await;
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_not_completed/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+    let forbidden = aws.forbidden.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        forbidden > 0,
+        "HeadObject of the missing key never got its 403"
+    );
+
+    // The upload is gone (a lifecycle rule aborted it): store the log again.
+    let (task, state) = sent_completion("index_kafka_upload_gone").await;
+    client
+        .abort_multipart_upload()
+        .bucket("logs")
+        .key("druid/indexing-logs/index_kafka_upload_gone/log")
+        .upload_id(state.upload_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    let key = "druid/indexing-logs/index_kafka_upload_gone/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+    assert!(aws.forbidden.load(std::sync::atomic::Ordering::SeqCst) > forbidden);
+
+    // The completion happened, its answer was lost: HeadObject of the existing key still
+    // answers, and nothing is stored again.
+    let (task, state) = sent_completion("index_kafka_completed").await;
+    let done = target.run(job(&task, &spool, state.clone(), finish)).await;
+    assert!(matches!(done, Outcome::Done { .. }), "{done:?}");
+    let before = aws.forbidden.load(std::sync::atomic::Ordering::SeqCst);
+    let out = target.run(job(&task, &spool, state, finish)).await;
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert_eq!(
+        aws.forbidden.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+    let key = "druid/indexing-logs/index_kafka_completed/log";
+    assert_same_log(&get(&client, "logs", key, None).await, &content);
+}
+
+/// A bucket set by `DLA_S3_BUCKET` (as a DaemonSet sets it per environment) replaces only the
+/// bucket: the endpoint, path style, region and prefix of the config file's S3 section stay, so
+/// the log goes to the configured S3-compatible store, not to AWS.
+#[test]
+fn bucket_from_the_environment_keeps_the_file_s3_settings() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, "logs");
+    let node = Node::new();
+    let config = node.tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[archive]\ntype = \"s3\"\nbucket = \"bucket-of-the-file\"\n\
+             prefix = \"from-the-file\"\nendpoint = \"{}\"\npath_style = true\n\
+             region = \"us-east-1\"\n",
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let task = "index-kafka-env-bucket";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, 6, 64 << 10, false);
+    let mut cmd = AgentProc::command(
+        &node,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--idle-timeout-secs",
+            "1",
+        ],
+    );
+    s3_env(&mut cmd);
+    cmd.env("DLA_S3_BUCKET", "logs");
+    let agent = AgentProc::spawn(cmd);
+    let line = agent.wait_for_any(&["log archived", "archive failed"], LONG);
+    let key = format!("from-the-file/{task}/log");
+    assert!(line.contains(&format!("s3://logs/{key}")), "{line}");
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod no_list_bucket;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,15 +92,37 @@ impl AgentProc {
 
     /// Waits for a line of the agent's log containing `needle`; returns it.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_any(&[needle], timeout)
+    }
+
+    /// Waits for a line containing any of `needles` (an outcome or its failure, so a test
+    /// fails on the first sign of the wrong one rather than at its timeout); returns it.
+    pub fn wait_for_any(&self, needles: &[&str], timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
+                Ok(l) if needles.iter().any(|n| l.contains(n)) => return l,
                 Ok(_) => {}
-                Err(_) => panic!("agent never logged {needle:?} within {timeout:?}"),
+                Err(_) => panic!("agent never logged any of {needles:?} within {timeout:?}"),
             }
         }
+    }
+
+    /// Waits until the agent either listens (`Ok`, still running) or exits before it does
+    /// (`Err` with its exit status and everything it logged): a test of start-up refusals
+    /// waits for one of the two events, never for a time.
+    pub fn listening_or_exit(mut self) -> Result<AgentProc, (std::process::ExitStatus, String)> {
+        let mut log = String::new();
+        // The stderr reader ends (and the channel closes) when the process exits.
+        for line in self.lines.iter() {
+            if line.contains("listening") {
+                return Ok(self);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        Err((self.child.wait().unwrap(), log))
     }
 
     pub fn kill9(mut self) {
@@ -263,9 +287,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// Waits until `/tasks` reports `task` holding `len` bytes of log.
 pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
+    wait_for_bytes_with(addr, task, len, timeout, &[]);
+}
+
+/// [`wait_for_bytes`] sending `extra` header lines (a token) with every request.
+pub fn wait_for_bytes_with(addr: &str, task: &str, len: usize, timeout: Duration, extra: &[&str]) {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = http_get(addr, "/tasks", &[]);
+        let r = http_get(addr, "/tasks", extra);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let have = v
             .as_array()
@@ -326,4 +355,19 @@ pub fn write_log(
             }
         }
     }
+}
+
+/// Writes `dir/kubeconfig` for an API server at `server`: what `run` and `check-config` need to
+/// configure a Kubernetes client. Configuring one never contacts the server.
+pub fn write_kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\n\
+         clusters:\n- name: c\n  cluster:\n    server: {server}\n\
+         users:\n- name: u\n  user:\n    token: t\n\
+         contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+         current-context: x\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
