@@ -71,14 +71,6 @@ pub enum ArchiveConfig {
 }
 
 impl ArchiveConfig {
-    /// The size of the first parts of targets that store logs in parts while tasks run.
-    /// Superseded by [`ArchiveConfig::part_sizes`]: later parts are larger.
-    pub fn part_bytes(&self) -> Option<u64> {
-        match self {
-            ArchiveConfig::Dir { .. } => None,
-            ArchiveConfig::S3(s) => Some(s.part_bytes),
-        }
-    }
 
     /// The part sizes of targets that store logs in parts while tasks run: ingest asks for
     /// parts once [`PartSizes::next_part_end`] committed bytes exist.

@@ -197,7 +197,7 @@ struct Settings {
     idle_timeout: Option<Duration>,
     retention: Duration,
     /// Set when the archive stores logs in parts while tasks run.
-    part_bytes: Option<u64>,
+    part_sizes: Option<crate::s3::PartSizes>,
     archive_retry_max: Duration,
     node: Option<String>,
     spool_max_bytes: Option<u64>,
@@ -320,7 +320,7 @@ impl Ingest {
             idle_timeout: (cfg.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(cfg.idle_timeout_secs)),
             retention: Duration::from_secs(cfg.retention_secs),
-            part_bytes: cfg.archive.part_bytes(),
+            part_sizes: cfg.archive.part_sizes(),
             archive_retry_max: Duration::from_secs(cfg.archive_retry_max_secs.max(1)),
             node: cfg.node_name.clone(),
             spool_max_bytes: (cfg.spool_max_bytes > 0).then_some(cfg.spool_max_bytes),
@@ -1374,11 +1374,17 @@ impl Ingest {
                     } else {
                         t.committed_len
                     };
-                    match self.s.part_bytes {
-                        Some(part) if have >= t.upload.uploaded() + part => JobKind::Parts {
-                            committed: t.committed_len,
-                            committed_file: t.committed_file_len,
-                        },
+                    match self.s.part_sizes {
+                        Some(sizes)
+                            if sizes
+                                .next_part_end(&t.upload)
+                                .is_some_and(|end| have >= end) =>
+                        {
+                            JobKind::Parts {
+                                committed: t.committed_len,
+                                committed_file: t.committed_file_len,
+                            }
+                        }
                         _ => continue,
                     }
                 }
