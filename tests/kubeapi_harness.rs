@@ -13,7 +13,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 
-use druid_log_agent::testkit::kubeapi::{FakeApi, pod, query_params};
+use druid_log_agent::testkit::kubeapi::{
+    FakeApi, Outage, PodModel, RestartPolicy, pod, query_params,
+};
+use k8s_openapi::api::core::v1::ContainerStatus;
 
 const NODE_SELECTOR: &str = "spec.nodeName=node-a";
 const PEON_SELECTOR: &str = "druid.k8s.peons=true";
@@ -250,7 +253,8 @@ async fn annotations_and_container_statuses_round_trip() {
         assert!(rv > 0);
     }
     assert_eq!(running.metadata.uid.as_deref(), Some("uid-running"));
-    assert_eq!(phase(running), "Running");
+    // A container not started yet makes the pod Pending (the kubelet's getPhase).
+    assert_eq!(phase(running), "Pending");
     assert_eq!(phase(done), "Succeeded");
 
     let statuses = running
@@ -630,6 +634,19 @@ async fn streaming_list_watcher_and_errors() {
     );
 }
 
+/// One raw HTTP/1.1 GET with `Connection: close`: the whole response as text.
+fn raw_get(api: &FakeApi, target: &str) -> std::io::Result<String> {
+    let mut stream = std::net::TcpStream::connect(api.url().trim_start_matches("http://"))?;
+    stream.set_read_timeout(Some(EVENT_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 /// From a plain test (no runtime of the caller), with raw HTTP.
 #[test]
 fn serves_plain_tests_and_resets_while_down() {
@@ -641,17 +658,7 @@ fn serves_plain_tests_and_resets_while_down() {
         &[("main", "running")],
     ));
     api.apply(other("other-a", "uid-other-a", "node-a"));
-    let get = |target: &str| -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect(api.url().trim_start_matches("http://"))?;
-        stream.set_read_timeout(Some(EVENT_TIMEOUT))?;
-        write!(
-            stream,
-            "GET {target} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    };
+    let get = |target: &str| raw_get(&api, target);
     let response =
         get("/api/v1/namespaces/druid/pods?labelSelector=druid.k8s.peons%3Dtrue").unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -705,4 +712,280 @@ fn serves_plain_tests_and_resets_while_down() {
         api.requests().first().map(String::as_str),
         Some("/api/v1/namespaces/druid/pods?labelSelector=druid.k8s.peons%3Dtrue")
     );
+}
+
+/// The body of a raw response (not chunked).
+fn body_of(response: &str) -> Value {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// The other outage forms: 503 answers with the apiserver's Status body for lists and watches,
+/// and connections refused, then the same port serving again.
+#[test]
+fn outages_answer_503_or_refuse_connections() {
+    let api = FakeApi::start();
+    api.apply(peon("peon-a", "uid-a", "node-a", &[("main", "running")]));
+    api.set_outage(Some(Outage::Unavailable));
+    for target in ["/api/v1/pods", "/api/v1/pods?watch=true&resourceVersion=0"] {
+        let response = raw_get(&api, target).unwrap();
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{response}"
+        );
+        let status = body_of(&response);
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["apiVersion"], "v1");
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["reason"], "ServiceUnavailable");
+        assert_eq!(status["code"], 503);
+    }
+
+    api.set_outage(Some(Outage::Refused));
+    let refused = raw_get(&api, "/api/v1/pods").unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    api.set_outage(None);
+    let response = raw_get(&api, "/api/v1/pods").unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(body_of(&response)["items"][0]["metadata"]["name"], "peon-a");
+}
+
+/// `wait_delivered` returns once a list or watch event with the change was handed to a
+/// client, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_delivered_follows_what_the_watcher_was_sent() {
+    let api = FakeApi::start();
+    let created = api.apply(peon("peon-a", "uid-a", "node-a", &[("main", "running")]));
+    assert!(!api.wait_delivered(created, Duration::from_millis(200)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = peon_watcher(client(&api, dir.path()).await);
+    // The watcher only makes requests while polled: a task drives it, so that this thread
+    // can block in wait_delivered.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())
+            .await
+            .expect("an event")
+            .unwrap()
+            .expect("no watcher error");
+        seen.push(describe(&event));
+    }
+    assert_eq!(seen, ["Init", "InitApply(druid/peon-a)", "InitDone"]);
+    assert!(api.wait_delivered(created, Duration::ZERO), "the list");
+
+    let ended = api.apply(peon("peon-a", "uid-a", "node-a", &[("main", "terminated")]));
+    assert!(api.wait_delivered(ended, EVENT_TIMEOUT), "the watch event");
+    let event = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())
+        .await
+        .expect("an event")
+        .unwrap()
+        .expect("no watcher error");
+    assert_eq!(describe(&event), "Apply(druid/peon-a)");
+    assert_eq!(phase(event_pod(&event)), "Succeeded");
+}
+
+fn as_pod(value: Value) -> Pod {
+    serde_json::from_value(value).expect("a Pod as k8s-openapi reads it")
+}
+
+fn status_of<'a>(pod: &'a Pod, container: &str) -> &'a ContainerStatus {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .unwrap_or_else(|| panic!("no status of {container}"))
+}
+
+/// Whether a model step panics (the kubelet would not take it).
+fn refused(step: impl FnOnce()) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).is_err()
+}
+
+/// A restart as the kubelet reports it, step by step, read through the API types the agent
+/// uses: `terminated` with the pod still Running, then `waiting: CrashLoopBackOff` with
+/// `lastState.terminated`, then `running` with restartCount + 1 and a new containerID, and the
+/// terminal phase only in its own update at the real end.
+#[test]
+fn kubelet_model_reports_a_restart() {
+    let mut m = PodModel::new(
+        "druid",
+        "peon-r",
+        "uid-r",
+        "node-a",
+        RestartPolicy::OnFailure,
+        &["main"],
+    );
+    let p = as_pod(m.json());
+    assert_eq!(phase(&p), "Pending");
+    let main = status_of(&p, "main");
+    let waiting = main.state.as_ref().unwrap().waiting.as_ref().unwrap();
+    assert_eq!(waiting.reason.as_deref(), Some("ContainerCreating"));
+    assert!(main.container_id.is_none() && !main.ready);
+    assert_eq!(
+        p.spec.as_ref().unwrap().restart_policy.as_deref(),
+        Some("OnFailure")
+    );
+
+    let p = as_pod(m.start("main"));
+    assert_eq!(phase(&p), "Running");
+    let main = status_of(&p, "main");
+    assert!(main.state.as_ref().unwrap().running.is_some());
+    assert!(main.ready && main.started == Some(true));
+    assert_eq!(main.restart_count, 0);
+    let first_id = main.container_id.clone().unwrap();
+    assert!(first_id.starts_with("containerd://"), "{first_id}");
+
+    let p = as_pod(m.exit("main", 1, "Error"));
+    assert_eq!(
+        phase(&p),
+        "Running",
+        "OnFailure restarts a failed container"
+    );
+    let main = status_of(&p, "main");
+    let terminated = main.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(terminated.exit_code, 1);
+    assert_eq!(terminated.reason.as_deref(), Some("Error"));
+    assert_eq!(terminated.container_id.as_deref(), Some(first_id.as_str()));
+    assert!(terminated.started_at.is_some() && terminated.finished_at.is_some());
+    assert_eq!(main.restart_count, 0);
+    assert!(!main.ready && main.started == Some(false));
+    assert!(main.last_state.as_ref().unwrap().terminated.is_none());
+
+    let p = as_pod(m.back_off("main"));
+    assert_eq!(phase(&p), "Running");
+    let main = status_of(&p, "main");
+    let waiting = main.state.as_ref().unwrap().waiting.as_ref().unwrap();
+    assert_eq!(waiting.reason.as_deref(), Some("CrashLoopBackOff"));
+    let last = main
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
+    assert_eq!(last.exit_code, 1);
+    assert_eq!(main.container_id.as_deref(), Some(first_id.as_str()));
+    assert_eq!(main.restart_count, 0);
+
+    let p = as_pod(m.restart("main"));
+    assert_eq!(phase(&p), "Running");
+    let main = status_of(&p, "main");
+    assert!(main.state.as_ref().unwrap().running.is_some());
+    assert_eq!(main.restart_count, 1);
+    assert_eq!(m.restart_count("main"), 1);
+    let last = main
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
+    assert_eq!(last.container_id.as_deref(), Some(first_id.as_str()));
+    let second_id = main.container_id.clone().unwrap();
+    assert_ne!(second_id, first_id);
+
+    // The end: main exits 0, which OnFailure does not restart. The container's state comes
+    // first with the phase held, then the terminal phase.
+    let p = as_pod(m.exit("main", 0, "Completed"));
+    assert_eq!(phase(&p), "Running");
+    assert_eq!(m.computed_phase().as_str(), "Succeeded");
+    assert!(refused(|| {
+        m.clone().restart("main");
+    }));
+    let p = as_pod(m.finish());
+    assert_eq!(phase(&p), "Succeeded");
+    let main = status_of(&p, "main");
+    assert_eq!(main.restart_count, 1);
+    assert_eq!(
+        main.last_state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        1
+    );
+}
+
+/// The phase by restartPolicy, as `getPhase` gives it, and the steps the kubelet never takes.
+#[test]
+fn kubelet_model_phases_by_restart_policy() {
+    let phase_of = |value: Value| value["status"]["phase"].as_str().unwrap().to_owned();
+    let new = |policy, containers: &[&str]| {
+        PodModel::new("druid", "peon", "uid", "node-a", policy, containers)
+    };
+
+    // Never: a failure ends the pod Failed; nothing restarts.
+    let mut never = new(RestartPolicy::Never, &["main"]);
+    never.start("main");
+    assert_eq!(phase_of(never.exit("main", 137, "OOMKilled")), "Running");
+    assert!(refused(|| {
+        never.clone().restart("main");
+    }));
+    assert!(refused(|| {
+        never.clone().back_off("main");
+    }));
+    assert_eq!(phase_of(never.finish()), "Failed");
+
+    // A sidecar that keeps running keeps the pod Running after main ended for good.
+    let mut sidecar = new(RestartPolicy::OnFailure, &["main", "istio-proxy"]);
+    sidecar.start("istio-proxy");
+    assert_eq!(phase_of(sidecar.json()), "Pending", "main not started yet");
+    sidecar.start("main");
+    assert_eq!(phase_of(sidecar.exit("main", 0, "Completed")), "Running");
+    assert_eq!(sidecar.computed_phase().as_str(), "Running");
+    assert!(refused(|| {
+        sidecar.clone().finish();
+    }));
+    assert!(refused(|| {
+        sidecar.clone().restart("main");
+    }));
+
+    // Always: even a clean exit is restarted; the phase stays Running until the pod is
+    // deleted, then ends Failed after the SIGTERM exit.
+    let mut always = new(RestartPolicy::Always, &["main"]);
+    always.start("main");
+    assert_eq!(phase_of(always.exit("main", 0, "Completed")), "Running");
+    assert!(refused(|| {
+        always.clone().finish();
+    }));
+    always.back_off("main");
+    always.restart("main");
+    let deleting = always.begin_deletion();
+    assert!(deleting["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(phase_of(always.exit("main", 143, "Error")), "Running");
+    assert!(refused(|| {
+        always.clone().restart("main");
+    }));
+    assert_eq!(phase_of(always.finish()), "Failed");
+    assert_eq!(always.restart_count("main"), 1);
+
+    // A container that never ran keeps the pod Pending; one that runs cannot be restarted.
+    let mut fresh = new(RestartPolicy::Always, &["main"]);
+    assert!(refused(|| {
+        fresh.clone().restart("main");
+    }));
+    fresh.start("main");
+    assert!(refused(|| {
+        fresh.clone().restart("main");
+    }));
+    assert!(refused(|| {
+        fresh.clone().start("main");
+    }));
 }

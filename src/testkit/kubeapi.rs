@@ -16,7 +16,16 @@
 //! - A watch from a `resourceVersion` older than the retained history (see
 //!   [`FakeApi::expire_history`]) gets one `ERROR` event carrying the 410 `Expired` Status and ends,
 //!   which is what the real server does and what makes clients relist.
-//! - [`FakeApi::set_down`] cuts every open connection and resets new ones until it comes back.
+//! - Outages in the forms a client meets ([`Outage`], [`FakeApi::set_outage`]): connections
+//!   reset, connections refused (the listener closed, the same port bound again after), and
+//!   `503 Service Unavailable` answers with the apiserver's `Status` body. Every form cuts the
+//!   open connections, watches included.
+//! - [`FakeApi::wait_delivered`]: a test can wait until a change has been handed to a client's
+//!   connection, so "the agent has been sent this status" is an event, not a sleep.
+//!
+//! And the kubelet's side, [`PodModel`]: pod status as the kubelet reports it through container
+//! starts, exits, back-offs and restarts (see its documentation for what is modelled and from
+//! where).
 //!
 //! Self-contained (std, serde_json, tokio, hyper, hyper-util, bytes), with its own tokio runtime,
 //! so it works from plain `#[test]`s and from `#[tokio::test]`s alike.
@@ -26,7 +35,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +54,22 @@ const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The forms an API server outage takes for a client.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Outage {
+    /// Open connections are cut and new ones are reset (RST) as soon as they are accepted: a
+    /// server or load balancer that aborts.
+    Reset,
+    /// The listening socket is closed, so connecting fails with "connection refused" (the API
+    /// server pods restarting); the same port is bound again when the outage ends.
+    Refused,
+    /// Connections are accepted and every request, lists and watches alike, is answered `503
+    /// Service Unavailable` with a `Status` body (the server up but not ready). Clients with
+    /// built-in retries on 503 (kube-client's default `RetryPolicy::server_retry`) can hide
+    /// such an outage from their caller.
+    Unavailable,
+}
+
 /// A fake kube-apiserver serving the pods API on 127.0.0.1; stops its server on drop.
 pub struct FakeApi {
     shared: Arc<Shared>,
@@ -56,6 +81,36 @@ struct Shared {
     store: Mutex<Store>,
     /// The current resourceVersion, to wake watchers after a change.
     changed: watch::Sender<u64>,
+    /// Whether the accept loop should have a listening socket (false while connections are
+    /// refused).
+    listen: watch::Sender<bool>,
+    /// Whether it has one, for [`FakeApi::set_outage`] to return only once it is so.
+    listening: Mutex<bool>,
+    listening_changed: Condvar,
+    /// The newest resourceVersion a list or watch response has handed to a connection.
+    delivered: Mutex<u64>,
+    delivered_changed: Condvar,
+}
+
+impl Shared {
+    fn set_listening(&self, listening: bool) {
+        *self
+            .listening
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = listening;
+        self.listening_changed.notify_all();
+    }
+
+    fn mark_delivered(&self, resource_version: u64) {
+        let mut delivered = self
+            .delivered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if resource_version > *delivered {
+            *delivered = resource_version;
+            self.delivered_changed.notify_all();
+        }
+    }
 }
 
 struct Store {
@@ -65,7 +120,7 @@ struct Store {
     oldest_watchable: u64,
     history: Vec<Change>,
     requests: Vec<String>,
-    down: bool,
+    outage: Option<Outage>,
     connections: HashMap<u64, AbortHandle>,
     next_connection: u64,
 }
@@ -111,6 +166,7 @@ impl FakeApi {
             tokio::net::TcpListener::from_std(listener).expect("tokio listener")
         };
         let (changed, _) = watch::channel(INITIAL_RESOURCE_VERSION);
+        let (listen, _) = watch::channel(true);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 pods: BTreeMap::new(),
@@ -118,13 +174,18 @@ impl FakeApi {
                 oldest_watchable: 0,
                 history: Vec::new(),
                 requests: Vec::new(),
-                down: false,
+                outage: None,
                 connections: HashMap::new(),
                 next_connection: 0,
             }),
             changed,
+            listen,
+            listening: Mutex::new(true),
+            listening_changed: Condvar::new(),
+            delivered: Mutex::new(0),
+            delivered_changed: Condvar::new(),
         });
-        runtime.spawn(accept_loop(listener, shared.clone()));
+        runtime.spawn(accept_loop(listener, addr, shared.clone()));
         FakeApi {
             shared,
             addr,
@@ -168,8 +229,8 @@ preferences: {{}}
     }
 
     /// Creates or replaces a pod, keyed by `metadata.uid`: an ADDED or MODIFIED event with a new
-    /// resourceVersion.
-    pub fn apply(&self, mut pod: Value) {
+    /// resourceVersion, which is returned (for [`FakeApi::wait_delivered`]).
+    pub fn apply(&self, mut pod: Value) -> u64 {
         let uid = pod["metadata"]["uid"]
             .as_str()
             .filter(|uid| !uid.is_empty())
@@ -198,11 +259,12 @@ preferences: {{}}
             resource_version
         };
         self.shared.changed.send_replace(resource_version);
+        resource_version
     }
 
-    /// Deletes a pod by uid: a DELETED event carrying its last state with a new resourceVersion.
-    /// Panics if there is no such pod.
-    pub fn delete(&self, uid: &str) {
+    /// Deletes a pod by uid: a DELETED event carrying its last state with a new resourceVersion,
+    /// which is returned. Panics if there is no such pod.
+    pub fn delete(&self, uid: &str) -> u64 {
         let resource_version = {
             let mut store = lock(&self.shared.store);
             let mut pod = store
@@ -221,15 +283,22 @@ preferences: {{}}
             resource_version
         };
         self.shared.changed.send_replace(resource_version);
+        resource_version
     }
 
-    /// `true`: every open connection (watches included) is cut and new connections are reset;
-    /// `false`: serving normally again.
+    /// `true`: an [`Outage::Reset`]; `false`: serving normally again.
     pub fn set_down(&self, down: bool) {
+        self.set_outage(down.then_some(Outage::Reset));
+    }
+
+    /// Starts an outage of the given form (every open connection, watches included, is cut), or
+    /// ends it with `None`. Returns once the server behaves so: with [`Outage::Refused`] the
+    /// port is closed, after it the port is bound again.
+    pub fn set_outage(&self, outage: Option<Outage>) {
         let cut: Vec<AbortHandle> = {
             let mut store = lock(&self.shared.store);
-            store.down = down;
-            if down {
+            store.outage = outage;
+            if outage.is_some() {
                 store
                     .connections
                     .drain()
@@ -242,6 +311,48 @@ preferences: {{}}
         for handle in cut {
             handle.abort();
         }
+        let listen = outage != Some(Outage::Refused);
+        self.shared.listen.send_replace(listen);
+        let listening = self
+            .shared
+            .listening
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (listening, timeout) = self
+            .shared
+            .listening_changed
+            .wait_timeout_while(listening, Duration::from_secs(10), |now| *now != listen)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(
+            !timeout.timed_out(),
+            "the fake kube-apiserver could not {} {} (listening: {})",
+            if listen { "bind again" } else { "close" },
+            self.addr,
+            *listening
+        );
+    }
+
+    /// Waits until a list or watch response carrying the store's state as of `resource_version`
+    /// or later (an event of that change or a newer one, a BOOKMARK at least that new, or a
+    /// list at least that new) has been handed to a client's connection; hyper writes it to the
+    /// socket before it next waits. `false` if that did not happen within `timeout`.
+    ///
+    /// This is what makes a race deterministic: "the agent has been sent `main` terminated; now
+    /// the new instance writes". It says nothing about what the client did with the event.
+    pub fn wait_delivered(&self, resource_version: u64, timeout: Duration) -> bool {
+        let delivered = self
+            .shared
+            .delivered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (_delivered, result) = self
+            .shared
+            .delivered_changed
+            .wait_timeout_while(delivered, timeout, |delivered| {
+                *delivered < resource_version
+            })
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !result.timed_out()
     }
 
     /// Forgets the event history: a later watch from a resourceVersion older than the current
@@ -262,7 +373,7 @@ preferences: {{}}
         lock(&self.shared.store).requests.clone()
     }
 
-    /// The current (latest) resourceVersion of the store.
+    /// The current (latest) resourceVersion of the store, as the API writes it.
     pub fn resource_version(&self) -> String {
         lock(&self.shared.store).resource_version.to_string()
     }
@@ -313,9 +424,12 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A pod as the apiserver returns it. `containers` are (name, state) with state "running",
-/// "waiting" or "terminated" (exit code 0, reason "Completed"). The phase is Running unless every
-/// container terminated (then Succeeded). `metadata.resourceVersion` is left to the store.
+/// A pod as the apiserver returns it, for tests that need no history: restartPolicy `Never`,
+/// `containers` are (name, state) with state "running", "waiting" (not started yet:
+/// `ContainerCreating`) or "terminated" (exit code 0, reason "Completed"), each with restartCount
+/// 0. The phase is what the kubelet reports for that ([`PodModel`]): `Pending` while a container
+/// waits, `Succeeded` once every container terminated, `Running` otherwise.
+/// `metadata.resourceVersion` is left to the store.
 pub fn pod(
     namespace: &str,
     name: &str,
@@ -325,105 +439,623 @@ pub fn pod(
     annotations: &[(&str, &str)],
     containers: &[(&str, &str)],
 ) -> Value {
-    const STARTED: &str = "2024-05-01T00:00:01Z";
-    const FINISHED: &str = "2024-05-01T00:10:00Z";
-    const IMAGE: &str = "docker.io/apache/druid:33.0.0";
-    let string_map = |pairs: &[(&str, &str)]| -> Map<String, Value> {
-        pairs
-            .iter()
-            .map(|(key, value)| ((*key).to_owned(), Value::from(*value)))
-            .collect()
-    };
-    let specs: Vec<Value> = containers
-        .iter()
-        .map(|(container, _)| json!({"name": container, "image": IMAGE, "resources": {}}))
-        .collect();
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|(container, state)| {
-            let container_id = format!("containerd://{uid}-{container}");
-            let (state, ready, started, id) = match *state {
-                "running" => (json!({"running": {"startedAt": STARTED}}), true, true, true),
-                "waiting" => (
-                    json!({"waiting": {"reason": "ContainerCreating"}}),
-                    false,
-                    false,
-                    false,
-                ),
-                "terminated" => (
-                    json!({"terminated": {
-                        "exitCode": 0,
-                        "reason": "Completed",
-                        "startedAt": STARTED,
-                        "finishedAt": FINISHED,
-                        "containerID": container_id,
-                    }}),
-                    false,
-                    false,
-                    true,
-                ),
-                other => panic!("container state {other:?}: use running, waiting or terminated"),
-            };
-            let mut status = json!({
-                "name": container,
-                "state": state,
-                "lastState": {},
-                "ready": ready,
-                "restartCount": 0,
-                "image": IMAGE,
-                "imageID": "docker.io/apache/druid@sha256:0123456789abcdef",
-                "started": started,
-            });
-            if id {
-                status["containerID"] = container_id.into();
+    let names: Vec<&str> = containers.iter().map(|(container, _)| *container).collect();
+    let mut model = PodModel::new(namespace, name, uid, node, RestartPolicy::Never, &names)
+        .with_labels(labels)
+        .with_annotations(annotations);
+    for (container, state) in containers {
+        match *state {
+            "running" => {
+                model.start(container);
             }
-            status
+            "terminated" => {
+                model.start(container);
+                model.exit(container, 0, "Completed");
+            }
+            "waiting" => {}
+            other => panic!("container state {other:?}: use running, waiting or terminated"),
+        }
+    }
+    if model.computed_phase().is_terminal() {
+        model.finish();
+    }
+    model.json()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kubelet's pod status
+
+const IMAGE: &str = "docker.io/apache/druid:33.0.0";
+const IMAGE_ID: &str = "docker.io/apache/druid@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+/// How long the kubelet gives a container between SIGTERM and SIGKILL on deletion.
+const TERMINATION_GRACE_SECONDS: u64 = 30;
+
+/// A pod's `spec.restartPolicy`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "Always",
+            RestartPolicy::OnFailure => "OnFailure",
+            RestartPolicy::Never => "Never",
+        }
+    }
+
+    /// Whether the kubelet starts a container that exited with `exit_code` again, in a pod not
+    /// being deleted (`ShouldContainerBeRestarted` in pkg/kubelet/container/helpers.go).
+    pub fn restarts(self, exit_code: i32) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => exit_code != 0,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+/// `status.phase`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl PodPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+/// One pod as its kubelet reports it: a spec (restartPolicy, containers) and, per container, the
+/// newest instance's state, the previous instance's termination and the restart count. Each
+/// step returns the pod as the kubelet's status would then show it; the test applies it to the
+/// [`FakeApi`] when it chooses, which is how status lag is expressed: the kubelet's status
+/// manager writes asynchronously (pkg/kubelet/status/status_manager.go), so the API shows a
+/// state seconds after the files show it, and it may skip intermediate states (it sends the
+/// newest status it has, never an older one after a newer one). A test that applies every
+/// step, late and in order, is faithful; one that applies an older snapshot after a newer one
+/// is not.
+///
+/// Modelled after kubernetes/kubernetes (read, not copied):
+/// - `convertToAPIContainerStatuses` (pkg/kubelet/kubelet_pods.go): the newest instance gives
+///   `state`, the one before it `lastState`; a running instance has `state.running.startedAt`,
+///   an exited one `state.terminated` with exitCode, reason, startedAt, finishedAt and its
+///   containerID; a container that will be restarted and is in back-off is
+///   `waiting: CrashLoopBackOff` with `lastState.terminated` and still the exited instance's
+///   containerID; before its first start a container is `waiting: ContainerCreating`.
+/// - `startContainer` (pkg/kubelet/kuberuntime/kuberuntime_container.go): a new instance gets
+///   restartCount = previous + 1 and its log file is `<restartCount>.log`; every instance has
+///   its own containerID. The first restart happens at once; back-off (10 s doubling to 5 min
+///   on a real node) shows as CrashLoopBackOff from the second on, which a test chooses by
+///   calling [`PodModel::back_off`] or not.
+/// - `getPhase` (pkg/kubelet/kubelet_pods.go), for regular containers: `Pending` while a
+///   container waits without having run; `Running` while one runs; when none runs (a container
+///   in back-off counts as stopped, and not as succeeded): `Running` if restartPolicy is
+///   Always, `Succeeded` if every one exited 0, `Failed` if restartPolicy is Never, `Running`
+///   (restarting) for OnFailure with a failure. A pod being deleted never restarts anything and
+///   ends `Succeeded` or `Failed`. So a sidecar that keeps running keeps the pod `Running`
+///   after `main` exited for good.
+/// - `mergePodStatus` (pkg/kubelet/status/status_manager.go): a transition to a terminal phase
+///   is held back while the pod could still have running containers, until the pod worker has
+///   finished terminating the pod ([`PodModel::finish`]). So with restartPolicy Never the
+///   container's `terminated` state and the terminal phase come in two updates when the test
+///   applies the snapshot of [`PodModel::exit`] and then that of [`PodModel::finish`], in one
+///   when it applies only the latter. A terminal phase never changes again.
+/// - `ready` and `started` follow whether the instance runs (no probes are modelled).
+///
+/// Not modelled: init containers, probes, conditions, container garbage collection (a test
+/// removes old instances' log files itself).
+///
+/// Steps the kubelet could not take panic (a restart that the restartPolicy rules out, a
+/// restart of a running container, finishing a pod that still runs), so a test cannot express
+/// an impossible sequence.
+#[derive(Clone, Debug)]
+pub struct PodModel {
+    namespace: String,
+    name: String,
+    uid: String,
+    node: String,
+    labels: Vec<(String, String)>,
+    annotations: Vec<(String, String)>,
+    restart_policy: RestartPolicy,
+    containers: Vec<ContainerModel>,
+    /// The phase the status shows.
+    phase: PodPhase,
+    /// The pod worker has finished terminating the pod: a terminal phase may be shown.
+    finished: bool,
+    /// Since when (clock seconds) the pod is being deleted.
+    deleting_since: Option<u64>,
+    /// Seconds since the pod's creation, one more at every step, for timestamps.
+    clock: u64,
+}
+
+#[derive(Clone, Debug)]
+struct ContainerModel {
+    name: String,
+    restart_count: u32,
+    state: ContainerState,
+    /// The previous instance's end.
+    last_terminated: Option<Terminated>,
+    /// The newest instance's id (kept through a back-off, as the kubelet does).
+    container_id: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum ContainerState {
+    /// Never started (`ContainerCreating`) or in back-off (`CrashLoopBackOff`).
+    Waiting {
+        reason: &'static str,
+        message: Option<String>,
+    },
+    Running {
+        started_at: u64,
+    },
+    Terminated(Terminated),
+}
+
+#[derive(Clone, Debug)]
+struct Terminated {
+    exit_code: i32,
+    reason: String,
+    started_at: u64,
+    finished_at: u64,
+    container_id: String,
+}
+
+impl PodModel {
+    /// A pod scheduled on `node`, its containers created but not started: each
+    /// `waiting: ContainerCreating`, the phase `Pending`.
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+        restart_policy: RestartPolicy,
+        containers: &[&str],
+    ) -> PodModel {
+        PodModel {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            node: node.to_owned(),
+            labels: Vec::new(),
+            annotations: Vec::new(),
+            restart_policy,
+            containers: containers
+                .iter()
+                .map(|name| ContainerModel {
+                    name: (*name).to_owned(),
+                    restart_count: 0,
+                    state: ContainerState::Waiting {
+                        reason: "ContainerCreating",
+                        message: None,
+                    },
+                    last_terminated: None,
+                    container_id: None,
+                })
+                .collect(),
+            phase: PodPhase::Pending,
+            finished: false,
+            deleting_since: None,
+            clock: 0,
+        }
+    }
+
+    pub fn with_labels(mut self, labels: &[(&str, &str)]) -> PodModel {
+        self.labels.extend(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        self
+    }
+
+    pub fn with_annotations(mut self, annotations: &[(&str, &str)]) -> PodModel {
+        self.annotations.extend(
+            annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        self
+    }
+
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.restart_policy
+    }
+
+    /// The phase the status shows now.
+    pub fn phase(&self) -> PodPhase {
+        self.phase
+    }
+
+    /// The container's restartCount: its newest instance writes `<restartCount>.log`.
+    pub fn restart_count(&self, container: &str) -> u32 {
+        self.container(container).restart_count
+    }
+
+    /// The newest instance's containerID, once it has been created.
+    pub fn container_id(&self, container: &str) -> Option<&str> {
+        self.container(container).container_id.as_deref()
+    }
+
+    /// The first instance starts: `running`, restartCount 0, a containerID.
+    pub fn start(&mut self, container: &str) -> Value {
+        self.tick();
+        let now = self.clock;
+        let uid = self.uid.clone();
+        let c = self.container_mut(container);
+        assert!(
+            c.container_id.is_none(),
+            "{container} has run before: use restart"
+        );
+        c.container_id = Some(container_id(&uid, container, 0));
+        c.state = ContainerState::Running { started_at: now };
+        self.step()
+    }
+
+    /// The running instance exits: `terminated` with `exit_code` and `reason` ("Completed",
+    /// "Error", "OOMKilled"), restartCount and lastState unchanged. The phase follows
+    /// (`getPhase`), but a terminal one only once [`PodModel::finish`] is called.
+    pub fn exit(&mut self, container: &str, exit_code: i32, reason: &str) -> Value {
+        self.tick();
+        let now = self.clock;
+        let c = self.container_mut(container);
+        let ContainerState::Running { started_at } = c.state else {
+            panic!("{container} is not running: {:?}", c.state);
+        };
+        c.state = ContainerState::Terminated(Terminated {
+            exit_code,
+            reason: reason.to_owned(),
+            started_at,
+            finished_at: now,
+            container_id: c
+                .container_id
+                .clone()
+                .expect("a running container has an id"),
+        });
+        self.step()
+    }
+
+    /// The exited instance waits for its restart: `waiting: CrashLoopBackOff`,
+    /// `lastState.terminated` of the exited instance, restartCount unchanged.
+    pub fn back_off(&mut self, container: &str) -> Value {
+        self.tick();
+        let pod = format!("{}_{}({})", self.name, self.namespace, self.uid);
+        let exited = self.restartable(container);
+        let c = self.container_mut(container);
+        c.state = ContainerState::Waiting {
+            reason: "CrashLoopBackOff",
+            message: Some(format!(
+                "back-off 10s restarting failed container={container} pod={pod}"
+            )),
+        };
+        c.last_terminated = Some(exited);
+        self.step()
+    }
+
+    /// A new instance runs (after a back-off or at once): `running`, restartCount + 1,
+    /// `lastState.terminated` of the instance before, a new containerID. Its log file is
+    /// `<restartCount>.log`.
+    pub fn restart(&mut self, container: &str) -> Value {
+        self.tick();
+        let now = self.clock;
+        let uid = self.uid.clone();
+        let exited = self.restartable(container);
+        let c = self.container_mut(container);
+        c.restart_count += 1;
+        c.container_id = Some(container_id(&uid, container, c.restart_count));
+        c.last_terminated = Some(exited);
+        c.state = ContainerState::Running { started_at: now };
+        self.step()
+    }
+
+    /// The pod worker has finished terminating the pod (no container runs nor will run again):
+    /// the status may now show the terminal phase that `getPhase` gives. Panics while a
+    /// container runs or will be restarted.
+    pub fn finish(&mut self) -> Value {
+        let computed = self.computed_phase();
+        assert!(
+            computed.is_terminal(),
+            "pod {} still runs or restarts a container (phase {computed:?})",
+            self.name
+        );
+        self.tick();
+        self.finished = true;
+        self.step()
+    }
+
+    /// The pod is deleted (gracefully): `metadata.deletionTimestamp` is set and nothing is
+    /// restarted any more. The kubelet then stops the running containers (the test calls
+    /// [`PodModel::exit`], e.g. with 143 after SIGTERM), the phase becomes terminal
+    /// ([`PodModel::finish`]) and the object goes ([`FakeApi::delete`]).
+    pub fn begin_deletion(&mut self) -> Value {
+        self.tick();
+        self.deleting_since.get_or_insert(self.clock);
+        self.step()
+    }
+
+    /// The pod as the API returns it (without `metadata.resourceVersion`, left to the store).
+    pub fn json(&self) -> Value {
+        let string_map = |pairs: &[(String, String)]| -> Map<String, Value> {
+            pairs
+                .iter()
+                .map(|(key, value)| (key.clone(), Value::from(value.as_str())))
+                .collect()
+        };
+        let mut metadata = json!({
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+            "creationTimestamp": timestamp(0),
+            "labels": string_map(&self.labels),
+            "annotations": string_map(&self.annotations),
+        });
+        if let Some(since) = self.deleting_since {
+            metadata["deletionTimestamp"] = timestamp(since + TERMINATION_GRACE_SECONDS).into();
+            metadata["deletionGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS.into();
+        }
+        let specs: Vec<Value> = self
+            .containers
+            .iter()
+            .map(|c| json!({"name": c.name, "image": IMAGE, "resources": {}}))
+            .collect();
+        let statuses: Vec<Value> = self.containers.iter().map(ContainerModel::json).collect();
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": metadata,
+            "spec": {
+                "nodeName": self.node,
+                "restartPolicy": self.restart_policy.as_str(),
+                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+                "containers": specs,
+            },
+            "status": {
+                "phase": self.phase.as_str(),
+                "hostIP": "10.0.0.1",
+                "podIP": "10.1.0.1",
+                "startTime": timestamp(0),
+                "qosClass": "BestEffort",
+                "containerStatuses": statuses,
+            },
         })
-        .collect();
-    let all_terminated =
-        !containers.is_empty() && containers.iter().all(|(_, state)| *state == "terminated");
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": uid,
-            "creationTimestamp": "2024-05-01T00:00:00Z",
-            "labels": string_map(labels),
-            "annotations": string_map(annotations),
-        },
-        "spec": {
-            "nodeName": node,
-            "restartPolicy": "Never",
-            "containers": specs,
-        },
-        "status": {
-            "phase": if all_terminated { "Succeeded" } else { "Running" },
-            "hostIP": "10.0.0.1",
-            "podIP": "10.1.0.1",
-            "startTime": "2024-05-01T00:00:00Z",
-            "containerStatuses": statuses,
-        },
-    })
+    }
+
+    /// The phase `getPhase` gives for the containers' states now (what the status shows may
+    /// still hold an earlier one, see [`PodModel::finish`]).
+    pub fn computed_phase(&self) -> PodPhase {
+        let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+        for c in &self.containers {
+            match &c.state {
+                ContainerState::Running { .. } => running += 1,
+                ContainerState::Terminated(t) => {
+                    stopped += 1;
+                    if t.exit_code == 0 {
+                        succeeded += 1;
+                    }
+                }
+                ContainerState::Waiting { .. } if c.last_terminated.is_some() => stopped += 1,
+                ContainerState::Waiting { .. } => waiting += 1,
+            }
+        }
+        if waiting > 0 {
+            PodPhase::Pending
+        } else if running > 0 {
+            PodPhase::Running
+        } else if stopped == 0 {
+            PodPhase::Pending
+        } else if self.deleting_since.is_some() {
+            if stopped == succeeded {
+                PodPhase::Succeeded
+            } else {
+                PodPhase::Failed
+            }
+        } else {
+            match self.restart_policy {
+                RestartPolicy::Always => PodPhase::Running,
+                _ if stopped == succeeded => PodPhase::Succeeded,
+                RestartPolicy::Never => PodPhase::Failed,
+                RestartPolicy::OnFailure => PodPhase::Running,
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        self.clock += 1;
+    }
+
+    /// The status after a step: the phase follows the containers, except that a terminal phase
+    /// waits for [`PodModel::finish`] and never changes again.
+    fn step(&mut self) -> Value {
+        let computed = self.computed_phase();
+        if !self.phase.is_terminal() && (self.finished || !computed.is_terminal()) {
+            self.phase = computed;
+        }
+        self.json()
+    }
+
+    /// The exited instance of a container the kubelet will start again; panics if it will not.
+    fn restartable(&self, container: &str) -> Terminated {
+        let c = self.container(container);
+        let exited = match &c.state {
+            ContainerState::Terminated(t) => t.clone(),
+            ContainerState::Waiting { .. } if c.last_terminated.is_some() => {
+                c.last_terminated.clone().expect("checked")
+            }
+            state => panic!("{container} has not exited: {state:?}"),
+        };
+        assert!(
+            self.deleting_since.is_none() && !self.phase.is_terminal(),
+            "pod {} is being deleted or has ended: {container} is not restarted",
+            self.name
+        );
+        assert!(
+            self.restart_policy.restarts(exited.exit_code),
+            "restartPolicy {} does not restart {container} after exit code {}",
+            self.restart_policy.as_str(),
+            exited.exit_code
+        );
+        exited
+    }
+
+    fn container(&self, name: &str) -> &ContainerModel {
+        self.containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("pod {} has no container {name:?}", self.name))
+    }
+
+    fn container_mut(&mut self, name: &str) -> &mut ContainerModel {
+        let pod = self.name.clone();
+        self.containers
+            .iter_mut()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("pod {pod} has no container {name:?}"))
+    }
+}
+
+impl ContainerModel {
+    fn json(&self) -> Value {
+        let running = matches!(self.state, ContainerState::Running { .. });
+        let state = match &self.state {
+            ContainerState::Waiting { reason, message } => {
+                let mut waiting = json!({"reason": reason});
+                if let Some(message) = message {
+                    waiting["message"] = message.as_str().into();
+                }
+                json!({"waiting": waiting})
+            }
+            ContainerState::Running { started_at } => {
+                json!({"running": {"startedAt": timestamp(*started_at)}})
+            }
+            ContainerState::Terminated(t) => json!({"terminated": t.json()}),
+        };
+        let last_state = self
+            .last_terminated
+            .as_ref()
+            .map_or_else(|| json!({}), |t| json!({"terminated": t.json()}));
+        let mut status = json!({
+            "name": self.name,
+            "state": state,
+            "lastState": last_state,
+            "ready": running,
+            "restartCount": self.restart_count,
+            "image": IMAGE,
+            "imageID": if self.container_id.is_some() { IMAGE_ID } else { "" },
+            "started": running,
+        });
+        if let Some(id) = &self.container_id {
+            status["containerID"] = id.as_str().into();
+        }
+        status
+    }
+}
+
+impl Terminated {
+    fn json(&self) -> Value {
+        json!({
+            "exitCode": self.exit_code,
+            "reason": self.reason,
+            "startedAt": timestamp(self.started_at),
+            "finishedAt": timestamp(self.finished_at),
+            "containerID": self.container_id,
+        })
+    }
+}
+
+/// `containerd://` and 64 hex digits, different for every instance of a container.
+fn container_id(uid: &str, container: &str, restart_count: u32) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut id = String::from("containerd://");
+    for round in 0..4u8 {
+        let mut hasher = DefaultHasher::new();
+        (uid, container, restart_count, round).hash(&mut hasher);
+        id.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    id
+}
+
+/// RFC 3339 (whole seconds, as the API writes them), `seconds` after 2024-05-01T00:00:00Z.
+fn timestamp(seconds: u64) -> String {
+    let day = 1 + (seconds / 86_400).min(30);
+    let seconds = seconds % 86_400;
+    format!(
+        "2024-05-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        (seconds / 60) % 60,
+        seconds % 60
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
 // HTTP serving
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: tokio::net::TcpListener, addr: SocketAddr, shared: Arc<Shared>) {
+    let mut listen = shared.listen.subscribe();
+    let mut listener = Some(listener);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let want = *listen.borrow_and_update();
+        if want && listener.is_none() {
+            // Bound again on the same port (SO_REUSEADDR, so connections in TIME_WAIT do not
+            // stand in the way); another process taking the port meanwhile is retried.
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(bound) => listener = Some(bound),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        } else if !want {
+            // Dropping the socket closes it: connecting is refused from now on.
+            listener = None;
+        }
+        shared.set_listening(listener.is_some());
+        let Some(bound) = &listener else {
+            if listen.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let stream = tokio::select! {
+            accepted = bound.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            changed = listen.changed() => {
+                if changed.is_err() {
+                    return;
+                }
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let mut store = lock(&shared.store);
-        if store.down {
-            // Abortive close: the client sees a connection reset.
+        if matches!(store.outage, Some(Outage::Reset | Outage::Refused)) {
+            // Abortive close: the client sees a connection reset. (Refused: accepted just
+            // before the socket closed.)
             let _ = stream.set_zero_linger();
             drop(stream);
             continue;
@@ -447,10 +1079,26 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// One line of a watch, with the resourceVersion the client knows the state as of once it has
+/// the line (0: none, e.g. an `ERROR`).
+struct WatchLine {
+    bytes: Bytes,
+    resource_version: u64,
+}
+
 /// A response body: a whole JSON document, or the lines of a watch as they come (chunked).
+/// Lists and watch lines record what they deliver (for [`FakeApi::wait_delivered`]) when hyper
+/// takes them to write.
 enum ResponseBody {
-    Full(Option<Bytes>),
-    Stream(mpsc::Receiver<Bytes>),
+    Full {
+        bytes: Option<Bytes>,
+        /// A list: the store's state as of this resourceVersion.
+        delivers: Option<(Arc<Shared>, u64)>,
+    },
+    Stream {
+        lines: mpsc::Receiver<WatchLine>,
+        shared: Arc<Shared>,
+    },
 }
 
 impl Body for ResponseBody {
@@ -462,24 +1110,35 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            ResponseBody::Full(bytes) => {
-                Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes))))
+            ResponseBody::Full { bytes, delivers } => {
+                let frame = bytes.take();
+                if frame.is_some()
+                    && let Some((shared, resource_version)) = delivers.take()
+                {
+                    shared.mark_delivered(resource_version);
+                }
+                Poll::Ready(frame.map(|bytes| Ok(Frame::data(bytes))))
             }
-            ResponseBody::Stream(lines) => lines
-                .poll_recv(cx)
-                .map(|line| line.map(|line| Ok(Frame::data(line)))),
+            ResponseBody::Stream { lines, shared } => lines.poll_recv(cx).map(|line| {
+                line.map(|line| {
+                    shared.mark_delivered(line.resource_version);
+                    Ok(Frame::data(line.bytes))
+                })
+            }),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, ResponseBody::Full(None))
+        matches!(self, ResponseBody::Full { bytes: None, .. })
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            ResponseBody::Full(None) => SizeHint::with_exact(0),
-            ResponseBody::Stream(_) => SizeHint::default(),
+            ResponseBody::Full {
+                bytes: Some(bytes), ..
+            } => SizeHint::with_exact(bytes.len() as u64),
+            ResponseBody::Full { bytes: None, .. } => SizeHint::with_exact(0),
+            ResponseBody::Stream { .. } => SizeHint::default(),
         }
     }
 }
@@ -489,7 +1148,10 @@ fn json_response(status: StatusCode, body: &Value) -> Response<ResponseBody> {
         .status(status)
         .header("content-type", "application/json")
         .header("cache-control", "no-cache, private")
-        .body(ResponseBody::Full(Some(Bytes::from(body.to_string()))))
+        .body(ResponseBody::Full {
+            bytes: Some(Bytes::from(body.to_string())),
+            delivers: None,
+        })
         .expect("response")
 }
 
@@ -511,6 +1173,24 @@ fn error_response(code: u16, reason: &str, message: &str) -> Response<ResponseBo
     json_response(status, &status_object(code, reason, message))
 }
 
+/// kube-apiserver's 503: the `Status` of apimachinery's `errors.NewServiceUnavailable` (status
+/// Failure, reason ServiceUnavailable, code 503, no details), with the message client-go also
+/// gives a bodiless 503. No `Retry-After`: the server does not know when it will be ready.
+fn unavailable_response() -> Response<ResponseBody> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "the server is currently unable to handle the request",
+            "reason": "ServiceUnavailable",
+            "code": 503,
+        }),
+    )
+}
+
 async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<ResponseBody> {
     let uri = request.uri();
     let target = uri.path_and_query().map_or_else(
@@ -520,12 +1200,8 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Re
     {
         let mut store = lock(&shared.store);
         store.requests.push(target.clone());
-        if store.down {
-            return error_response(
-                503,
-                "ServiceUnavailable",
-                "the server is currently unable to handle the request",
-            );
+        if store.outage.is_some() {
+            return unavailable_response();
         }
     }
     let not_found = || {
@@ -577,7 +1253,7 @@ fn get_pod(shared: &Shared, namespace: &str, name: &str) -> Response<ResponseBod
     }
 }
 
-fn list(shared: &Shared, selector: &Selector) -> Response<ResponseBody> {
+fn list(shared: &Arc<Shared>, selector: &Selector) -> Response<ResponseBody> {
     let store = lock(&shared.store);
     let items: Vec<Value> = store
         .pods
@@ -599,7 +1275,11 @@ fn list(shared: &Shared, selector: &Selector) -> Response<ResponseBody> {
         "metadata": {"resourceVersion": store.resource_version.to_string()},
         "items": items,
     });
-    json_response(StatusCode::OK, &body)
+    let mut response = json_response(StatusCode::OK, &body);
+    if let ResponseBody::Full { delivers, .. } = response.body_mut() {
+        *delivers = Some((shared.clone(), store.resource_version));
+    }
+    response
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -634,8 +1314,21 @@ fn expired_line(requested: u64, oldest: u64) -> Bytes {
     )
 }
 
+impl WatchLine {
+    fn new(bytes: Bytes, resource_version: u64) -> WatchLine {
+        WatchLine {
+            bytes,
+            resource_version,
+        }
+    }
+}
+
 /// What a watcher with `selector` sees of a change, if anything.
-fn event_for(selector: &Selector, change: &Change) -> Option<Bytes> {
+fn event_for(selector: &Selector, change: &Change) -> Option<WatchLine> {
+    event_bytes_for(selector, change).map(|bytes| WatchLine::new(bytes, change.resource_version))
+}
+
+fn event_bytes_for(selector: &Selector, change: &Change) -> Option<Bytes> {
     match change.kind {
         ChangeKind::Added => selector
             .matches(&change.object)
@@ -705,7 +1398,10 @@ fn start_watch(
         match requested {
             Some(version) if !send_initial_events => {
                 if version < store.oldest_watchable {
-                    initial.push(expired_line(version, store.oldest_watchable));
+                    initial.push(WatchLine::new(
+                        expired_line(version, store.oldest_watchable),
+                        0,
+                    ));
                     None
                 } else {
                     Some(version)
@@ -714,10 +1410,17 @@ fn start_watch(
             _ => {
                 // "Get state and start at most recent": the current state as ADDED events first.
                 for pod in store.pods.values().filter(|pod| selector.matches(pod)) {
-                    initial.push(event_line("ADDED", pod));
+                    initial.push(WatchLine::new(event_line("ADDED", pod), 0));
                 }
                 if send_initial_events {
-                    initial.push(bookmark_line(store.resource_version, true));
+                    initial.push(WatchLine::new(
+                        bookmark_line(store.resource_version, true),
+                        0,
+                    ));
+                }
+                // Once the client has all of it, it has the state as of now.
+                if let Some(last) = initial.last_mut() {
+                    last.resource_version = store.resource_version;
                 }
                 Some(store.resource_version)
             }
@@ -740,7 +1443,10 @@ fn start_watch(
         .status(StatusCode::OK)
         .header("content-type", "application/json")
         .header("cache-control", "no-cache, private")
-        .body(ResponseBody::Stream(body))
+        .body(ResponseBody::Stream {
+            lines: body,
+            shared: shared.clone(),
+        })
         .expect("response")
 }
 
@@ -751,7 +1457,7 @@ async fn pump(
     mut cursor: u64,
     bookmarks: bool,
     timeout: Duration,
-    lines: mpsc::Sender<Bytes>,
+    lines: mpsc::Sender<WatchLine>,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changed = shared.changed.subscribe();
@@ -767,7 +1473,10 @@ async fn pump(
             let store = lock(&shared.store);
             if cursor < store.oldest_watchable {
                 // History this watcher still needed was dropped: it has to relist.
-                batch.push(expired_line(cursor, store.oldest_watchable));
+                batch.push(WatchLine::new(
+                    expired_line(cursor, store.oldest_watchable),
+                    0,
+                ));
                 true
             } else {
                 for change in store.history.iter().filter(|c| c.resource_version > cursor) {
@@ -784,7 +1493,7 @@ async fn pump(
             return;
         }
         if std::mem::take(&mut bookmark_due) {
-            batch.push(bookmark_line(cursor, false));
+            batch.push(WatchLine::new(bookmark_line(cursor, false), cursor));
         }
         for line in batch {
             if lines.send(line).await.is_err() {
