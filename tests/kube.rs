@@ -1,14 +1,19 @@
 //! The Kubernetes side of the real binary: the real `kube` client, through a kubeconfig, against
-//! a fake API server that speaks the real list/watch JSON (src/testkit/kubeapi.rs).
+//! a fake API server that speaks the real list/watch JSON (src/testkit/kubeapi.rs), with pod
+//! status as a kubelet reports it (`PodModel`): container restarts with their status lagging
+//! the files either way, API outages in several forms and longer than the pending timeout.
 
 mod common;
 
 use std::fs;
 use std::time::Duration;
 
-use common::{AgentProc, Node, assert_same_log, http_get, wait_for_archive, wait_for_bytes};
+use common::{
+    AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, s3_args, s3_env,
+    wait_for_archive, wait_for_bytes, wait_for_object,
+};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
-use druid_log_agent::testkit::kubeapi::{FakeApi, pod};
+use druid_log_agent::testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy, pod};
 
 const LONG: Duration = Duration::from_secs(60);
 const PEON: (&str, &str) = ("druid.k8s.peons", "true");
@@ -37,7 +42,38 @@ fn write(w: &mut PeonWriter, seed: u64, bytes: usize) {
     common::write_log(w, &mut LineGen::new(seed), bytes, None);
 }
 
+/// A peon pod in namespace `druid` on node-a, as its kubelet reports it.
+fn peon_model(
+    name: &str,
+    uid: &str,
+    task: &str,
+    policy: RestartPolicy,
+    containers: &[&str],
+) -> PodModel {
+    PodModel::new("druid", name, uid, "node-a", policy, containers)
+        .with_labels(&[PEON])
+        .with_annotations(&[("task.id", task)])
+}
+
+const BUCKET: &str = "logs";
+
+/// The object Druid reads a task's log from.
+fn s3_key(task: &str) -> String {
+    format!("druid/indexing-logs/{task}/log")
+}
+
+/// The agent archiving to S3 (moto at `endpoint`, bucket [`BUCKET`]).
+fn start_s3(node: &Node, api: &FakeApi, endpoint: &str, extra: &[&str]) -> AgentProc {
+    let mut args = s3_args(endpoint, BUCKET).to_vec();
+    args.extend_from_slice(extra);
+    AgentProc::spawn(command(node, api, &args, true))
+}
+
 fn start(node: &Node, api: &FakeApi, extra: &[&str]) -> AgentProc {
+    AgentProc::spawn(command(node, api, extra, false))
+}
+
+fn command(node: &Node, api: &FakeApi, extra: &[&str], s3: bool) -> std::process::Command {
     let kubeconfig = api.write_kubeconfig(node.tmp.path());
     let mut args = vec![
         "--kubernetes",
@@ -51,7 +87,10 @@ fn start(node: &Node, api: &FakeApi, extra: &[&str]) -> AgentProc {
     let mut cmd = AgentProc::command(node, &args);
     cmd.env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST");
-    AgentProc::spawn(cmd)
+    if s3 {
+        s3_env(&mut cmd);
+    }
+    cmd
 }
 
 fn wait_ready(agent: &AgentProc) -> String {
@@ -306,5 +345,307 @@ fn api_outage_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(archives(), 2);
+    assert!(agent.terminate().success());
+}
+
+/// The live file of `log` is the one the kubelet names after the container's restartCount.
+fn assert_instance(log: &PeonWriter, pod: &PodModel) {
+    let name = format!("{}.log", pod.restart_count("main"));
+    assert!(log.live_path().ends_with(&name), "{:?}", log.live_path());
+}
+
+/// Applies a status and waits until the agent's watch has been sent it, so that what the test
+/// does next happens after the agent could know it.
+fn apply_seen(api: &FakeApi, status: serde_json::Value) {
+    let resource_version = api.apply(status);
+    assert!(
+        api.wait_delivered(resource_version, LONG),
+        "the agent's watch was never sent resourceVersion {resource_version}"
+    );
+}
+
+/// A peon whose `main` fails and is restarted (restartPolicy OnFailure), told as a kubelet
+/// tells it and as late: instance 0 writes its last lines; after the back-off the runtime
+/// starts `1.log`, which gets lines; only then does the API show instance 0 `terminated`
+/// (restartCount 0, the pod still Running), and the agent is sent that; instance 1 writes on;
+/// the status shows the back-off (`CrashLoopBackOff`, lastState terminated), then instance 1
+/// running (restartCount 1); more lines; `main` exits 0 and, in a later update, the pod
+/// Succeeded. The S3 object is both instances' text, byte for byte.
+#[test]
+fn restart_after_a_failure_is_archived_whole() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, BUCKET);
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
+    wait_ready(&agent);
+
+    let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_a";
+    let mut pod = peon_model("peon-r", "uid-r", task, RestartPolicy::OnFailure, &["main"]);
+    api.apply(pod.json());
+    let mut log = log_of(&node, "druid", "peon-r", "uid-r", "main");
+    api.apply(pod.start("main"));
+    write(&mut log, 1, 300 << 10);
+
+    // What the kubelet does now; the API hears of it later.
+    let exited = pod.exit("main", 1, "Error");
+    let backing_off = pod.back_off("main");
+    let restarted = pod.restart("main");
+    log.restart().unwrap();
+    assert_instance(&log, &pod);
+    write(&mut log, 2, 20 << 10);
+
+    apply_seen(&api, exited);
+    write(&mut log, 3, 100 << 10);
+    api.apply(backing_off);
+    api.apply(restarted);
+    write(&mut log, 4, 100 << 10);
+    apply_seen(&api, pod.exit("main", 0, "Completed"));
+    api.apply(pod.finish());
+
+    let got = wait_for_object(
+        &moto.endpoint,
+        BUCKET,
+        &s3_key(task),
+        log.expected.len(),
+        LONG,
+    );
+    assert_same_log(&got, &log.expected);
+    assert!(agent.terminate().success());
+}
+
+/// Waits until `/tasks` shows `task` no longer running, or `max`. No event says that the agent
+/// decided to keep following a container that exited; this gives it `max` to decide
+/// otherwise, and stops as soon as it does.
+fn hold_while_running(addr: &str, task: &str, max: Duration) {
+    let deadline = std::time::Instant::now() + max;
+    while std::time::Instant::now() < deadline {
+        let tasks: serde_json::Value =
+            serde_json::from_slice(&http_get(addr, "/tasks", &[]).body).unwrap();
+        let state = tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == task)
+            .map(|t| t["state"].clone());
+        if state.is_some_and(|state| state != "running") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two restarts under restartPolicy Always, where even a clean exit is restarted and the phase
+/// stays Running. The first is immediate (no back-off before a first restart) and told late:
+/// instance 1 has written when the API shows instance 0 OOMKilled. The second follows an exit 0
+/// that the API shows, with the back-off, before the next instance's file exists. Container
+/// garbage collection then removes the oldest instance's log file (the kubelet keeps one dead
+/// instance per container). The task ends with the pod's deletion: SIGTERM, exit 143, the pod
+/// Failed, the object gone and the kubelet removing the pod's log directory. The S3 object is
+/// the three instances' text, byte for byte.
+#[test]
+fn two_restarts_then_deletion_are_archived_whole() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, BUCKET);
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
+    let addr = wait_ready(&agent);
+
+    let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_b";
+    let dir = node.pods.join(dir_name("druid", "peon-b", "uid-b"));
+    let mut pod = peon_model("peon-b", "uid-b", task, RestartPolicy::Always, &["main"]);
+    api.apply(pod.json());
+    let mut log = PeonWriter::create(&dir.join("main"), 0).unwrap();
+    api.apply(pod.start("main"));
+    write(&mut log, 1, 200 << 10);
+
+    let exited = pod.exit("main", 137, "OOMKilled");
+    let restarted = pod.restart("main");
+    log.restart().unwrap();
+    assert_instance(&log, &pod);
+    write(&mut log, 2, 30 << 10);
+    apply_seen(&api, exited);
+    write(&mut log, 3, 100 << 10);
+    api.apply(restarted);
+    write(&mut log, 4, 50 << 10);
+
+    apply_seen(&api, pod.exit("main", 0, "Completed"));
+    hold_while_running(&addr, task, Duration::from_secs(2));
+    apply_seen(&api, pod.back_off("main"));
+    log.restart().unwrap();
+    write(&mut log, 5, 50 << 10);
+    api.apply(pod.restart("main"));
+    assert_instance(&log, &pod);
+    fs::remove_file(dir.join("main").join("0.log")).unwrap();
+    write(&mut log, 6, 100 << 10);
+
+    apply_seen(&api, pod.begin_deletion());
+    write(&mut log, 7, 5 << 10); // shutting down after SIGTERM
+    api.apply(pod.exit("main", 143, "Error"));
+    apply_seen(&api, pod.finish());
+    api.delete("uid-b");
+    fs::remove_dir_all(&dir).unwrap();
+
+    let got = wait_for_object(
+        &moto.endpoint,
+        BUCKET,
+        &s3_key(task),
+        log.expected.len(),
+        LONG,
+    );
+    assert_same_log(&got, &log.expected);
+    assert!(agent.terminate().success());
+}
+
+/// The status ahead of the files: the API shows instance 1 running (restartCount 1, the
+/// terminated state coalesced away by the status manager) while `1.log` is still empty. And a
+/// sidecar keeps the pod Running after `main` exited 0 for good under OnFailure: the task ends
+/// on `main`'s state and the restartPolicy, without a terminal phase. Only `main` is shipped,
+/// whole.
+#[test]
+fn restart_reported_before_the_new_file_has_lines_and_a_sidecar_runs_on() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, BUCKET);
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
+    wait_ready(&agent);
+
+    let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_c";
+    let dir = node.pods.join(dir_name("druid", "peon-c", "uid-c"));
+    let mut pod = peon_model(
+        "peon-c",
+        "uid-c",
+        task,
+        RestartPolicy::OnFailure,
+        &["main", "istio-proxy"],
+    );
+    api.apply(pod.json());
+    let mut log = PeonWriter::create(&dir.join("main"), 0).unwrap();
+    let mut sidecar = PeonWriter::create(&dir.join("istio-proxy"), 0).unwrap();
+    api.apply(pod.start("istio-proxy"));
+    api.apply(pod.start("main"));
+    write(&mut log, 1, 150 << 10);
+    write(&mut sidecar, 2, 20 << 10);
+
+    pod.exit("main", 2, "Error");
+    log.restart().unwrap();
+    apply_seen(&api, pod.restart("main"));
+    assert_instance(&log, &pod);
+    write(&mut log, 3, 150 << 10);
+    write(&mut sidecar, 4, 20 << 10);
+    let ended = pod.exit("main", 0, "Completed");
+    assert_eq!(ended["status"]["phase"], "Running");
+    api.apply(ended);
+    write(&mut sidecar, 5, 20 << 10);
+
+    let got = wait_for_object(
+        &moto.endpoint,
+        BUCKET,
+        &s3_key(task),
+        log.expected.len(),
+        LONG,
+    );
+    assert_same_log(&got, &log.expected);
+    assert!(agent.terminate().success());
+}
+
+/// Whether an agent log line says that the directory `dir` has been pending longer than the
+/// pending timeout: the warning the agent gives then (a WARN line naming the directory), or the
+/// verdict it must not reach while the API is away ("not a peon"), which the caller refuses.
+fn pending_past_timeout(line: &str, dir: &str) -> bool {
+    line.contains(dir) && (line.contains(" WARN ") || line.contains("not a peon"))
+}
+
+/// The API goes away, in the form `outage`, while a peon starts, for longer than the pending
+/// timeout: the pod is created and its log written during the outage, so the agent cannot know
+/// whether the directory is a peon's. It must hold the directory however long that lasts and,
+/// once the API is back, archive the log whole.
+fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str) {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start(&node, &api, &["--pending-timeout-secs", "2"]);
+    wait_ready(&agent);
+
+    api.set_outage(Some(outage));
+    let task = format!("index_kafka_outage_{name}");
+    let dir = dir_name("druid", name, uid);
+    let mut pod = peon_model(name, uid, &task, RestartPolicy::Never, &["main"]);
+    api.apply(pod.json());
+    let mut log = log_of(&node, "druid", name, uid, "main");
+    api.apply(pod.start("main"));
+    write(&mut log, 1, 50 << 10);
+    let line = agent.wait_for_line_where(
+        &format!("that {dir} is pending past the timeout"),
+        LONG,
+        |line| pending_past_timeout(line, &dir),
+    );
+    assert!(
+        !line.contains("not a peon"),
+        "the agent let a peon go while the API was away ({outage:?}): {line}"
+    );
+    write(&mut log, 2, 50 << 10);
+    api.set_outage(None);
+    write(&mut log, 3, 50 << 10);
+    api.apply(pod.exit("main", 0, "Completed"));
+    api.apply(pod.finish());
+    assert_same_log(
+        &wait_for_archive(&archived_with(&node, &task), log.expected.len(), LONG),
+        &log.expected,
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn api_refusing_connections_longer_than_the_pending_timeout() {
+    outage_longer_than_the_pending_timeout(Outage::Refused, "peon-refused", "uid-refused");
+}
+
+/// With 503 answers, a client's built-in retries can hide the outage from the watcher.
+#[test]
+fn api_answering_503_longer_than_the_pending_timeout() {
+    outage_longer_than_the_pending_timeout(Outage::Unavailable, "peon-503", "uid-503");
+}
+
+/// A directory let go as "not a peon" (the API did not list its pod, also in a relist after
+/// the directory appeared) is taken back when the pod turns up as a peon: its log is read from
+/// the start and archived whole.
+#[test]
+fn let_go_directory_is_taken_back_when_its_pod_turns_up_as_a_peon() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start(&node, &api, &["--pending-timeout-secs", "1"]);
+    wait_ready(&agent);
+
+    let task = "index_kafka_late_pod";
+    let dir = dir_name("druid", "peon-late", "uid-late");
+    let mut log = log_of(&node, "druid", "peon-late", "uid-late", "main");
+    write(&mut log, 1, 50 << 10);
+    // The watch breaks and its history is gone: the agent relists, after the directory
+    // appeared, and the list does not have the pod.
+    api.set_down(true);
+    api.expire_history();
+    api.set_down(false);
+    agent.wait_for_line_where("the directory let go as not a peon", LONG, |line| {
+        line.contains(&dir) && line.contains("not a peon")
+    });
+    write(&mut log, 2, 50 << 10);
+
+    let mut pod = peon_model(
+        "peon-late",
+        "uid-late",
+        task,
+        RestartPolicy::Never,
+        &["main"],
+    );
+    api.apply(pod.start("main"));
+    write(&mut log, 3, 50 << 10);
+    api.apply(pod.exit("main", 0, "Completed"));
+    api.apply(pod.finish());
+    assert_same_log(
+        &wait_for_archive(&archived_with(&node, task), log.expected.len(), LONG),
+        &log.expected,
+    );
     assert!(agent.terminate().success());
 }

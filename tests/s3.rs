@@ -5,9 +5,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{AgentProc, Moto, Node, assert_same_log, s3_env};
+use common::{
+    AgentProc, Moto, Node, agent_s3, assert_same_log, create_bucket_now, s3_env, wait_for_object,
+};
 use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
 use druid_log_agent::s3::{PartNumber, PartSizes, S3Config, S3Target};
@@ -97,15 +99,6 @@ async fn get(
 
 async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str) {
     client.create_bucket().bucket(bucket).send().await.unwrap();
-}
-
-/// For the tests that drive the binary from plain threads.
-fn create_bucket_now(moto: &Moto, bucket: &str) {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(create_bucket(&moto.client(), bucket));
 }
 
 /// Small logs go up in one PutObject, large ones in parts; task ids keep `:`, `.` and `_`;
@@ -361,48 +354,9 @@ async fn empty_log_gets_the_placeholder() {
     );
 }
 
-fn agent_s3(node: &Node, endpoint: &str, bucket: &str, extra: &[&str]) -> AgentProc {
-    let mut args = vec![
-        "--s3-bucket",
-        bucket,
-        "--s3-endpoint",
-        endpoint,
-        "--s3-path-style",
-        "true",
-        "--s3-part-bytes",
-        "5242880",
-        "--archive-retry-max-secs",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    let mut cmd = AgentProc::command(node, &args);
-    s3_env(&mut cmd);
-    AgentProc::spawn(cmd)
-}
-
 /// About 50 MiB/s when `paced`, as fast as possible otherwise.
 fn write_log(w: &mut PeonWriter, seed: u64, bytes: usize, paced: bool) {
     common::write_log(w, &mut LineGen::new(seed), bytes, paced.then_some(50 << 20));
-}
-
-/// Polls the object until it has `len` bytes (the object appears whole or not at all).
-fn wait_for_object(endpoint: &str, bucket: &str, key: &str, len: usize) -> Vec<u8> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = common::client_for(endpoint);
-    let deadline = Instant::now() + LONG;
-    loop {
-        let head = rt.block_on(client.head_object().bucket(bucket).key(key).send());
-        if let Ok(h) = head
-            && h.content_length() >= Some(len as i64)
-        {
-            return rt.block_on(get(&client, bucket, key, None));
-        }
-        assert!(Instant::now() < deadline, "{key} never reached {len} bytes");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn count_parts(agent: &AgentProc, until: usize) -> Vec<u32> {
@@ -441,7 +395,7 @@ fn kill9_during_multipart_resumes_the_upload() {
     let addr = agent.http_addr();
     write_log(&mut w, 3, 8 << 20, true);
     let key = format!("druid/indexing-logs/{task}/log");
-    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len(), LONG);
     assert_same_log(&got, &w.expected);
     let after = count_parts(&agent, 1);
     assert!(
@@ -480,7 +434,7 @@ fn injected_faults_delay_but_never_corrupt() {
     proxy.set_mode(Mode::Healthy);
     for (t, w) in tasks.iter().zip(&writers) {
         let key = format!("druid/indexing-logs/{t}/log");
-        let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+        let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len(), LONG);
         assert_same_log(&got, &w.expected);
     }
     assert!(agent.terminate().success());
@@ -510,7 +464,7 @@ fn permanent_error_then_recovery() {
     assert!(line.contains("permanent=true"), "{line}");
     create_bucket_now(&moto, "late-bucket");
     let key = format!("druid/indexing-logs/{task}/log");
-    let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len());
+    let got = wait_for_object(&moto.endpoint, "late-bucket", &key, w.expected.len(), LONG);
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
 }
@@ -634,7 +588,7 @@ fn bucket_from_the_environment_keeps_the_file_s3_settings() {
     let line = agent.wait_for_any(&["log archived", "archive failed"], LONG);
     let key = format!("from-the-file/{task}/log");
     assert!(line.contains(&format!("s3://logs/{key}")), "{line}");
-    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len());
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len(), LONG);
     assert_same_log(&got, &w.expected);
     assert!(agent.terminate().success());
 }

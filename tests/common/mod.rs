@@ -98,13 +98,26 @@ impl AgentProc {
     /// Waits for a line containing any of `needles` (an outcome or its failure, so a test
     /// fails on the first sign of the wrong one rather than at its timeout); returns it.
     pub fn wait_for_any(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_for_line_where(&format!("any of {needles:?}"), timeout, |l| {
+            needles.iter().any(|n| l.contains(n))
+        })
+    }
+
+    /// Waits for a line of the agent's log that `matches` (`what` names it in the panic
+    /// message if none comes); returns it.
+    pub fn wait_for_line_where(
+        &self,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if needles.iter().any(|n| l.contains(n)) => return l,
+                Ok(l) if matches(&l) => return l,
                 Ok(_) => {}
-                Err(_) => panic!("agent never logged any of {needles:?} within {timeout:?}"),
+                Err(_) => panic!("agent never logged {what} within {timeout:?}"),
             }
         }
     }
@@ -316,6 +329,89 @@ pub fn wait_for_bytes_with(addr: &str, task: &str, len: usize, timeout: Duration
 // Not every test crate that includes this module uses them.
 #[allow(unused_imports)]
 pub use druid_log_agent::testkit::moto::{Moto, client_for};
+
+/// Creates a bucket, for the tests that drive the binary from plain threads.
+pub fn create_bucket_now(moto: &Moto, bucket: &str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(moto.client().create_bucket().bucket(bucket).send())
+        .unwrap_or_else(|e| panic!("create bucket {bucket}: {e:?}"));
+}
+
+/// The options of an agent archiving to `bucket` of the S3 server at `endpoint` (path style,
+/// 5 MiB parts, retries at most 2 s apart).
+pub fn s3_args<'a>(endpoint: &'a str, bucket: &'a str) -> [&'a str; 10] {
+    [
+        "--s3-bucket",
+        bucket,
+        "--s3-endpoint",
+        endpoint,
+        "--s3-path-style",
+        "true",
+        "--s3-part-bytes",
+        "5242880",
+        "--archive-retry-max-secs",
+        "2",
+    ]
+}
+
+/// The agent archiving to S3 (see [`s3_args`]), with `extra` options.
+pub fn agent_s3(node: &Node, endpoint: &str, bucket: &str, extra: &[&str]) -> AgentProc {
+    let mut args = s3_args(endpoint, bucket).to_vec();
+    args.extend_from_slice(extra);
+    let mut cmd = AgentProc::command(node, &args);
+    s3_env(&mut cmd);
+    AgentProc::spawn(cmd)
+}
+
+/// Polls the object until it has at least `len` bytes (an object appears whole or not at all)
+/// and returns it. At the timeout, returns what is there for the caller to compare (a shorter
+/// object says more than a timeout), or panics if there is nothing.
+pub fn wait_for_object(
+    endpoint: &str,
+    bucket: &str,
+    key: &str,
+    len: usize,
+    timeout: Duration,
+) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = client_for(endpoint);
+    let get = || -> Option<Vec<u8>> {
+        rt.block_on(async {
+            let out = client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+        })
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let head = rt.block_on(client.head_object().bucket(bucket).key(key).send());
+        let size = head.ok().and_then(|h| h.content_length());
+        if size >= Some(len as i64) || Instant::now() >= deadline {
+            match get() {
+                Some(object) if object.len() >= len || Instant::now() >= deadline => {
+                    return object;
+                }
+                Some(_) => {}
+                None => assert!(
+                    Instant::now() < deadline,
+                    "{key} was never archived within {timeout:?} ({len} bytes written)"
+                ),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Environment for an agent talking to a test S3 server: static credentials, no instance
 /// metadata lookups.
