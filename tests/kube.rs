@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, s3_args, s3_env,
-    wait_for_archive, wait_for_bytes, wait_for_object,
+    task_entry, wait_for_archive, wait_for_bytes, wait_for_object,
 };
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent::testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy, pod};
@@ -62,11 +62,49 @@ fn s3_key(task: &str) -> String {
     format!("druid/indexing-logs/{task}/log")
 }
 
-/// The agent archiving to S3 (moto at `endpoint`, bucket [`BUCKET`]).
-fn start_s3(node: &Node, api: &FakeApi, endpoint: &str, extra: &[&str]) -> AgentProc {
-    let mut args = s3_args(endpoint, BUCKET).to_vec();
-    args.extend_from_slice(extra);
-    AgentProc::spawn(command(node, api, &args, true))
+/// A node whose agent watches the fake API and archives to S3 (moto, bucket [`BUCKET`]).
+struct S3Node {
+    moto: Moto,
+    api: FakeApi,
+    node: Node,
+    agent: AgentProc,
+    /// The agent's HTTP address, once it is ready.
+    addr: String,
+}
+
+impl S3Node {
+    fn start() -> S3Node {
+        let moto = Moto::start();
+        create_bucket_now(&moto, BUCKET);
+        let api = FakeApi::start();
+        let node = Node::new();
+        let args = s3_args(&moto.endpoint, BUCKET);
+        let agent = AgentProc::spawn(command(&node, &api, &args, true));
+        let addr = wait_ready(&agent);
+        S3Node {
+            moto,
+            api,
+            node,
+            agent,
+            addr,
+        }
+    }
+
+    /// The directory of a pod's logs in namespace `druid`.
+    fn pod_dir(&self, name: &str, uid: &str) -> std::path::PathBuf {
+        self.node.pods.join(dir_name("druid", name, uid))
+    }
+
+    /// The task's object in S3 is what `log` wrote, byte for byte.
+    fn assert_archived(&self, task: &str, log: &PeonWriter) {
+        let key = s3_key(task);
+        let got = wait_for_object(&self.moto.endpoint, BUCKET, &key, log.expected.len(), LONG);
+        assert_same_log(&got, &log.expected);
+    }
+
+    fn stop(self) {
+        assert!(self.agent.terminate().success());
+    }
 }
 
 fn start(node: &Node, api: &FakeApi, extra: &[&str]) -> AgentProc {
@@ -373,17 +411,12 @@ fn apply_seen(api: &FakeApi, status: serde_json::Value) {
 /// Succeeded. The S3 object is both instances' text, byte for byte.
 #[test]
 fn restart_after_a_failure_is_archived_whole() {
-    let moto = Moto::start();
-    create_bucket_now(&moto, BUCKET);
-    let api = FakeApi::start();
-    let node = Node::new();
-    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
-    wait_ready(&agent);
-
+    let s3 = S3Node::start();
+    let api = &s3.api;
     let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_a";
     let mut pod = peon_model("peon-r", "uid-r", task, RestartPolicy::OnFailure, &["main"]);
     api.apply(pod.json());
-    let mut log = log_of(&node, "druid", "peon-r", "uid-r", "main");
+    let mut log = PeonWriter::create(&s3.pod_dir("peon-r", "uid-r").join("main"), 0).unwrap();
     api.apply(pod.start("main"));
     write(&mut log, 1, 300 << 10);
 
@@ -395,23 +428,16 @@ fn restart_after_a_failure_is_archived_whole() {
     assert_instance(&log, &pod);
     write(&mut log, 2, 20 << 10);
 
-    apply_seen(&api, exited);
+    apply_seen(api, exited);
     write(&mut log, 3, 100 << 10);
     api.apply(backing_off);
     api.apply(restarted);
     write(&mut log, 4, 100 << 10);
-    apply_seen(&api, pod.exit("main", 0, "Completed"));
+    apply_seen(api, pod.exit("main", 0, "Completed"));
     api.apply(pod.finish());
 
-    let got = wait_for_object(
-        &moto.endpoint,
-        BUCKET,
-        &s3_key(task),
-        log.expected.len(),
-        LONG,
-    );
-    assert_same_log(&got, &log.expected);
-    assert!(agent.terminate().success());
+    s3.assert_archived(task, &log);
+    s3.stop();
 }
 
 /// Waits until `/tasks` shows `task` no longer running, or `max`. No event says that the agent
@@ -420,15 +446,7 @@ fn restart_after_a_failure_is_archived_whole() {
 fn hold_while_running(addr: &str, task: &str, max: Duration) {
     let deadline = std::time::Instant::now() + max;
     while std::time::Instant::now() < deadline {
-        let tasks: serde_json::Value =
-            serde_json::from_slice(&http_get(addr, "/tasks", &[]).body).unwrap();
-        let state = tasks
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["id"] == task)
-            .map(|t| t["state"].clone());
-        if state.is_some_and(|state| state != "running") {
+        if task_entry(addr, task, &[]).is_some_and(|t| t["state"] != "running") {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -445,15 +463,10 @@ fn hold_while_running(addr: &str, task: &str, max: Duration) {
 /// the three instances' text, byte for byte.
 #[test]
 fn two_restarts_then_deletion_are_archived_whole() {
-    let moto = Moto::start();
-    create_bucket_now(&moto, BUCKET);
-    let api = FakeApi::start();
-    let node = Node::new();
-    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
-    let addr = wait_ready(&agent);
-
+    let s3 = S3Node::start();
+    let api = &s3.api;
     let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_b";
-    let dir = node.pods.join(dir_name("druid", "peon-b", "uid-b"));
+    let dir = s3.pod_dir("peon-b", "uid-b");
     let mut pod = peon_model("peon-b", "uid-b", task, RestartPolicy::Always, &["main"]);
     api.apply(pod.json());
     let mut log = PeonWriter::create(&dir.join("main"), 0).unwrap();
@@ -465,14 +478,14 @@ fn two_restarts_then_deletion_are_archived_whole() {
     log.restart().unwrap();
     assert_instance(&log, &pod);
     write(&mut log, 2, 30 << 10);
-    apply_seen(&api, exited);
+    apply_seen(api, exited);
     write(&mut log, 3, 100 << 10);
     api.apply(restarted);
     write(&mut log, 4, 50 << 10);
 
-    apply_seen(&api, pod.exit("main", 0, "Completed"));
-    hold_while_running(&addr, task, Duration::from_secs(2));
-    apply_seen(&api, pod.back_off("main"));
+    apply_seen(api, pod.exit("main", 0, "Completed"));
+    hold_while_running(&s3.addr, task, Duration::from_secs(2));
+    apply_seen(api, pod.back_off("main"));
     log.restart().unwrap();
     write(&mut log, 5, 50 << 10);
     api.apply(pod.restart("main"));
@@ -480,22 +493,15 @@ fn two_restarts_then_deletion_are_archived_whole() {
     fs::remove_file(dir.join("main").join("0.log")).unwrap();
     write(&mut log, 6, 100 << 10);
 
-    apply_seen(&api, pod.begin_deletion());
+    apply_seen(api, pod.begin_deletion());
     write(&mut log, 7, 5 << 10); // shutting down after SIGTERM
     api.apply(pod.exit("main", 143, "Error"));
-    apply_seen(&api, pod.finish());
+    apply_seen(api, pod.finish());
     api.delete("uid-b");
     fs::remove_dir_all(&dir).unwrap();
 
-    let got = wait_for_object(
-        &moto.endpoint,
-        BUCKET,
-        &s3_key(task),
-        log.expected.len(),
-        LONG,
-    );
-    assert_same_log(&got, &log.expected);
-    assert!(agent.terminate().success());
+    s3.assert_archived(task, &log);
+    s3.stop();
 }
 
 /// The status ahead of the files: the API shows instance 1 running (restartCount 1, the
@@ -505,15 +511,10 @@ fn two_restarts_then_deletion_are_archived_whole() {
 /// whole.
 #[test]
 fn restart_reported_before_the_new_file_has_lines_and_a_sidecar_runs_on() {
-    let moto = Moto::start();
-    create_bucket_now(&moto, BUCKET);
-    let api = FakeApi::start();
-    let node = Node::new();
-    let agent = start_s3(&node, &api, &moto.endpoint, &[]);
-    wait_ready(&agent);
-
+    let s3 = S3Node::start();
+    let api = &s3.api;
     let task = "index_kafka_restart_2024-05-01T00:00:00.000Z_c";
-    let dir = node.pods.join(dir_name("druid", "peon-c", "uid-c"));
+    let dir = s3.pod_dir("peon-c", "uid-c");
     let mut pod = peon_model(
         "peon-c",
         "uid-c",
@@ -531,7 +532,7 @@ fn restart_reported_before_the_new_file_has_lines_and_a_sidecar_runs_on() {
 
     pod.exit("main", 2, "Error");
     log.restart().unwrap();
-    apply_seen(&api, pod.restart("main"));
+    apply_seen(api, pod.restart("main"));
     assert_instance(&log, &pod);
     write(&mut log, 3, 150 << 10);
     write(&mut sidecar, 4, 20 << 10);
@@ -540,15 +541,8 @@ fn restart_reported_before_the_new_file_has_lines_and_a_sidecar_runs_on() {
     api.apply(ended);
     write(&mut sidecar, 5, 20 << 10);
 
-    let got = wait_for_object(
-        &moto.endpoint,
-        BUCKET,
-        &s3_key(task),
-        log.expected.len(),
-        LONG,
-    );
-    assert_same_log(&got, &log.expected);
-    assert!(agent.terminate().success());
+    s3.assert_archived(task, &log);
+    s3.stop();
 }
 
 /// Whether an agent log line says that the directory `dir` has been pending longer than the

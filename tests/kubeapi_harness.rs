@@ -16,7 +16,7 @@ use serde_json::Value;
 use druid_log_agent::testkit::kubeapi::{
     FakeApi, Outage, PodModel, RestartPolicy, pod, query_params,
 };
-use k8s_openapi::api::core::v1::ContainerStatus;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus};
 
 const NODE_SELECTOR: &str = "spec.nodeName=node-a";
 const PEON_SELECTOR: &str = "druid.k8s.peons=true";
@@ -811,6 +811,14 @@ fn status_of<'a>(pod: &'a Pod, container: &str) -> &'a ContainerStatus {
         .unwrap_or_else(|| panic!("no status of {container}"))
 }
 
+fn last_terminated(status: &ContainerStatus) -> &ContainerStateTerminated {
+    status
+        .last_state
+        .as_ref()
+        .and_then(|state| state.terminated.as_ref())
+        .expect("lastState.terminated")
+}
+
 /// Whether a model step panics (the kubelet would not take it).
 fn refused(step: impl FnOnce()) -> bool {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).is_err()
@@ -871,13 +879,7 @@ fn kubelet_model_reports_a_restart() {
     let main = status_of(&p, "main");
     let waiting = main.state.as_ref().unwrap().waiting.as_ref().unwrap();
     assert_eq!(waiting.reason.as_deref(), Some("CrashLoopBackOff"));
-    let last = main
-        .last_state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .as_ref()
-        .unwrap();
+    let last = last_terminated(main);
     assert_eq!(last.exit_code, 1);
     assert_eq!(main.container_id.as_deref(), Some(first_id.as_str()));
     assert_eq!(main.restart_count, 0);
@@ -888,13 +890,7 @@ fn kubelet_model_reports_a_restart() {
     assert!(main.state.as_ref().unwrap().running.is_some());
     assert_eq!(main.restart_count, 1);
     assert_eq!(m.restart_count("main"), 1);
-    let last = main
-        .last_state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .as_ref()
-        .unwrap();
+    let last = last_terminated(main);
     assert_eq!(last.container_id.as_deref(), Some(first_id.as_str()));
     let second_id = main.container_id.clone().unwrap();
     assert_ne!(second_id, first_id);
@@ -911,16 +907,7 @@ fn kubelet_model_reports_a_restart() {
     assert_eq!(phase(&p), "Succeeded");
     let main = status_of(&p, "main");
     assert_eq!(main.restart_count, 1);
-    assert_eq!(
-        main.last_state
-            .as_ref()
-            .unwrap()
-            .terminated
-            .as_ref()
-            .unwrap()
-            .exit_code,
-        1
-    );
+    assert_eq!(last_terminated(main).exit_code, 1);
 }
 
 /// The phase by restartPolicy, as `getPhase` gives it, and the steps the kubelet never takes.

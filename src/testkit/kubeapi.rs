@@ -85,31 +85,62 @@ struct Shared {
     /// refused).
     listen: watch::Sender<bool>,
     /// Whether it has one, for [`FakeApi::set_outage`] to return only once it is so.
-    listening: Mutex<bool>,
-    listening_changed: Condvar,
+    listening: Signal<bool>,
     /// The newest resourceVersion a list or watch response has handed to a connection.
-    delivered: Mutex<u64>,
-    delivered_changed: Condvar,
+    delivered: Signal<u64>,
 }
 
 impl Shared {
-    fn set_listening(&self, listening: bool) {
-        *self
-            .listening
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = listening;
-        self.listening_changed.notify_all();
+    fn mark_delivered(&self, resource_version: u64) {
+        self.delivered
+            .update(|delivered| *delivered = (*delivered).max(resource_version));
+    }
+}
+
+/// A value that plain threads (tests) wait on while the server's tasks change it.
+struct Signal<T> {
+    value: Mutex<T>,
+    changed: Condvar,
+}
+
+impl<T: Copy + PartialEq> Signal<T> {
+    fn new(value: T) -> Signal<T> {
+        Signal {
+            value: Mutex::new(value),
+            changed: Condvar::new(),
+        }
     }
 
-    fn mark_delivered(&self, resource_version: u64) {
-        let mut delivered = self
-            .delivered
+    fn get(&self) -> T {
+        *self
+            .value
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut T)) {
+        let mut value = self
+            .value
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if resource_version > *delivered {
-            *delivered = resource_version;
-            self.delivered_changed.notify_all();
+        let before = *value;
+        change(&mut value);
+        if *value != before {
+            self.changed.notify_all();
         }
+    }
+
+    /// Whether `done` holds within `timeout`.
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&T) -> bool) -> bool {
+        let value = self
+            .value
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (_value, result) = self
+            .changed
+            .wait_timeout_while(value, timeout, |value| !done(value))
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !result.timed_out()
     }
 }
 
@@ -180,10 +211,8 @@ impl FakeApi {
             }),
             changed,
             listen,
-            listening: Mutex::new(true),
-            listening_changed: Condvar::new(),
-            delivered: Mutex::new(0),
-            delivered_changed: Condvar::new(),
+            listening: Signal::new(true),
+            delivered: Signal::new(0),
         });
         runtime.spawn(accept_loop(listener, addr, shared.clone()));
         FakeApi {
@@ -313,22 +342,13 @@ preferences: {{}}
         }
         let listen = outage != Some(Outage::Refused);
         self.shared.listen.send_replace(listen);
-        let listening = self
-            .shared
-            .listening
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (listening, timeout) = self
-            .shared
-            .listening_changed
-            .wait_timeout_while(listening, Duration::from_secs(10), |now| *now != listen)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         assert!(
-            !timeout.timed_out(),
-            "the fake kube-apiserver could not {} {} (listening: {})",
+            self.shared
+                .listening
+                .wait_until(Duration::from_secs(10), |listening| *listening == listen),
+            "the fake kube-apiserver could not {} {}",
             if listen { "bind again" } else { "close" },
             self.addr,
-            *listening
         );
     }
 
@@ -340,19 +360,9 @@ preferences: {{}}
     /// This is what makes a race deterministic: "the agent has been sent `main` terminated; now
     /// the new instance writes". It says nothing about what the client did with the event.
     pub fn wait_delivered(&self, resource_version: u64, timeout: Duration) -> bool {
-        let delivered = self
-            .shared
+        self.shared
             .delivered
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (_delivered, result) = self
-            .shared
-            .delivered_changed
-            .wait_timeout_while(delivered, timeout, |delivered| {
-                *delivered < resource_version
-            })
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        !result.timed_out()
+            .wait_until(timeout, |delivered| *delivered >= resource_version)
     }
 
     /// Forgets the event history: a later watch from a resourceVersion older than the current
@@ -366,6 +376,12 @@ preferences: {{}}
             store.resource_version
         };
         self.shared.changed.send_replace(resource_version);
+    }
+
+    /// The newest resourceVersion a list or watch response has handed to a client (see
+    /// [`FakeApi::wait_delivered`]): a change newer than this has reached no client yet.
+    pub fn delivered(&self) -> u64 {
+        self.shared.delivered.get()
     }
 
     /// Request targets (`path?query`, as sent, percent-encoded) seen so far, in order.
@@ -1029,7 +1045,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, addr: SocketAddr, shared
             // Dropping the socket closes it: connecting is refused from now on.
             listener = None;
         }
-        shared.set_listening(listener.is_some());
+        shared
+            .listening
+            .update(|listening| *listening = listener.is_some());
         let Some(bound) = &listener else {
             if listen.changed().await.is_err() {
                 return;

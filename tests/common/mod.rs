@@ -298,6 +298,17 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `task`'s entry in `/tasks`, if it has one; `extra` are header lines (a token).
+pub fn task_entry(addr: &str, task: &str, extra: &[&str]) -> Option<serde_json::Value> {
+    let r = http_get(addr, "/tasks", extra);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == task)
+        .cloned()
+}
+
 /// Waits until `/tasks` reports `task` holding `len` bytes of log.
 pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
     wait_for_bytes_with(addr, task, len, timeout, &[]);
@@ -307,14 +318,7 @@ pub fn wait_for_bytes(addr: &str, task: &str, len: usize, timeout: Duration) {
 pub fn wait_for_bytes_with(addr: &str, task: &str, len: usize, timeout: Duration, extra: &[&str]) {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = http_get(addr, "/tasks", extra);
-        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        let have = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["id"] == task)
-            .and_then(|t| t["bytes"].as_u64());
+        let have = task_entry(addr, task, extra).and_then(|t| t["bytes"].as_u64());
         if have == Some(len as u64) {
             return;
         }
