@@ -1,6 +1,9 @@
-//! The short soak (about two minutes): 100 peons with rotation and task churn, the agent
-//! SIGKILLed and SIGTERMed at random moments, S3 down and faulty, the Kubernetes API flapping,
-//! the state disk full (when root may mount a tmpfs), then a per-task ledger of every byte.
+//! The short soak (about two minutes): 100 peons with rotation and task churn, container
+//! restarts reported as a kubelet reports them (late, in either order with the files), the agent
+//! SIGKILLed and SIGTERMed at random moments, S3 down and faulty, the Kubernetes API away as
+//! connections reset, 503 answers and connections refused, some outages longer than the
+//! agent's pending timeout, the state disk full (when root may mount a tmpfs), then a per-task
+//! ledger of every byte.
 //! The long version is the same command with a longer `--duration-secs` (docs/reliability.md).
 
 use std::process::Command;
@@ -42,6 +45,12 @@ fn short_soak_loses_and_doubles_nothing() {
         "agent_sigterms",
         "s3_outages",
         "kube_api_outages",
+        "kube_api_outages_reset",
+        "kube_api_outages_503",
+        "kube_api_outages_refused",
+        "kube_api_outages_longer_than_pending_timeout",
+        "container_restarts",
+        "crash_loop_back_offs",
         "rotations_while_agent_down",
         "snapshot_checks",
     ] {

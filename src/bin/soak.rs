@@ -1,14 +1,23 @@
 //! Soak of the real agent binary under load and faults, ending in a per-task ledger.
 //!
 //! `cargo run --release --bin soak -- --help`. On a temporary node it runs many peon log writers
-//! with kubelet-style rotation (remove excess, gzip, rename, late writes, container restarts),
-//! starts and ends tasks continuously through a fake Kubernetes API (pods with `task.id`), and
-//! archives through a fault proxy to a moto S3 server, while it
+//! with kubelet-style rotation (remove excess, gzip, rename, late writes), starts and ends tasks
+//! continuously through a fake Kubernetes API (pods with `task.id`, their status as a kubelet
+//! reports it: `PodModel`), and archives through a fault proxy to a moto S3 server, while it
+//! - restarts peon containers as a kubelet does (restartPolicy OnFailure or Always): the old
+//!   instance exits, a back-off, `<n+1>.log`; the API hears of it late (up to two seconds, in
+//!   order, sometimes only the newest state): `terminated` with the pod still Running, then
+//!   `waiting: CrashLoopBackOff`, then `running` with restartCount + 1 and `lastState`, while
+//!   the new instance prints its first line up to 1.5 s after it started, so the status can
+//!   also come first; tasks end with the terminated state and the terminal phase in one update
+//!   or two, or (restartPolicy Always) with the pod's deletion;
 //! - stops the agent at random moments (SIGKILL or SIGTERM) and starts it again, so logs rotate
 //!   while it is down;
 //! - takes S3 away (connections refused and cut) and injects resets, 503 SlowDown, 500s and
 //!   stalls;
-//! - flaps the Kubernetes API (connections cut, history expired so the agent must relist);
+//! - takes the Kubernetes API away in turn as connections reset, 503 answers and connections
+//!   refused, every other outage longer than the agent's pending timeout, and every other one
+//!   with its history expired so the agent must relist;
 //! - fills the state directory's disk (a tmpfs, when run as root) for a few seconds;
 //! - reads task logs from the snapshot endpoint and checks each is a prefix of what was written.
 //!
@@ -17,9 +26,14 @@
 //! with status 1 on any lost, doubled or corrupted byte. The one loss that is allowed is the one
 //! docs/reliability.md documents: a pod whose log directory was deleted while no agent was
 //! running to drain it (such tasks are reported as `exposed`, and their archive must still be a
-//! prefix of what was written: nothing doubled, nothing out of order).
+//! prefix of what was written: nothing doubled, nothing out of order). A pod deleted during an API
+//! outage before any client was sent it can only be archived under `_unmapped/<pod dir>`, the
+//! documented fallback; such tasks are judged there and counted as `tasks_unmapped`.
 
-use std::collections::HashMap;
+// The summary is one json! literal with many keys.
+#![recursion_limit = "256"]
+
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -33,7 +47,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use druid_log_agent::loadgen::{LineGen, Rng, encode_cri};
 use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
-use druid_log_agent::testkit::kubeapi::{FakeApi, pod};
+use druid_log_agent::testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy};
 use druid_log_agent::testkit::moto::Moto;
 use serde_json::{Value, json};
 
@@ -64,6 +78,9 @@ struct Args {
     /// Longest wait for the last archives after the load stops.
     #[arg(long, default_value_t = 300)]
     drain_secs: u64,
+    /// The agent's `--pending-timeout-secs`; every other API outage lasts longer.
+    #[arg(long, default_value_t = 5)]
+    pending_timeout_secs: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// The agent binary (default: druid-log-agent beside this binary).
@@ -88,6 +105,13 @@ const MAX_FILES: usize = 5;
 /// A pod deleted within this long after an agent started may be gone before that agent's first
 /// scan found it, so it counts as deleted while no agent was running.
 const STARTUP_WINDOW: Duration = Duration::from_secs(3);
+/// The longest the kubelet's status reaches the API after the kubelet knows it.
+const STATUS_LAG_MS: u64 = 2000;
+/// The longest a new container instance takes to print its first line.
+const FIRST_LINE_MS: u64 = 1500;
+/// The longest restart back-off (a real kubelet's is 10 s doubling to 5 min; shortened so a
+/// short soak sees many).
+const BACK_OFF_MS: u64 = 2000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -121,6 +145,10 @@ struct Shared {
     agent_addr: String,
     /// Faults stop (the load keeps going until `load_done`).
     faults_done: AtomicBool,
+    /// The API is in an outage longer than the pending timeout: the agent is not stopped
+    /// meanwhile, since a restarted agent forgets what it concluded during the outage and so
+    /// hides whether it concluded wrongly.
+    api_long_outage: AtomicBool,
     /// No new tasks; running ones end.
     load_done: AtomicBool,
     /// Everything is verified or the drain timed out: threads exit.
@@ -138,12 +166,18 @@ struct Counters {
     rotations_while_down: AtomicU64,
     files_removed_by_kubelet: AtomicU64,
     container_restarts: AtomicU64,
+    crash_loop_back_offs: AtomicU64,
+    restart_statuses_coalesced: AtomicU64,
     sigkills: AtomicU64,
     sigterms: AtomicU64,
     sigterm_unclean_exits: AtomicU64,
     s3_outages: AtomicU64,
     s3_fault_periods: AtomicU64,
     api_outages: AtomicU64,
+    api_outages_reset: AtomicU64,
+    api_outages_503: AtomicU64,
+    api_outages_refused: AtomicU64,
+    api_outages_long: AtomicU64,
     api_history_expired: AtomicU64,
     disk_full_periods: AtomicU64,
     snapshot_checks: AtomicU64,
@@ -171,17 +205,35 @@ fn get(c: &AtomicU64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Running,
-    /// `main` terminated; the directory goes at `remove_at` (quick delete) or once archived.
+    /// `main` terminated; the pod and its directory go by a queued [`PodOp::Delete`] (quick
+    /// delete) or once archived.
     Ended,
     /// Directory and pod gone; waiting for the archive.
     Removed,
 }
 
+/// A change of a pod in the API.
+enum PodOp {
+    Apply(Value),
+    /// The object goes; the kubelet removes the pod's log directory.
+    Delete,
+}
+
 struct Task {
     id: String,
-    pod: String,
     uid: String,
     dir: PathBuf,
+    /// The pod as its kubelet reports it.
+    model: PodModel,
+    /// What the API is yet to be told, each at its time, in order (the kubelet's status
+    /// manager writes late, and never an older status after a newer one).
+    ops: VecDeque<(Instant, PodOp)>,
+    last_op_at: Instant,
+    /// The resourceVersion of the pod's creation in the API.
+    created_rv: Option<u64>,
+    /// The pod was deleted before any client was sent it (it lived within an API outage):
+    /// its task id cannot be learned, the log goes under `_unmapped/`.
+    unmappable: bool,
     lines: LineGen,
     seq: u64,
     restart: u32,
@@ -194,11 +246,13 @@ struct Task {
     credit: f64,
     ends_at: Instant,
     restart_at: Option<Instant>,
+    /// The container exited and waits for its restart (nothing is written).
+    back_off_until: Option<Instant>,
+    /// The current instance has not printed its first line yet.
+    quiet_until: Instant,
     next_rotate_check: Instant,
-    pod_at: Option<Instant>,
     phase: Phase,
     quick_delete: bool,
-    remove_at: Option<Instant>,
     /// The agent's SIGKILL count when the directory went, and whether an agent had been up long
     /// enough to have found it.
     removed: Option<(u64, bool)>,
@@ -209,16 +263,103 @@ impl Task {
         self.dir.join("main").join(format!("{}.log", self.restart))
     }
 
-    fn pod_json(&self, state: &str) -> Value {
-        pod(
-            NAMESPACE,
-            &self.pod,
-            &self.uid,
-            NODE,
-            &[("druid.k8s.peons", "true")],
-            &[("task.id", &self.id)],
-            &[("main", state)],
-        )
+    /// Queues a change of the pod for `at`, or right after the one queued before.
+    fn tell_api(&mut self, op: PodOp, at: Instant) {
+        let at = at.max(self.last_op_at);
+        self.last_op_at = at;
+        self.ops.push_back((at, op));
+    }
+
+    /// A status the kubelet has now, reaching the API up to [`STATUS_LAG_MS`] later.
+    fn report(&mut self, status: Value, now: Instant, rng: &mut Rng) {
+        let lag = Duration::from_millis(rng.below(STATUS_LAG_MS + 1));
+        self.tell_api(PodOp::Apply(status), now + lag);
+    }
+
+    /// Whether the pod is in the API now.
+    fn in_api(&self) -> bool {
+        self.created_rv.is_some() && self.phase != Phase::Removed
+    }
+
+    /// The id its archive is under.
+    fn archive_id(&self) -> String {
+        if self.unmappable {
+            let dir = self.dir.file_name().unwrap_or_default().to_string_lossy();
+            format!("_unmapped/{dir}")
+        } else {
+            self.id.clone()
+        }
+    }
+
+    /// `main` exits and the kubelet will start it again after a back-off: the terminated
+    /// state (sometimes never sent: the status manager sends the newest it has), the back-off
+    /// when it is long enough to be seen.
+    fn exit_for_restart(&mut self, now: Instant, rng: &mut Rng, c: &Counters) {
+        let (code, reason) = match (self.model.restart_policy(), rng.below(3)) {
+            (RestartPolicy::Always, 0) => (0, "Completed"),
+            (_, 1) => (137, "OOMKilled"),
+            _ => (1, "Error"),
+        };
+        let exited = self.model.exit("main", code, reason);
+        if rng.below(4) == 0 {
+            add(&c.restart_statuses_coalesced, 1);
+        } else {
+            self.report(exited, now, rng);
+        }
+        let back_off = Duration::from_millis(rng.below(BACK_OFF_MS + 1));
+        if back_off >= Duration::from_millis(500) {
+            let waiting = self.model.back_off("main");
+            self.report(waiting, now, rng);
+            add(&c.crash_loop_back_offs, 1);
+        }
+        self.back_off_until = Some(now + back_off);
+    }
+
+    /// The kubelet starts the next instance: `<n+1>.log`, running with restartCount + 1; its
+    /// first line comes a moment later, so the status may come first.
+    fn start_next_instance(&mut self, now: Instant, rng: &mut Rng) -> io::Result<()> {
+        self.back_off_until = None;
+        self.restart += 1;
+        self.file = open_append(&self.live())?;
+        self.size = 0;
+        let running = self.model.restart("main");
+        assert_eq!(self.model.restart_count("main"), self.restart);
+        self.report(running, now, rng);
+        self.quiet_until = now + Duration::from_millis(rng.below(FIRST_LINE_MS + 1));
+        Ok(())
+    }
+
+    /// The task ends. Under restartPolicy Always only the pod's deletion ends it: SIGTERM, the
+    /// peon exits 143, the pod Failed, the object goes and the kubelet removes the directory.
+    /// Otherwise `main` exits for good (a failure only under Never), its terminated state and
+    /// the terminal phase in two updates or one.
+    fn end(&mut self, now: Instant, rng: &mut Rng) {
+        self.phase = Phase::Ended;
+        let delete_in = Duration::from_millis(rng.below(2000));
+        if self.model.restart_policy() == RestartPolicy::Always {
+            let deleting = self.model.begin_deletion();
+            self.report(deleting, now, rng);
+            let exited = self.model.exit("main", 143, "Error");
+            self.report(exited, now, rng);
+            let ended = self.model.finish();
+            self.report(ended, now, rng);
+            self.tell_api(PodOp::Delete, now + delete_in);
+            return;
+        }
+        let failed = self.model.restart_policy() == RestartPolicy::Never && rng.below(4) == 0;
+        let exited = if failed {
+            self.model.exit("main", 1, "Error")
+        } else {
+            self.model.exit("main", 0, "Completed")
+        };
+        if rng.below(2) == 0 {
+            self.report(exited, now, rng);
+        }
+        let ended = self.model.finish();
+        self.report(ended, now, rng);
+        if self.quick_delete {
+            self.tell_api(PodOp::Delete, now + delete_in);
+        }
     }
 
     /// Writes one line tagged with its sequence number, so a ledger can name missing and
@@ -288,14 +429,7 @@ fn open_append(p: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(p)
 }
 
-fn new_task(
-    n: u64,
-    rng: &mut Rng,
-    args: &Args,
-    logs: &Path,
-    api: &FakeApi,
-    now: Instant,
-) -> io::Result<Task> {
+fn new_task(n: u64, rng: &mut Rng, args: &Args, logs: &Path, now: Instant) -> io::Result<Task> {
     let uid = format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         rng.next_u64() as u32,
@@ -318,11 +452,29 @@ fn new_task(
     let life = Duration::from_millis(life * 1000 + rng.below(1000));
     let mut lines = LineGen::new(rng.next_u64());
     lines.long_every = 400;
-    let task = Task {
+    // Druid's task runner sets restartPolicy Never; pod templates can say otherwise, and only
+    // OnFailure and Always restart a container.
+    let restarts = rng.below(5) == 0;
+    let policy = match (restarts, rng.below(3)) {
+        (true, 0) => RestartPolicy::Always,
+        (true, _) => RestartPolicy::OnFailure,
+        (false, 0) => RestartPolicy::OnFailure,
+        (false, _) => RestartPolicy::Never,
+    };
+    let mut model = PodModel::new(NAMESPACE, &pod_name, &uid, NODE, policy, &["main"])
+        .with_labels(&[("druid.k8s.peons", "true")])
+        .with_annotations(&[("task.id", &id)]);
+    let pending = model.json();
+    let running = model.start("main");
+    let mut task = Task {
         id,
-        pod: pod_name,
         uid,
         dir,
+        model,
+        ops: VecDeque::new(),
+        last_op_at: now,
+        created_rv: None,
+        unmappable: false,
         lines,
         seq: 0,
         restart: 0,
@@ -334,19 +486,50 @@ fn new_task(
         rate: mean * (0.25 + rng.below(1750) as f64 / 1000.0),
         credit: 0.0,
         ends_at: now + life,
-        restart_at: (rng.below(5) == 0).then(|| now + life / 2),
+        restart_at: restarts.then(|| now + life / 2),
+        back_off_until: None,
+        quiet_until: now,
         next_rotate_check: now + Duration::from_millis(rng.below(1000)),
-        // The log sometimes appears before the pod is known, as on a busy kubelet.
-        pod_at: Some(now + Duration::from_millis(rng.below(3) * rng.below(1500))),
         phase: Phase::Running,
-        quick_delete: rng.below(10) < 3,
-        remove_at: None,
+        // Only a deletion ends a pod that restarts always.
+        quick_delete: policy == RestartPolicy::Always || rng.below(10) < 3,
         removed: None,
     };
-    if task.pod_at.is_some_and(|t| t <= now) {
-        api.apply(task.pod_json("running"));
-    }
+    // The log sometimes appears before the pod is known, as on a busy kubelet: the pod
+    // (Pending, then running) reaches the API up to three seconds after its directory.
+    let known_at = now + Duration::from_millis(rng.below(3) * rng.below(1500));
+    task.tell_api(PodOp::Apply(pending), known_at);
+    task.report(running, known_at, rng);
     Ok(task)
+}
+
+/// Applies the pod changes that are due. `removed` is what [`Task::removed`] records if the
+/// pod and its directory go now.
+fn apply_due_ops(
+    t: &mut Task,
+    api: &FakeApi,
+    now: Instant,
+    removed: (u64, bool),
+) -> io::Result<()> {
+    while t.ops.front().is_some_and(|(at, _)| *at <= now) {
+        let Some((_, op)) = t.ops.pop_front() else {
+            break;
+        };
+        match op {
+            PodOp::Apply(status) => {
+                let rv = api.apply(status);
+                t.created_rv.get_or_insert(rv);
+            }
+            PodOp::Delete => {
+                t.unmappable = t.created_rv.is_none_or(|created| api.delivered() < created);
+                api.delete(&t.uid);
+                fs::remove_dir_all(&t.dir)?;
+                t.phase = Phase::Removed;
+                t.removed = Some(removed);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The node's writers and kubelet: writes, rotates, restarts containers, ends tasks and removes
@@ -372,61 +555,47 @@ fn writer_loop(sh: &Shared, logs: &Path, api: &FakeApi) -> io::Result<()> {
         if !load_done {
             for _ in running..args.writers {
                 next_id += 1;
-                tasks.push(new_task(next_id, &mut rng, args, logs, api, now)?);
+                tasks.push(new_task(next_id, &mut rng, args, logs, now)?);
                 add(&sh.counters.tasks_started, 1);
             }
         }
         for t in tasks.iter_mut() {
-            if t.pod_at.is_some_and(|at| at <= now) {
-                t.pod_at = None;
-                api.apply(t.pod_json(if t.phase == Phase::Running {
-                    "running"
-                } else {
-                    "terminated"
-                }));
+            apply_due_ops(t, api, now, (kills, agent_up && up_long))?;
+            if t.phase != Phase::Running {
+                continue;
             }
-            match t.phase {
-                Phase::Running => {
-                    t.credit = (t.credit + t.rate * dt).min(t.rate);
-                    while t.credit > 0.0 {
-                        let n = t.write_line(&mut buf, &mut rec)?;
-                        t.credit -= n as f64;
-                        add(&sh.counters.bytes_written, n as u64);
-                    }
-                    if now >= t.next_rotate_check {
-                        t.next_rotate_check = now + Duration::from_secs(1);
-                        if t.size >= args.rotate_kib << 10 {
-                            t.rotate(rng.below(2) == 0, &sh.counters)?;
-                            if !agent_up {
-                                add(&sh.counters.rotations_while_down, 1);
-                            }
-                        }
-                    }
-                    if t.restart_at.is_some_and(|at| at <= now) {
-                        t.restart_at = None;
-                        t.restart += 1;
-                        t.file = open_append(&t.live())?;
-                        t.size = 0;
-                        add(&sh.counters.container_restarts, 1);
-                    }
-                    if now >= t.ends_at || load_done {
-                        t.file.sync_all()?;
-                        t.phase = Phase::Ended;
-                        if t.pod_at.is_none() {
-                            api.apply(t.pod_json("terminated"));
-                        }
-                        if t.quick_delete {
-                            t.remove_at = Some(now + Duration::from_millis(rng.below(2000)));
-                        }
+            if let Some(until) = t.back_off_until {
+                if now >= until {
+                    t.start_next_instance(now, &mut rng)?;
+                    add(&sh.counters.container_restarts, 1);
+                }
+                continue;
+            }
+            t.credit = (t.credit + t.rate * dt).min(t.rate);
+            while t.credit > 0.0 && now >= t.quiet_until {
+                let n = t.write_line(&mut buf, &mut rec)?;
+                t.credit -= n as f64;
+                add(&sh.counters.bytes_written, n as u64);
+            }
+            if now >= t.next_rotate_check {
+                t.next_rotate_check = now + Duration::from_secs(1);
+                if t.size >= args.rotate_kib << 10 {
+                    t.rotate(rng.below(2) == 0, &sh.counters)?;
+                    if !agent_up {
+                        add(&sh.counters.rotations_while_down, 1);
                     }
                 }
-                Phase::Ended if t.remove_at.is_some_and(|at| at <= now) && t.pod_at.is_none() => {
-                    api.delete(&t.uid);
-                    fs::remove_dir_all(&t.dir)?;
-                    t.removed = Some((kills, agent_up && up_long));
-                    t.phase = Phase::Removed;
-                }
-                _ => {}
+            }
+            if t.restart_at.is_some_and(|at| at <= now) && !load_done {
+                // Now and then a second restart, halfway through what is left.
+                t.restart_at =
+                    (rng.below(3) == 0 && t.ends_at > now).then(|| now + (t.ends_at - now) / 2);
+                t.exit_for_restart(now, &mut rng, &sh.counters);
+                continue;
+            }
+            if now >= t.ends_at || load_done {
+                t.file.sync_all()?;
+                t.end(now, &mut rng);
             }
         }
         drop(tasks);
@@ -467,12 +636,8 @@ fn start_agent(sh: &Shared, bin: &Path, node: &Path, kubeconfig: &Path, s3: &str
         .args(["--s3-region", "us-east-1", "--listen", &sh.agent_addr])
         .args(["--kubernetes", "true", "--node-name", NODE])
         .args(["--archive-retry-max-secs", "4", "--retention-secs", "5"])
-        .args([
-            "--shutdown-timeout-secs",
-            "5",
-            "--pending-timeout-secs",
-            "60",
-        ])
+        .args(["--shutdown-timeout-secs", "5", "--pending-timeout-secs"])
+        .arg(sh.args.pending_timeout_secs.to_string())
         .env("KUBECONFIG", kubeconfig)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -533,7 +698,10 @@ fn supervise(
         let mut last_counters = HashMap::new();
         let mut next_scrape = Instant::now();
         let mut exited = None;
-        while sh.faults_done.load(Ordering::SeqCst) || agent.started.elapsed() < run_for {
+        while sh.faults_done.load(Ordering::SeqCst)
+            || agent.started.elapsed() < run_for
+            || sh.api_long_outage.load(Ordering::SeqCst)
+        {
             if sh.all_done.load(Ordering::SeqCst) {
                 break;
             }
@@ -661,7 +829,7 @@ fn faults_loop(sh: &Shared, proxy: &FaultProxy, api: &FakeApi, disk: &Disk) {
     };
     let mut s3_next = now + secs(&mut rng, 5, 15);
     let mut s3_heal: Option<Instant> = None;
-    let mut api_next = now + secs(&mut rng, 8, 20);
+    let mut api_next = now + secs(&mut rng, 5, 10);
     let mut api_heal: Option<Instant> = None;
     let mut disk_next = now + secs(&mut rng, 15, 30);
     let mut disk_heal: Option<(Instant, PathBuf)> = None;
@@ -690,12 +858,30 @@ fn faults_loop(sh: &Shared, proxy: &FaultProxy, api: &FakeApi, disk: &Disk) {
                 api.expire_history();
                 add(&sh.counters.api_history_expired, 1);
             }
-            api.set_down(false);
-            api_next = now + secs(&mut rng, 8, 25);
+            api.set_outage(None);
+            sh.api_long_outage.store(false, Ordering::SeqCst);
+            api_next = now + secs(&mut rng, 4, 10);
         } else if api_heal.is_none() && now >= api_next {
-            api.set_down(true);
+            // The forms in turn, every other outage longer than the agent's pending timeout,
+            // so that even a short soak has each.
+            let n = get(&sh.counters.api_outages);
+            let (form, counter) = match n % 3 {
+                0 => (Outage::Unavailable, &sh.counters.api_outages_503),
+                1 => (Outage::Reset, &sh.counters.api_outages_reset),
+                _ => (Outage::Refused, &sh.counters.api_outages_refused),
+            };
+            api.set_outage(Some(form));
             add(&sh.counters.api_outages, 1);
-            api_heal = Some(now + secs(&mut rng, 2, 8));
+            add(counter, 1);
+            let pending = sh.args.pending_timeout_secs;
+            let lasts = if n.is_multiple_of(2) {
+                add(&sh.counters.api_outages_long, 1);
+                sh.api_long_outage.store(true, Ordering::SeqCst);
+                secs(&mut rng, pending + 2, pending + 6)
+            } else {
+                secs(&mut rng, 2, 5)
+            };
+            api_heal = Some(now + lasts);
         }
         if disk_heal.as_ref().is_some_and(|(t, _)| *t <= now) {
             if let Some((_, p)) = disk_heal.take() {
@@ -712,7 +898,8 @@ fn faults_loop(sh: &Shared, proxy: &FaultProxy, api: &FakeApi, disk: &Disk) {
         thread::sleep(Duration::from_millis(50));
     }
     proxy.set_mode(Mode::Healthy);
-    api.set_down(false);
+    api.set_outage(None);
+    sh.api_long_outage.store(false, Ordering::SeqCst);
     if let Some((_, p)) = disk_heal {
         let _ = fs::remove_file(p);
     }
@@ -856,6 +1043,8 @@ fn ledger_row(t: &Task, got: Option<&[u8]>, exposed: bool) -> (Value, bool) {
         "unparsable_lines": unparsable,
         "rotations": t.rotations,
         "restarts": t.restart,
+        "restart_policy": t.model.restart_policy().as_str(),
+        "unmapped": t.unmappable,
         "quick_delete": t.quick_delete,
         "exposed": exposed,
         "verdict": verdict,
@@ -889,8 +1078,10 @@ fn verify_round(
         while i < tasks.len() {
             let t = &tasks[i];
             let ended = matches!(t.phase, Phase::Ended | Phase::Removed);
-            let complete = archived.get(&t.id).copied() == Some(t.expected.len() as i64);
-            if ended && (complete || last) {
+            let complete = archived.get(&t.archive_id()).copied() == Some(t.expected.len() as i64);
+            // Judged once the API has been told everything (a status applied after the pod's
+            // deletion below would create it again).
+            if ended && (last || (complete && t.ops.is_empty())) {
                 checking.push(tasks.swap_remove(i));
                 continue;
             }
@@ -903,8 +1094,9 @@ fn verify_round(
     }
     let mut unfinished = Vec::new();
     for t in checking {
-        let got = if archived.contains_key(&t.id) {
-            rt.block_on(fetch(s3, &t.id))
+        let id = t.archive_id();
+        let got = if archived.contains_key(&id) {
+            rt.block_on(fetch(s3, &id))
         } else {
             None
         };
@@ -919,14 +1111,14 @@ fn verify_round(
             eprintln!("soak: {row}");
         }
         lock(&sh.ledger).push(row);
-        if t.phase == Phase::Ended {
+        if t.in_api() {
             api.delete(&t.uid);
             let _ = fs::remove_dir_all(&t.dir);
         }
         let _ = rt.block_on(
             s3.delete_object()
                 .bucket(BUCKET)
-                .key(format!("{PREFIX}/{}/log", t.id))
+                .key(format!("{PREFIX}/{id}/log"))
                 .send(),
         );
     }
@@ -1020,6 +1212,7 @@ fn run(args: Args) -> Result<bool, String> {
         args: args.clone(),
         agent: Mutex::new(AgentState::default()),
         faults_done: AtomicBool::new(false),
+        api_long_outage: AtomicBool::new(false),
         load_done: AtomicBool::new(false),
         all_done: AtomicBool::new(false),
         tasks: Mutex::new(Vec::new()),
@@ -1119,6 +1312,7 @@ fn run(args: Args) -> Result<bool, String> {
         "tasks": ledger.len(),
         "tasks_exact": count("exact"),
         "tasks_exposed_lost_tail": count("lost-tail-deleted-while-agent-down"),
+        "tasks_unmapped": ledger.iter().filter(|r| r["unmapped"] == true).count(),
         "tasks_failed": failures,
         "drained": drained,
         "bytes_written": get(&c.bytes_written),
@@ -1127,6 +1321,8 @@ fn run(args: Args) -> Result<bool, String> {
         "rotations_while_agent_down": get(&c.rotations_while_down),
         "rotated_files_removed_by_kubelet": get(&c.files_removed_by_kubelet),
         "container_restarts": get(&c.container_restarts),
+        "crash_loop_back_offs": get(&c.crash_loop_back_offs),
+        "restart_statuses_coalesced": get(&c.restart_statuses_coalesced),
         "agent_sigkills": get(&c.sigkills),
         "agent_sigterms": get(&c.sigterms),
         "agent_unclean_sigterm_exits": get(&c.sigterm_unclean_exits),
@@ -1138,6 +1334,11 @@ fn run(args: Args) -> Result<bool, String> {
         "s3_fault_periods": get(&c.s3_fault_periods),
         "s3_faults_injected": proxy.counts.faults(),
         "kube_api_outages": get(&c.api_outages),
+        "kube_api_outages_reset": get(&c.api_outages_reset),
+        "kube_api_outages_503": get(&c.api_outages_503),
+        "kube_api_outages_refused": get(&c.api_outages_refused),
+        "kube_api_outages_longer_than_pending_timeout": get(&c.api_outages_long),
+        "pending_timeout_secs": args.pending_timeout_secs,
         "kube_api_history_expired": get(&c.api_history_expired),
         "disk_full_periods": get(&c.disk_full_periods),
         "disk_full_fault": if disk.mount.is_some() { "tmpfs" } else { "skipped: cannot mount a tmpfs (not root?)" },
