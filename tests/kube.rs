@@ -567,6 +567,7 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
     let dir = dir_name("druid", name, uid);
     let mut pod = peon_model(name, uid, &task, RestartPolicy::Never, &["main"]);
     api.apply(pod.json());
+    let created = std::time::Instant::now();
     let mut log = log_of(&node, "druid", name, uid, "main");
     api.apply(pod.start("main"));
     write(&mut log, 1, 50 << 10);
@@ -578,6 +579,10 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
     assert!(
         !line.contains("not a peon"),
         "the agent let a peon go while the API was away ({outage:?}): {line}"
+    );
+    assert!(
+        created.elapsed() >= Duration::from_secs(2),
+        "the warning came before the pending timeout, so the outage may not outlast it: {line}"
     );
     write(&mut log, 2, 50 << 10);
     api.set_outage(None);
