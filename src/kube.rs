@@ -105,11 +105,12 @@ impl PodCache {
     }
 
     fn get(&self, uid: &str) -> Option<PodInfo> {
-        self.pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(uid)
-            .cloned()
+        self.peek(uid, |i| i.cloned())
+    }
+
+    /// Looks at a pod without cloning it: asked at every end of file.
+    fn peek<R>(&self, uid: &str, f: impl FnOnce(Option<&PodInfo>) -> R) -> R {
+        f(self.pods.read().unwrap_or_else(|e| e.into_inner()).get(uid))
     }
 }
 
@@ -353,21 +354,11 @@ impl TaskIdentity for KubeIdentity {
     }
 
     fn is_peon(&mut self, pod: &PodDir) -> bool {
-        self.cache
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&pod.uid)
+        self.cache.peek(&pod.uid, |i| i.is_some())
     }
 
     fn container_finished(&mut self, pod: &PodDir) -> bool {
-        // Asked at every end of file: a lookup, no clone.
-        self.cache
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pod.uid)
-            .is_some_and(|i| i.finished)
+        self.cache.peek(&pod.uid, |i| i.is_some_and(|i| i.finished))
     }
 }
 
