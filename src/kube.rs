@@ -174,6 +174,8 @@ fn will_not_run_again(pod: &Pod, container: &str) -> bool {
 /// First and longest pause between two attempts to list and watch again after an error.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A watch that ran this long after its list was healthy: its failure starts the backoff over.
+const WATCH_STABLE: Duration = Duration::from_secs(60);
 
 /// Runs the list+watch until the process ends. After any error (API down, answering 503,
 /// watch cut, 410 Gone) the watch is started again from a fresh list, with backoff: the cache
@@ -194,6 +196,7 @@ pub async fn watch_pods(
     let keep = Duration::from_secs(cfg.deleted_retention_secs);
     let mut retry = RETRY_FIRST;
     loop {
+        let mut listed_at = None;
         let mut stream = watcher::watcher(api.clone(), wc.clone()).boxed();
         let mut relist: Option<HashSet<String>> = None;
         // Deleted pods are forgotten after their retention even if no relist comes.
@@ -245,7 +248,7 @@ pub async fn watch_pods(
                     }
                     pods.retain(|_, i| i.deleted_at.is_none_or(|d| now.duration_since(d) < keep));
                     cache.set_current(true);
-                    retry = RETRY_FIRST;
+                    listed_at = Some(now);
                     if !cache.synced.swap(true, Ordering::Relaxed) {
                         info!(pods = pods.len(), node = %node, "pod cache synced");
                     } else {
@@ -256,6 +259,12 @@ pub async fn watch_pods(
             }
         };
         cache.set_current(false);
+        // The backoff starts over only after a watch that held for a while: a watch that
+        // fails right after its list (no watch permission, a proxy that cuts watches) must not
+        // turn into a relist every half second.
+        if listed_at.is_some_and(|t: Instant| t.elapsed() >= WATCH_STABLE) {
+            retry = RETRY_FIRST;
+        }
         warn!(error = %error, retry_in_ms = retry.as_millis() as u64,
             "pod watch failed; known tasks keep flowing, new pod directories wait until the pod list is current again");
         tokio::time::sleep(retry).await;
@@ -270,7 +279,7 @@ const WATCH_LAG: Duration = Duration::from_secs(5);
 pub struct KubeIdentity {
     cache: Arc<PodCache>,
     pending_timeout: Duration,
-    first_seen: HashMap<String, Instant>,
+    first_seen: HashMap<String, Option<Instant>>,
     /// Pods already warned about as pending past the timeout, so the log says it once.
     warned_pending: HashSet<String>,
     metrics: Arc<Metrics>,
@@ -299,6 +308,7 @@ impl TaskIdentity for KubeIdentity {
     fn identify(&mut self, pod: &PodDir) -> Identity {
         if let Some(info) = self.cache.get(&pod.uid) {
             self.first_seen.remove(&pod.uid);
+            self.warned_pending.remove(&pod.uid);
             return match info.task_id.as_deref().map(TaskId::new) {
                 Some(Ok(id)) => Identity::Task(id),
                 Some(Err(e)) => {
@@ -314,11 +324,14 @@ impl TaskIdentity for KubeIdentity {
             };
         }
         let dir = self.log_root.join(&pod.name);
-        let born = *self
+        // Unknown when the directory is gone before it was first looked at (after an agent
+        // restart): then nothing may be concluded from the watch having run since "birth".
+        let born_at = *self
             .first_seen
             .entry(pod.uid.clone())
             .or_insert_with(|| created(&dir));
         let now = Instant::now();
+        let born = born_at.unwrap_or(now);
         let Some(current) = self.cache.current_since() else {
             // Without a current pod list nothing can be concluded, however long that takes:
             // the pod may be a peon that started while the API was unreachable.
@@ -331,7 +344,12 @@ impl TaskIdentity for KubeIdentity {
         };
         // The list the cache rests on must have completed after the directory appeared (or the
         // watch run unbroken since before), and the pod had pending_timeout to show up since.
-        if now < born.max(current) + self.pending_timeout {
+        // An unrepresentable deadline (a huge pending_timeout_secs) never comes.
+        if born
+            .max(current)
+            .checked_add(self.pending_timeout)
+            .is_none_or(|deadline| now < deadline)
+        {
             return Identity::Pending;
         }
         self.first_seen.remove(&pod.uid);
@@ -341,7 +359,10 @@ impl TaskIdentity for KubeIdentity {
             // peon deleted while the watch was broken loses its directory to the kubelet's
             // garbage collection well within the default pending timeout.)
             Identity::Ignore
-        } else if born.checked_sub(WATCH_LAG).is_some_and(|t| current <= t) {
+        } else if born_at
+            .and_then(|b| b.checked_sub(WATCH_LAG))
+            .is_some_and(|t| current <= t)
+        {
             // The pod existed while the watch ran without a break, and the watch never showed
             // it: not a peon (a short-lived pod of another app), so its log is not ours to ship.
             info!(pod_dir = %pod.name, "pod gone and never listed by an unbroken watch of peons: not a peon pod; its log is not read");
@@ -363,15 +384,19 @@ impl TaskIdentity for KubeIdentity {
 }
 
 /// When a pod's log directory was created, as an `Instant`: the pending timeout counts from
-/// there, so an agent restart does not start it again. Now if the file system cannot say.
-fn created(dir: &std::path::Path) -> Instant {
+/// there, so an agent restart does not start it again. `None` if the directory is gone; now if
+/// the file system cannot say.
+fn created(dir: &std::path::Path) -> Option<Instant> {
     let now = Instant::now();
-    std::fs::metadata(dir)
-        .and_then(|m| m.created().or_else(|_| m.modified()))
-        .ok()
-        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
-        .and_then(|age| now.checked_sub(age))
-        .unwrap_or(now)
+    let md = std::fs::metadata(dir).ok()?;
+    Some(
+        md.created()
+            .or_else(|_| md.modified())
+            .ok()
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .and_then(|age| now.checked_sub(age))
+            .unwrap_or(now),
+    )
 }
 
 /// The client the standard way: in-cluster config inside a pod, `KUBECONFIG` (or

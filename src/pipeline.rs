@@ -49,6 +49,9 @@ const DONE_MEMORY: usize = 64;
 /// Backoff of a task's failing spool writes (a full disk): doubling from the first to the max.
 const SEAL_RETRY_FIRST: Duration = Duration::from_millis(100);
 const SEAL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a restored task waits for the files of its checkpoint to open again (EMFILE,
+/// EACCES) before it reads the ones that did: long enough for a transient cause to pass.
+const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a shutdown may spend reading what is left in open files before its last commit.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
@@ -62,6 +65,16 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A spool the checkpoint names cannot be opened (EMFILE, EACCES, an I/O error): taking
+    /// it for damaged would throw away text that may exist nowhere else, so the agent does not
+    /// start; it is retried at the next start.
+    #[error(
+        "cannot open the spool of pod directory {pod_dir}: {source}; nothing was changed, start the agent again once the cause is gone (file descriptor limit, permissions, disk)"
+    )]
+    SpoolUnavailable {
+        pod_dir: String,
+        source: crate::spool::SpoolError,
+    },
 }
 
 /// Registers inotify watches; a trait so that tests can drive the engine without inotify.
@@ -106,6 +119,8 @@ struct Task {
     /// (see [`Ingest::reopen_sources`]); nothing is read meanwhile.
     restoring: Option<Vec<SourceState>>,
     restore_warned: bool,
+    /// Since when reopening has failed.
+    restore_failing_since: Option<Instant>,
     /// The spool of an archived task was lost (set aside): nothing is read or served.
     spool_lost: bool,
     done: VecDeque<DoneFile>,
@@ -152,6 +167,7 @@ impl Task {
             sources: VecDeque::new(),
             restoring: None,
             restore_warned: false,
+            restore_failing_since: None,
             spool_lost: false,
             done: VecDeque::new(),
             last_restart: None,
@@ -359,7 +375,7 @@ impl Ingest {
             s,
         };
         for ts in state.tasks {
-            ingest.restore(ts);
+            ingest.restore(ts)?;
         }
         ingest.remove_orphan_spools();
         ingest.aside_bytes = aside_bytes(&ingest.s.spool_dir, None);
@@ -370,10 +386,10 @@ impl Ingest {
         self.s.spool_dir.join(format!("{pod_dir}.gz"))
     }
 
-    fn restore(&mut self, ts: TaskState) {
+    fn restore(&mut self, ts: TaskState) -> Result<(), PipelineError> {
         let Some(pod) = PodDir::parse(&ts.pod_dir) else {
             warn!(pod_dir = %ts.pod_dir, "checkpoint names an invalid pod directory; entry dropped");
-            return;
+            return Ok(());
         };
         let path = self.spool_path(&pod.name);
         let bad = match SpoolWriter::open(&path, ts.spool_file_len) {
@@ -383,21 +399,23 @@ impl Ingest {
                 w.spool().len(),
                 ts.log_len
             )),
-            Err(e) => Err(e.to_string()),
+            Err(e @ crate::spool::SpoolError::Corrupt { .. }) => Err(e.to_string()),
+            Err(source) => {
+                return Err(PipelineError::SpoolUnavailable {
+                    pod_dir: ts.pod_dir,
+                    source,
+                });
+            }
         };
         let writer = match bad {
             Ok(w) => w,
             Err(why) => {
                 self.set_aside(&path, &why);
-                self.restore_without_spool(pod, ts, &path);
-                return;
+                return self.restore_without_spool(pod, ts, &path);
             }
         };
         let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
-        let identity = match ts.task_id.as_deref().map(TaskId::new) {
-            Some(Ok(id)) => Identity::Task(id),
-            _ => Identity::Pending,
-        };
+        let identity = restored_identity(&ts, &pod);
         let mut task = Task::new(pod, identity, container_dir, writer);
         task.restoring = Some(ts.sources.clone());
         task.done = ts.done.iter().copied().collect();
@@ -416,6 +434,7 @@ impl Ingest {
         self.dirty_read.insert(name.clone());
         self.tasks.insert(name.clone(), task);
         self.publish(&name);
+        Ok(())
     }
 
     /// Opens again the files a restored task was reading, at their committed offsets. A file
@@ -430,6 +449,9 @@ impl Ingest {
         };
         let mut sources = VecDeque::new();
         let mut lost = Vec::new();
+        let mut unopened = Vec::new();
+        let since = *t.restore_failing_since.get_or_insert_with(Instant::now);
+        let patient = since.elapsed() < RESTORE_PATIENCE;
         for ss in states {
             match locate(&t.container_dir, &ss.key, &self.s.state_dir) {
                 Ok(Some((path, file, recovered))) => {
@@ -452,13 +474,24 @@ impl Ingest {
                     ));
                 }
                 Ok(None) => lost.push(ss),
-                Err(e) => {
+                Err(e) if patient => {
                     if !t.restore_warned {
                         t.restore_warned = true;
                         warn!(pod_dir = %t.pod.name, file = %ss.path.display(), error = %e,
                             "cannot reopen a log file the checkpoint names; the task waits and retries (its file is not read again from the start)");
                     }
                     return false;
+                }
+                Err(e) => {
+                    // The error does not clear: read the files that opened. This one is
+                    // remembered as read up to its committed offset, so should it open later
+                    // and be longer, it is read on from there (out of order, but once).
+                    error!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset, error = %e,
+                        "a log file the checkpoint names still cannot be reopened; reading the task's other files, this one once it can be opened");
+                    unopened.push(DoneFile {
+                        key: ss.key,
+                        len: Some(ss.offset),
+                    });
                 }
             }
         }
@@ -482,8 +515,10 @@ impl Ingest {
             info!(pod_dir = %t.pod.name, "log files reopened; the task reads on");
         }
         t.sources = sources.into_iter().map(|(_, s)| s).collect();
+        t.done.extend(unopened);
         t.restoring = None;
         t.restore_warned = false;
+        t.restore_failing_since = None;
         true
     }
 
@@ -540,12 +575,19 @@ impl Ingest {
     }
 
     /// Moves a spool that does not match the checkpoint out of the way (kept for a look,
-    /// counted in `spool_max_bytes`, removed after `retention_secs`).
+    /// counted in `spool_max_bytes`, removed after `retention_secs`, or first when the spools
+    /// are full).
     fn set_aside(&mut self, path: &Path, why: &str) {
         let aside = path.with_extension(format!("{ASIDE}{}", now_ms()));
         error!(spool = %path.display(), moved_to = %aside.display(), "spool does not match the checkpoint ({why}); set aside");
         self.metrics.spool_errors.fetch_add(1, Relaxed);
-        let _ = fs::rename(path, &aside);
+        if fs::rename(path, &aside).is_ok() {
+            // Retention counts from now: the rename keeps the spool's last write time.
+            let _ = fs::File::options()
+                .write(true)
+                .open(&aside)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
         self.aside_bytes = aside_bytes(&self.s.spool_dir, None);
     }
 
@@ -557,32 +599,33 @@ impl Ingest {
     /// - Otherwise the log is read again from the start of the files that are still there;
     ///   an upload in progress is continued under its id from part 1 (re-sent parts replace
     ///   the old ones, and completion names only the new), so none is left orphaned.
-    fn restore_without_spool(&mut self, pod: PodDir, ts: TaskState, path: &Path) {
-        let writer = match SpoolWriter::open(path, 0) {
-            Ok(w) => w,
-            Err(e) => {
-                // The directory scan starts the task afresh once the disk allows.
-                error!(spool = %path.display(), error = %e, "cannot create spool");
-                return;
-            }
-        };
+    fn restore_without_spool(
+        &mut self,
+        pod: PodDir,
+        ts: TaskState,
+        path: &Path,
+    ) -> Result<(), PipelineError> {
+        // Without a spool the task's state would be dropped, and an archived task's files
+        // archived again over the complete object: better not to start.
+        let writer =
+            SpoolWriter::open(path, 0).map_err(|source| PipelineError::SpoolUnavailable {
+                pod_dir: ts.pod_dir.clone(),
+                source,
+            })?;
         self.spool_dir_unsynced = true;
         let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
-        let identity = match ts.task_id.as_deref().map(TaskId::new) {
-            Some(Ok(id)) => Identity::Task(id),
-            _ => Identity::Pending,
-        };
+        let identity = restored_identity(&ts, &pod);
         let mut task = Task::new(pod, identity, container_dir, writer);
         task.first_seen_ms = ts.first_seen_ms;
         if matches!(ts.phase, Phase::Archived { .. }) {
+            // Its files are not even held open: they are never read again, and the task's
+            // existence alone keeps the directory scan from taking them for new ones.
             warn!(pod_dir = %task.pod.name, "the task's log was archived whole; its local copy is lost, so it is served from the archive only and not read again");
-            task.restoring = Some(ts.sources.clone());
             task.done = ts.done.iter().copied().collect();
             task.last_restart = ts.last_restart;
             task.lines = ts.lines;
             task.phase = ts.phase;
             task.spool_lost = true;
-            self.reopen_sources(&mut task);
         } else {
             info!(pod_dir = %task.pod.name, "the task's log is read again from its files");
             task.upload = UploadState {
@@ -597,6 +640,7 @@ impl Ingest {
         self.dirty_pods.insert(name.clone());
         self.tasks.insert(name.clone(), task);
         self.publish(&name);
+        Ok(())
     }
 
     fn remove_orphan_spools(&mut self) {
@@ -817,7 +861,12 @@ impl Ingest {
                 s.path = f.path;
                 continue;
             }
-            if t.last_restart.is_some_and(|r| f.name.restart() < r) {
+            // A file of an older restart is never new; one read to its end may have grown.
+            let drained = t
+                .done
+                .iter()
+                .any(|d| d.key.dev == f.dev && d.key.ino == f.ino);
+            if !drained && t.last_restart.is_some_and(|r| f.name.restart() < r) {
                 continue;
             }
             let file = match File::open(&f.path) {
@@ -1092,7 +1141,7 @@ impl Ingest {
                 .s
                 .idle_timeout
                 .is_some_and(|d| now.duration_since(t.last_growth) >= d);
-            if t.phase == Phase::Running && idle {
+            if t.phase == Phase::Running && idle && t.restoring.is_none() {
                 info!(
                     pod_dir = name,
                     "no new log lines for idle_timeout_secs; ending the task"
@@ -1580,6 +1629,17 @@ fn source_state(s: &Source) -> SourceState {
         offset: s.offset,
         path: s.path.clone(),
         decode: s.decode.clone(),
+    }
+}
+
+/// The identity a checkpoint recorded: a task id, the fallback name of a peon whose id could
+/// not be learned (never a valid task id, so checked against the pod), or not known yet.
+fn restored_identity(ts: &TaskState, pod: &PodDir) -> Identity {
+    let unmapped = TaskId::unmapped(pod);
+    match ts.task_id.as_deref() {
+        Some(id) if id == unmapped.as_str() => Identity::Task(unmapped),
+        Some(id) => TaskId::new(id).map_or(Identity::Pending, Identity::Task),
+        None => Identity::Pending,
     }
 }
 

@@ -54,7 +54,8 @@ impl TaskEntry {
 #[derive(Debug, Clone)]
 pub struct PendingPod {
     pub pod: PodDir,
-    /// When the agent found the directory (ms since the epoch).
+    /// When the agent first saw the directory (ms since the epoch; the pending timeout counts
+    /// from the directory's creation as the file system dates it).
     pub since_ms: u64,
 }
 

@@ -130,7 +130,7 @@ impl World {
     }
 
     /// One round of the agent's loop: a rescan (for inotify's events), reads, a commit, and the
-    /// archive of a task whose end is committed. Returns the archive if one was written.
+    /// archives of tasks whose end is committed. Returns the last archive written, if any.
     fn round(&mut self) -> Option<Vec<u8>> {
         self.now += Duration::from_secs(2);
         let now = self.now;
@@ -138,19 +138,22 @@ impl World {
         while self.ingest.process(now) {}
         self.ingest.tick(now);
         self.ingest.commit_if_due(now, Duration::from_secs(1));
-        let job = self.ingest.take_archive_jobs().pop()?;
-        let JobKind::Finish { len, .. } = job.kind else {
-            panic!("the directory archive takes no parts");
-        };
-        let location = self.archive.put(&job.task, &job.spool, len).unwrap();
-        let outcome = Outcome::Done {
-            pod_dir: job.pod_dir,
-            task: job.task.clone(),
-            len,
-            location,
-        };
-        self.ingest.archive_finished(&outcome, now);
-        Some(fs::read(self.archive.path_of(&job.task)).unwrap())
+        let mut archived = None;
+        for job in self.ingest.take_archive_jobs() {
+            let JobKind::Finish { len, .. } = job.kind else {
+                panic!("the directory archive takes no parts");
+            };
+            let location = self.archive.put(&job.task, &job.spool, len).unwrap();
+            let outcome = Outcome::Done {
+                pod_dir: job.pod_dir,
+                task: job.task.clone(),
+                len,
+                location,
+            };
+            self.ingest.archive_finished(&outcome, now);
+            archived = Some(fs::read(self.archive.path_of(&job.task)).unwrap());
+        }
+        archived
     }
 
     fn archived(&mut self) -> Vec<u8> {
@@ -270,6 +273,23 @@ fn highest_fd() -> u64 {
         .unwrap()
 }
 
+/// Takes every free fd number up to the highest in use (open() takes the lowest), then sets the
+/// limit so that `room` more can be opened at the same time. Returns the old limit and the
+/// fds that fill the gaps (close them after restoring the limit).
+fn fd_limit_with_room_for(room: u64) -> (u64, Vec<fs::File>) {
+    let mut fillers = Vec::new();
+    let highest = highest_fd();
+    let top = loop {
+        let f = fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f) as u64;
+        fillers.push(f);
+        if fd > highest {
+            break fd;
+        }
+    };
+    (set_fd_limit(top + 1 + room), fillers)
+}
+
 fn set_fd_limit(soft: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -296,20 +316,9 @@ fn restore_under_emfile_retries_and_doubles_nothing() {
     w.round();
     w.round(); // committed: the checkpoint names 0.log and how far it was read
     w.files.append("0.log", 20);
-    // Every free fd number below the highest in use is taken first (open() takes the lowest),
-    // then the limit leaves room for the checkpoint read and the spool the engine keeps open,
-    // none for listing the container directory or opening the log file.
-    let mut fillers = Vec::new();
-    let highest = highest_fd();
-    let top = loop {
-        let f = fs::File::open("/dev/null").unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&f) as u64;
-        fillers.push(f);
-        if fd > highest {
-            break fd;
-        }
-    };
-    let old = set_fd_limit(top + 2);
+    // Room for the checkpoint read and the spool the engine keeps open, none for listing the
+    // container directory or opening the log file.
+    let (old, fillers) = fd_limit_with_room_for(1);
     // kill -9 before, and the new agent starts now.
     let mut reopened = open(&w.cfg, &w.identity);
     // The first rounds still fail to open anything.
@@ -376,4 +385,58 @@ fn archived_task_with_a_damaged_spool_is_not_archived_again() {
         })
         .count();
     assert_eq!(aside, 1, "the damaged spool is kept aside for a look");
+}
+
+/// After a crash, the spool itself cannot be opened (EMFILE): the engine refuses to start,
+/// naming it, instead of setting the spool aside as damaged and reading the files again; the
+/// next start finds everything as it was.
+#[test]
+fn spool_that_cannot_be_opened_stops_the_start_and_loses_nothing() {
+    let _turn = serial();
+    let mut w = World::new();
+    w.files.append("0.log", 60);
+    // A second task: its spool is opened first and held, and the limit leaves no room for
+    // the other's.
+    let other = w
+        .pod_dir
+        .with_file_name("druid_index-other_22222222-2222-3333-4444-555555555555")
+        .join("main");
+    fs::create_dir_all(&other).unwrap();
+    let mut nanos = 0;
+    append(&other.join("0.log"), &mut nanos, 10, &Mutex::default());
+    w.round();
+    w.round();
+    w.files.append("0.log", 20);
+    let (old, fillers) = fd_limit_with_room_for(1);
+    let refused = Ingest::open(
+        &w.cfg,
+        Box::new(w.identity.clone()),
+        Box::new(NoWatch),
+        Arc::new(Metrics::default()),
+    );
+    set_fd_limit(old);
+    drop(fillers);
+    let Err(e) = refused else {
+        panic!("started without its spool");
+    };
+    assert!(e.to_string().contains("cannot open the spool"), "{e}");
+    w.ingest = open(&w.cfg, &w.identity);
+    w.set_finished(true);
+    let archive = w.archive.path_of(&TaskId::new(TASK).unwrap());
+    for _ in 0..20 {
+        w.round();
+    }
+    assert_same(&fs::read(archive).unwrap(), &w.expected());
+    let aside = fs::read_dir(w.cfg.state_dir.join("spool"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .contains(".corrupt-")
+        })
+        .count();
+    assert_eq!(aside, 0);
 }
