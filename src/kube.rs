@@ -90,6 +90,17 @@ impl PodCache {
         self.synced.load(Ordering::Relaxed)
     }
 
+    /// How many pods the cache holds: this node's peons, and deleted ones for
+    /// `deleted_retention_secs` (for `/metrics`: it must not grow without bound).
+    pub fn len(&self) -> usize {
+        self.pods.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether the cache holds no pod.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Since when the cache has been current, if it is now.
     fn current_since(&self) -> Option<Instant> {
         *self.current_since.lock().unwrap_or_else(|e| e.into_inner())

@@ -490,6 +490,15 @@ async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, Infallible> 
         let n = tasks.iter().filter(|t| t.state() == state).count();
         let _ = writeln!(out, "druid_log_agent_tasks{{state=\"{state}\"}} {n}");
     }
+    if let Some(cache) = &http.opts.pod_cache {
+        single(
+            out,
+            "druid_log_agent_watched_pods",
+            "gauge",
+            "Pods in the watch's cache: this node's peons, and deleted ones for deleted_retention_secs.",
+            cache.len() as u64,
+        );
+    }
     single(
         out,
         "druid_log_agent_pending_pods",

@@ -651,3 +651,41 @@ fn let_go_directory_is_taken_back_when_its_pod_turns_up_as_a_peon() {
     );
     assert!(agent.terminate().success());
 }
+
+/// The value of an unlabelled metric in a `/metrics` answer.
+fn metric(addr: &str, name: &str) -> Option<u64> {
+    let metrics = String::from_utf8(http_get(addr, "/metrics", &[]).body).unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A deleted pod is forgotten by the watch's cache once `deleted_retention_secs` has passed,
+/// without waiting for a relist (which a healthy, long-lived watch may never do): on a busy
+/// node the cache must not grow without bound.
+#[test]
+fn deleted_pods_leave_the_cache_after_their_retention() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let config = node.tmp.path().join("config.toml");
+    fs::write(&config, "[kubernetes]\ndeleted_retention_secs = 1\n").unwrap();
+    let agent = start(&node, &api, &["--config", config.to_str().unwrap()]);
+    let addr = wait_ready(&agent);
+    api.apply(peon(
+        "peon-p",
+        "uid-p",
+        Some("index_kafka_p"),
+        &[("main", "running")],
+    ));
+    let until = |want: u64| {
+        let deadline = std::time::Instant::now() + LONG;
+        while metric(&addr, "druid_log_agent_watched_pods") != Some(want) {
+            assert!(std::time::Instant::now() < deadline, "never {want} pods");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until(1);
+    api.delete("uid-p");
+    until(0);
+    assert!(agent.terminate().success());
+}
