@@ -6,7 +6,7 @@
 //! own between jobs: everything it needs to resume is in the job, so a restart resumes from the
 //! checkpoint alone.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::checkpoint::sync_dir;
 use crate::s3::{PartNumber, PartSizes};
 use crate::spool::{Spool, SpoolError};
 use crate::task::TaskId;
@@ -271,8 +270,6 @@ impl DirArchive {
     pub fn put(&self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, ArchiveError> {
         let dest = self.path_of(task);
         let parent = dest.parent().unwrap_or(&self.dir).to_owned();
-        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("log");
-        let tmp = parent.join(format!(".{name}.tmp"));
         let io = |op, source| ArchiveError::Io {
             task: task.to_string(),
             target: dest.display().to_string(),
@@ -280,29 +277,23 @@ impl DirArchive {
             source,
         };
         fs::create_dir_all(&parent).map_err(|e| io("create directory", e))?;
-        let mut out =
-            io::BufWriter::with_capacity(1 << 16, File::create(&tmp).map_err(|e| io("create", e))?);
-        let copied = if len == 0 {
-            out.write_all(placeholder(task).as_bytes())
-                .map_err(|e| io("write", e))
-        } else {
-            spool
-                .read_range(0, len, &mut |chunk| out.write_all(chunk))
-                .map_err(|source| ArchiveError::Spool {
-                    task: task.to_string(),
-                    source,
-                })
-        };
-        let finish = copied.and_then(|()| {
-            let f = out.into_inner().map_err(|e| io("write", e.into_error()))?;
-            f.sync_all().map_err(|e| io("fsync", e))
-        });
-        if let Err(e) = finish {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::rename(&tmp, &dest).map_err(|e| io("rename", e))?;
-        sync_dir(&parent).map_err(|e| io("fsync directory", e))?;
+        crate::durable::replace(
+            &dest,
+            |out| {
+                if len == 0 {
+                    out.write_all(placeholder(task).as_bytes())
+                        .map_err(|e| io("write", e))
+                } else {
+                    spool
+                        .read_range(0, len, &mut |chunk| out.write_all(chunk))
+                        .map_err(|source| ArchiveError::Spool {
+                            task: task.to_string(),
+                            source,
+                        })
+                }
+            },
+            io,
+        )?;
         Ok(dest.display().to_string())
     }
 }

@@ -5,7 +5,7 @@
 //! checkpoint is in place, and every spool byte it refers to was fsynced before it was written.
 //! The format is a versioned enum so that a later agent can read an older checkpoint.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -159,35 +159,27 @@ pub fn encode(state: &State) -> Vec<u8> {
     serde_json::to_vec(&Checkpoint::V1(state.clone())).expect("checkpoint state always serializes")
 }
 
-/// Replaces the checkpoint in `dir` with `state`, atomically and durably.
+/// Replaces the checkpoint in `dir` with `state`, atomically and durably. If the agent dies
+/// at any instant, the old checkpoint is still whole and still matches the spools, whose
+/// committed parts are never rewritten.
 pub fn commit(dir: &Path, state: &State) -> Result<(), CheckpointError> {
     let path = dir.join(FILE_NAME);
-    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
-    let io = |op, source| CheckpointError::Io {
-        path: path.clone(),
-        op,
-        source,
-    };
     let bytes = encode(state);
-    let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        // A half-written temp file is harmless (never read) but wastes the space we lack.
-        let _ = fs::remove_file(&tmp);
-        return Err(io("write temp file", e));
-    }
-    // If we die here the old checkpoint is still whole and still matches the spools, whose
-    // committed parts are never rewritten.
-    fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-    sync_dir(dir).map_err(|e| io("fsync directory", e))
-}
-
-/// Makes a rename or unlink in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    crate::durable::replace(
+        &path,
+        |w| {
+            w.write_all(&bytes).map_err(|source| CheckpointError::Io {
+                path: path.clone(),
+                op: "write",
+                source,
+            })
+        },
+        |op, source| CheckpointError::Io {
+            path: path.clone(),
+            op,
+            source,
+        },
+    )
 }
 
 #[cfg(test)]

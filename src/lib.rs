@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod durable;
 pub mod kube;
 pub mod loadgen;
 pub mod metrics;

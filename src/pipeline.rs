@@ -298,7 +298,7 @@ impl CommitJob {
             }
         }
         if let Some(dir) = &self.spool_dir
-            && let Err(e) = checkpoint::sync_dir(dir)
+            && let Err(e) = crate::durable::sync_dir(dir)
         {
             return CommitDone(Err(format!(
                 "cannot sync spool directory {} ({e}); checkpoint not written",
