@@ -16,9 +16,10 @@ ARG GIT_COMMIT=unknown
 ENV VERSION=${VERSION} GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /src
 COPY . .
-# CI's build command (`cargo build --locked`, see .ci/run) in release mode: Cargo.lock decides
-# every dependency's version.
-RUN cargo build --release --locked
+# The agent's binary only, in release mode with Cargo.lock deciding every dependency's version:
+# the workspace's test rig (testkit/) and tools (tools/: soak, bench) are not built, and the
+# image holds nothing but druid-log-agent.
+RUN cargo build --release --locked --bin druid-log-agent
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM debian:bookworm-slim

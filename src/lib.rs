@@ -18,5 +18,3 @@ pub mod serve;
 pub mod spool;
 pub mod tail;
 pub mod task;
-#[doc(hidden)]
-pub mod testkit;

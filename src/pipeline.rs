@@ -25,7 +25,6 @@ use crate::archive::{Job, JobKind, Origin, Outcome, UploadState};
 use crate::checkpoint::{self, DoneFile, FileKey, Phase, SourceState, State, TaskState};
 use crate::config::Config;
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
-use crate::loadgen::Rng;
 use crate::metrics::Metrics;
 use crate::registry::{PendingPod, Registry, TaskEntry};
 use crate::spool::{Packer, SpoolWriter};
@@ -1887,7 +1886,6 @@ fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let capped = exp.min(max);
     // Spread retries of many tasks over time instead of retrying all at once.
-    let seed = now_ms() ^ u64::from(failures).rotate_left(32);
-    let jitter = Rng::new(seed).below(capped.as_millis() as u64 / 4 + 1);
+    let jitter = fastrand::u64(..=capped.as_millis() as u64 / 4);
     capped - Duration::from_millis(jitter)
 }

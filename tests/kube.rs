@@ -1,5 +1,5 @@
 //! The Kubernetes side of the real binary: the real `kube` client, through a kubeconfig, against
-//! a fake API server that speaks the real list/watch JSON (src/testkit/kubeapi.rs), with pod
+//! a fake API server that speaks the real list/watch JSON (testkit/src/kubeapi.rs), with pod
 //! status as a kubelet reports it (`PodModel`): container restarts with their status lagging
 //! the files either way, API outages in several forms and longer than the pending timeout.
 
@@ -13,7 +13,7 @@ use common::{
     task_entry, wait_for_archive, wait_for_bytes, wait_for_object,
 };
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
-use druid_log_agent::testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy, pod};
+use druid_log_agent_testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy, pod};
 
 const LONG: Duration = Duration::from_secs(60);
 const PEON: (&str, &str) = ("druid.k8s.peons", "true");

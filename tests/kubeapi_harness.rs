@@ -1,4 +1,4 @@
-//! The fake kube-apiserver of `src/testkit/kubeapi.rs` driven by the real `kube` client over
+//! The fake kube-apiserver of `testkit/src/kubeapi.rs` driven by the real `kube` client over
 //! HTTP: `kube::runtime::watcher` list-then-watch, selectors, live events, relist after 410.
 
 use std::io::{Read, Write};
@@ -13,7 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 
-use druid_log_agent::testkit::kubeapi::{
+use druid_log_agent_testkit::kubeapi::{
     FakeApi, Outage, PodModel, RestartPolicy, pod, query_params,
 };
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus};

@@ -555,7 +555,9 @@ fn dockerfile_builds_and_runs_what_the_manifests_expect() {
             .any(|l| l.starts_with(&format!("FROM rust:{rust}-"))),
         "the builder uses Cargo.toml's rust-version {rust}"
     );
-    assert!(has("RUN cargo build --release --locked"));
+    assert!(has(
+        "RUN cargo build --release --locked --bin druid-log-agent"
+    ));
     assert!(has("FROM debian:bookworm-slim"));
     assert!(has(
         "COPY --from=builder /src/target/release/druid-log-agent /usr/local/bin/druid-log-agent"

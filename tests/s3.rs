@@ -16,7 +16,7 @@ use druid_log_agent::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::serve::druid_start;
 use druid_log_agent::spool::{Spool, SpoolWriter};
 use druid_log_agent::task::TaskId;
-use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
+use druid_log_agent_testkit::faultproxy::{FaultProxy, Mode};
 
 const LONG: Duration = Duration::from_secs(120);
 const MIB: u64 = 1024 * 1024;

@@ -5,39 +5,42 @@
 //! agent's pending timeout, the state disk full (when root may mount a tmpfs), then a per-task
 //! ledger of every byte.
 //! The long version is the same command with a longer `--duration-secs` (docs/reliability.md).
+//!
+//! The soak's code is in the test rig (testkit/src/soak.rs), run here in this process: only a
+//! test of this package knows the path of the agent binary this build made.
 
-use std::process::Command;
+use std::ffi::OsStr;
+
+use clap::Parser;
+use druid_log_agent_testkit::soak;
 
 #[test]
 fn short_soak_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_soak"))
-        .args([
+    let node = dir.path().join("node");
+    let args = soak::Args::parse_from(
+        [
+            "soak",
             "--duration-secs",
             "90",
             "--writers",
             "100",
             "--rate-mib",
             "3",
-        ])
-        .args([
             "--seed",
             "7",
             "--agent",
             env!("CARGO_BIN_EXE_druid-log-agent"),
-        ])
-        .arg("--dir")
-        .arg(dir.path().join("node"))
-        .arg("--ledger")
-        .arg(&ledger)
-        .output()
-        .expect("run the soak");
-    let summary = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stderr}\n{summary}");
-    assert!(out.status.success(), "soak failed: {summary}");
-    let summary: serde_json::Value = serde_json::from_str(&summary).expect("summary JSON");
+        ]
+        .map(OsStr::new)
+        .into_iter()
+        .chain([OsStr::new("--dir"), node.as_os_str()])
+        .chain([OsStr::new("--ledger"), ledger.as_os_str()]),
+    );
+    let summary = soak::run(args).expect("run the soak");
+    eprintln!("{summary:#}");
+    assert!(summary["ok"] == true, "soak failed: {summary}");
     // The run did what it says: faults happened and tasks were judged.
     for key in [
         "tasks_exact",

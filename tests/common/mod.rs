@@ -332,7 +332,7 @@ pub fn wait_for_bytes_with(addr: &str, task: &str, len: usize, timeout: Duration
 
 // Not every test crate that includes this module uses them.
 #[allow(unused_imports)]
-pub use druid_log_agent::testkit::moto::{Moto, client_for};
+pub use druid_log_agent_testkit::moto::{Moto, client_for};
 
 /// Creates a bucket, for the tests that drive the binary from plain threads.
 pub fn create_bucket_now(moto: &Moto, bucket: &str) {

@@ -1,7 +1,8 @@
 //! End-to-end benchmark of the real agent binary on synthetic Druid peon logs.
 //!
-//! `cargo run --release --bin bench -- --help`. Runs `druid-log-agent` (the release binary
-//! beside this one) on a temporary node with the directory archive and prints one JSON object:
+//! `cargo run --release -p druid-log-agent-tools --bin bench -- --help`. Runs `druid-log-agent`
+//! (the release binary beside this one: build the workspace, `cargo build --release
+//! --workspace`) on a temporary node with the directory archive and prints one JSON object:
 //! ingest throughput and CPU seconds per GiB (from /proc, user + system), peak RSS,
 //! write-to-visible and snapshot latencies under load, whole-log streaming speed, time from a
 //! pod's end to its complete archive, and the spool's compression ratio.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::loadgen::Rng;
+use druid_log_agent::loadgen::Rng;
 
 /// What the proxy does with new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,9 @@
 //! Soak of the real agent binary under load and faults, ending in a per-task ledger.
 //!
-//! `cargo run --release --bin soak -- --help`. On a temporary node it runs many peon log writers
-//! with kubelet-style rotation (remove excess, gzip, rename, late writes), starts and ends tasks
-//! continuously through a fake Kubernetes API (pods with `task.id`, their status as a kubelet
+//! The `soak` tool (tools/, `cargo run --release -p druid-log-agent-tools --bin soak -- --help`)
+//! and the short soak test (tests/soak.rs) both call [`run`]. On a temporary node it runs many
+//! peon log writers with kubelet-style rotation (remove excess, gzip, rename, late writes),
+//! starts and ends tasks continuously through a fake Kubernetes API (pods with `task.id`, their status as a kubelet
 //! reports it: `PodModel`), and archives through a fault proxy to a moto S3 server, while it
 //! - restarts peon containers as a kubelet does (restartPolicy OnFailure or Always): the old
 //!   instance exits, a back-off, `<n+1>.log`; the API hears of it late (up to two seconds, in
@@ -30,30 +31,31 @@
 //! outage before any client was sent it can only be archived under `_unmapped/<pod dir>`, the
 //! documented fallback; such tasks are judged there and counted as `tasks_unmapped`.
 
-// The summary is one json! literal with many keys.
-#![recursion_limit = "256"]
-
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::faultproxy::{FaultProxy, Mode};
+use crate::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy};
+use crate::moto::Moto;
 use clap::Parser;
 use druid_log_agent::loadgen::{LineGen, Rng, encode_cri};
-use druid_log_agent::testkit::faultproxy::{FaultProxy, Mode};
-use druid_log_agent::testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy};
-use druid_log_agent::testkit::moto::Moto;
 use serde_json::{Value, json};
 
+/// The soak's settings, parsed from the `soak` tool's command line.
 #[derive(Parser, Clone)]
-#[command(about = "Soak druid-log-agent under load and faults; prints a ledger summary (JSON)")]
-struct Args {
+#[command(
+    name = "soak",
+    about = "Soak druid-log-agent under load and faults; prints a ledger summary (JSON)"
+)]
+pub struct Args {
     /// How long tasks are started and faults injected; the drain comes after.
     #[arg(long, default_value_t = 120)]
     duration_secs: u64,
@@ -112,18 +114,6 @@ const FIRST_LINE_MS: u64 = 1500;
 /// The longest restart back-off (a real kubelet's is 10 s doubling to 5 min; shortened so a
 /// short soak sees many).
 const BACK_OFF_MS: u64 = 2000;
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("soak: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shared state
@@ -1176,7 +1166,9 @@ fn free_port() -> io::Result<u16> {
         .port())
 }
 
-fn run(args: Args) -> Result<bool, String> {
+/// Runs the soak and returns its summary (JSON; `"ok": true` when no byte was lost, doubled or
+/// corrupted and the run drained); `Err` when the rig itself could not be set up.
+pub fn run(args: Args) -> Result<Value, String> {
     let bin = match &args.agent {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -1357,10 +1349,9 @@ fn run(args: Args) -> Result<bool, String> {
         "agent_archives": metric("druid_log_agent_archives_total"),
         "node_dir": node.display().to_string(),
     });
-    println!("{summary:#}");
     drop(disk);
     if ok && args.dir.is_none() {
         let _ = fs::remove_dir_all(&node);
     }
-    Ok(ok)
+    Ok(summary)
 }
