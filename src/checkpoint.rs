@@ -14,21 +14,33 @@ use serde::{Deserialize, Serialize};
 use crate::archive::UploadState;
 use crate::decode::{FileDecodeState, LineState};
 
+/// Name of the checkpoint in the state directory. Without it an agent starts from nothing:
+/// it removes the spools, then reads and archives every log on the node again.
 pub const FILE_NAME: &str = "checkpoint.json";
 
+/// Why the checkpoint could not be read or replaced. At start the agent refuses to run; at a
+/// commit the old checkpoint stays in place and the commit is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    /// Reading or replacing the file failed (permissions, a full disk).
     #[error("checkpoint {path}: {op}: {source}")]
     Io {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The failed step, as the message shows it ("read", "write", "fsync", "rename", ...).
         op: &'static str,
+        /// The OS error.
         source: io::Error,
     },
+    /// The file is there but no known layout reads it (cut short by hand, or written by a newer
+    /// agent with a layout this one does not know).
     #[error(
         "checkpoint {path} cannot be read: {source}; move it aside to start over (logs already archived may be archived again)"
     )]
     Parse {
+        /// The checkpoint file.
         path: PathBuf,
+        /// Where and why decoding failed.
         source: serde_json::Error,
     },
 }
@@ -37,14 +49,18 @@ pub enum CheckpointError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "version")]
 pub enum Checkpoint {
+    /// Layout 1, the only one so far. A new layout is a new variant; this one must stay readable.
     #[serde(rename = "1")]
     V1(State),
 }
 
+/// Everything a restart needs, as of the last commit.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct State {
     /// Wall-clock time of the commit, milliseconds since the Unix epoch.
     pub committed_at_ms: u64,
+    /// One entry per task the agent still tracks, each a snapshot taken right after a seal (see
+    /// [`crate::pipeline`]), so its spool length and source offsets describe the same bytes.
     pub tasks: Vec<TaskState>,
 }
 
@@ -52,7 +68,9 @@ pub struct State {
 /// handed to a new file once the old one is deleted, the first bytes of a log differ.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct FileKey {
+    /// Device number: inode numbers are unique per file system only.
     pub dev: u64,
+    /// Inode number: follows the file through the kubelet's rotation rename.
     pub ino: u64,
     /// Birth time in nanoseconds (statx), 0 where the filesystem does not record it. Tells a
     /// reused inode number apart even when the file is empty and has no fingerprint yet.
@@ -68,6 +86,8 @@ pub struct FileKey {
 /// unless it has grown since (the runtime wrote after all), then from where reading stopped.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DoneFile {
+    /// Flattened: the JSON fields are the key's own, as in older checkpoints (format
+    /// compatibility).
     #[serde(flatten)]
     pub key: FileKey,
     /// `None` in checkpoints of agents before it was recorded: such a file is never read again.
@@ -84,31 +104,50 @@ pub enum Phase {
     /// All sources drained, everything sealed and committed; the archive is due.
     Ended,
     /// The archive holds exactly `archived_len` bytes of this spool.
-    Archived { at_ms: u64, archived_len: u64 },
+    Archived {
+        /// When the archive completed, ms since the epoch; the retention of the spool (once
+        /// the pod is gone) counts from it.
+        at_ms: u64,
+        /// Bytes of log text the archive holds.
+        archived_len: u64,
+    },
 }
 
+/// A file still being read, as committed: after a restart it is found again by `key` (not by
+/// `path`) and read on from `offset`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SourceState {
     /// The container's restart number: `<n>` in `<n>.log`.
     pub restart: u32,
+    /// The file's identity; decides which file on disk this is.
     pub key: FileKey,
     /// Next byte to read; everything before it is in the spool's committed part.
     pub offset: u64,
     /// Where the file was last seen; only a hint, the key decides.
     pub path: PathBuf,
+    /// Decoder state at `offset`: a record cut across two reads continues from here.
     pub decode: FileDecodeState,
 }
 
+/// One task's committed state. A field added later must be `#[serde(default)]`, or older
+/// checkpoints stop loading.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TaskState {
     /// The pod log directory name, `<namespace>_<pod>_<uid>`: the task's stable key on a node.
     pub pod_dir: String,
+    /// Container directory the log is read from, recorded so that a restart with another
+    /// `container` setting still reopens the same files.
     pub container: String,
+    /// The task id learned for the pod, or its `_unmapped/` name (see
+    /// [`crate::task::TaskId::unmapped`]); `None` while the pod is pending. Checked again on
+    /// restore: an id that is no valid [`crate::task::TaskId`] makes the task pending again.
     pub task_id: Option<String>,
     /// Committed length of the spool file (compressed bytes).
     pub spool_file_len: u64,
     /// Bytes of log text in that committed part.
     pub log_len: u64,
+    /// Where the lifecycle stands. A task that writes again after `Ended` or `Archived` is
+    /// `Running` again, and is archived again, whole, when it ends.
     pub phase: Phase,
     /// Files still being read, in log order.
     pub sources: Vec<SourceState>,
@@ -116,6 +155,8 @@ pub struct TaskState {
     pub done: Vec<DoneFile>,
     /// Highest restart number taken into the log so far.
     pub last_restart: Option<u32>,
+    /// The line being built on stdout and stderr (indexed by [`crate::decode::Stream`]), so the
+    /// line cap and a line split across a restart come out as without one.
     pub lines: [LineState; 2],
     /// How far the archive of this log has got.
     #[serde(default)]

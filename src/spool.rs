@@ -21,20 +21,30 @@ use flate2::{Compress, Compression, Crc, Decompress, FlushCompress, FlushDecompr
 const HEADER_LEN: usize = 24;
 const TRAILER_LEN: usize = 8;
 
+/// A spool could not be written or read; every message names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// The OS refused an operation (a full disk, the file descriptor limit, permissions).
     #[error("spool {path}: {op}: {source}")]
     Io {
+        /// The spool file.
         path: PathBuf,
+        /// The failed step, as the message shows it ("open", "append block", "fsync", ...).
         op: &'static str,
+        /// The OS error.
         source: io::Error,
     },
+    /// The file does not hold what the checkpoint says it holds. The agent never repairs a
+    /// spool: moved aside, it is rebuilt from the source logs if they still exist.
     #[error(
         "spool {path} is corrupt at byte {offset}: {what}; move it aside to let the agent rebuild it from the source logs"
     )]
     Corrupt {
+        /// The spool file.
         path: PathBuf,
+        /// Byte of the spool file where the bad member (or the short end) starts.
         offset: u64,
+        /// What was wrong, for the message.
         what: &'static str,
     },
 }
@@ -78,6 +88,8 @@ pub struct Packer {
 }
 
 impl Packer {
+    /// `level`: deflate level, 0 (store) to 9; higher values are taken as 9. Each ingest thread
+    /// makes one and passes it to [`SpoolWriter::seal`].
     pub fn new(level: u32) -> Packer {
         Packer {
             compress: Compress::new(Compression::new(level.min(9)), false),
@@ -95,6 +107,7 @@ impl std::fmt::Debug for SpoolWriter {
 }
 
 impl Spool {
+    /// The spool file, for messages and for operators (`zcat` prints the sealed part).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -111,6 +124,7 @@ impl Spool {
         i.sealed_raw + i.tail.len() as u64
     }
 
+    /// No log text yet, sealed or not.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -281,6 +295,7 @@ impl SpoolWriter {
         })
     }
 
+    /// The shared handle, for the registry and readers; it stays valid after the writer is gone.
     pub fn spool(&self) -> &Arc<Spool> {
         &self.spool
     }
@@ -300,6 +315,8 @@ impl SpoolWriter {
         }
     }
 
+    /// Bytes of text not sealed yet. A crash loses them (they are read again from the source),
+    /// and a checkpoint snapshot is only valid while this is 0.
     pub fn tail_len(&self) -> usize {
         self.spool.read_inner().tail.len()
     }
@@ -347,6 +364,8 @@ impl SpoolWriter {
         std::mem::take(&mut self.unsynced)
     }
 
+    /// Undoes [`SpoolWriter::take_unsynced`] when the sync it was taken for failed, so the next
+    /// commit syncs this spool again.
     pub fn mark_unsynced(&mut self) {
         self.unsynced = true;
     }
