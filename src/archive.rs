@@ -19,21 +19,39 @@ use crate::s3::{PartNumber, PartSizes};
 use crate::spool::{Spool, SpoolError};
 use crate::task::TaskId;
 
+/// Why an archive attempt failed. It reaches ingest as text in [`Outcome::Failed`]; the spool
+/// is kept and the attempt retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
+    /// A local write failed (the directory target).
     #[error("archive of task {task} to {target}: {op}: {source}")]
     Io {
+        /// Task id whose archive failed.
         task: String,
+        /// The destination as the user knows it: the file path.
         target: String,
+        /// The failed step ("create directory", "write", "fsync", "rename", ...).
         op: &'static str,
+        /// The OS error.
         source: io::Error,
     },
+    /// The spool could not be read back: a fault of this node, not of the target.
     #[error("archive of task {task}: reading its spool: {source}")]
-    Spool { task: String, source: SpoolError },
+    Spool {
+        /// Task id whose archive failed.
+        task: String,
+        /// The spool's error, which says what to do.
+        source: SpoolError,
+    },
+    /// A remote store refused or failed the request. Not constructed today: the S3 target reports
+    /// its failures straight into [`Outcome::Failed`].
     #[error("archive of task {task} to {target}: {message}")]
     Remote {
+        /// Task id whose archive failed.
         task: String,
+        /// The destination as the user knows it (bucket and key).
         target: String,
+        /// The store's answer, with its error code where it gave one.
         message: String,
         /// Retrying soon will not help (access denied, no such bucket, bad credentials).
         permanent: bool,
@@ -41,6 +59,8 @@ pub enum ArchiveError {
 }
 
 impl ArchiveError {
+    /// Whether retrying soon is pointless; the retry then starts at a quarter of the longest
+    /// backoff rather than at one second (it is still retried: credentials may be fixed).
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
@@ -63,7 +83,9 @@ pub fn placeholder(task: &TaskId) -> String {
 /// A multipart part already stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
+    /// S3 part number; parts are numbered without gaps, from 1, in stream order.
     pub number: PartNumber,
+    /// The ETag S3 returned for the part; CompleteMultipartUpload needs all of them.
     pub etag: String,
     /// End of the part in the uploaded byte stream; parts are contiguous from 0.
     pub end: u64,
@@ -72,7 +94,11 @@ pub struct Part {
 /// How far a task's archive has got; lives in the checkpoint so a restart resumes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadState {
+    /// S3 multipart upload id; `None` until the upload is created. A restart resumes this upload
+    /// rather than starting another (an abandoned one costs storage until it expires).
     pub upload_id: Option<String>,
+    /// Parts stored, in order, contiguous from byte 0 of the uploaded stream (the text, or the
+    /// spool file itself with `gzip`).
     pub parts: Vec<Part>,
     /// CompleteMultipartUpload was sent; after a crash its success must be checked, not
     /// assumed or repeated blindly.
@@ -81,6 +107,7 @@ pub struct UploadState {
 }
 
 impl UploadState {
+    /// Bytes of the uploaded stream already stored: text bytes, or spool-file bytes with `gzip`.
     pub fn uploaded(&self) -> u64 {
         self.parts.last().map_or(0, |p| p.end)
     }
@@ -97,58 +124,104 @@ impl UploadState {
 /// Where a log came from, for object metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
+    /// Kubernetes namespace of the peon pod (`namespace` metadata).
     pub namespace: String,
+    /// Pod name (`pod` metadata): Druid derives it from the task id lossily, so the id cannot be
+    /// read back from it.
     pub pod: String,
+    /// Pod uid (`pod-uid` metadata): tells apart pods of one name over time.
     pub pod_uid: String,
+    /// This node's name (`node` metadata), when configured.
     pub node: Option<String>,
+    /// When the agent first saw the task, ms since the epoch (`first-seen-ms` metadata).
     pub first_seen_ms: u64,
 }
 
 /// Work for the archive worker.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// The task's key in ingest (`<namespace>_<pod>_<uid>`); the outcome carries it back.
     pub pod_dir: String,
+    /// The archive name: the object key or file name is derived from it.
     pub task: TaskId,
+    /// Where the bytes come from; only the committed prefix named by `kind` may be read.
     pub spool: Arc<Spool>,
+    /// Upload progress as ingest last recorded it: the worker resumes from it and keeps no state.
     pub state: UploadState,
+    /// Object metadata; only the S3 target stores it.
     pub origin: Origin,
+    /// What to store.
     pub kind: JobKind,
 }
 
+/// What a [`Job`] asks for. Lengths come in pairs, text and spool file, as the uploaded
+/// stream is one or the other (`gzip`); both name the same committed point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     /// The task runs: store whole parts of the first `committed` bytes of text
     /// (`committed_file` bytes of the spool file).
-    Parts { committed: u64, committed_file: u64 },
+    Parts {
+        /// Committed bytes of log text.
+        committed: u64,
+        /// Committed bytes of the spool file, at the same point.
+        committed_file: u64,
+    },
     /// The log is complete at `len` bytes of text (`file_len` bytes of spool file): store
     /// the rest and make the archive visible.
-    Finish { len: u64, file_len: u64 },
+    Finish {
+        /// Bytes of log text, as committed at the end.
+        len: u64,
+        /// Bytes of the spool file at the same point.
+        file_len: u64,
+    },
 }
 
+/// The archive worker's answer to a [`Job`]. Ingest records it in the next checkpoint, so a
+/// restart neither loses nor repeats stored parts.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// Parts were stored (or an upload was started); the state to checkpoint.
-    Progress { pod_dir: String, state: UploadState },
+    Progress {
+        /// The task's key in ingest.
+        pod_dir: String,
+        /// The new upload state, to checkpoint.
+        state: UploadState,
+    },
     /// The archive is complete and visible at `location`.
     Done {
+        /// The task's key in ingest.
         pod_dir: String,
+        /// The archive name.
         task: TaskId,
+        /// Bytes of log text archived. The task counts as archived only if its spool still
+        /// holds exactly this much; if it wrote meanwhile, it is archived again.
         len: u64,
+        /// Where the log went (a file path or an `s3://` URL), shown by `/tasks`.
         location: String,
     },
+    /// The attempt failed; ingest keeps the spool and retries with backoff.
     Failed {
+        /// The task's key in ingest.
         pod_dir: String,
+        /// The archive name.
         task: TaskId,
+        /// The error as text, for the log and `/tasks`.
         error: String,
+        /// See [`ArchiveError::is_permanent`]: the retry waits longer.
         permanent: bool,
         /// Progress made before the failure, to keep.
         state: UploadState,
     },
     /// Dropped unstarted because the agent is stopping; the next agent redoes it.
-    Skipped { pod_dir: String },
+    Skipped {
+        /// The task's key in ingest.
+        pod_dir: String,
+    },
 }
 
 impl Outcome {
+    /// The task the outcome is about, whatever the variant, so ingest can always find it and
+    /// clear its job in flight.
     pub fn pod_dir(&self) -> &str {
         match self {
             Outcome::Progress { pod_dir, .. }
@@ -161,7 +234,9 @@ impl Outcome {
 
 /// The archive destinations the agent knows.
 pub enum Target {
+    /// A directory: Druid reads it with `FileTaskLogs` (usually a shared volume).
     Dir(DirArchive),
+    /// S3 or an S3-compatible store, in parts while the task runs.
     S3(crate::s3::S3Target),
 }
 
@@ -257,10 +332,13 @@ pub struct DirArchive {
 }
 
 impl DirArchive {
+    /// Logs go under `dir`; it (and `_unmapped/`) is created on the first put.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         DirArchive { dir: dir.into() }
     }
 
+    /// `{dir}/{taskId}.log`, the name Druid's `FileTaskLogs` reads; an unmapped task's name has a
+    /// `/`, so its file lands in `{dir}/_unmapped/`.
     pub fn path_of(&self, task: &TaskId) -> PathBuf {
         self.dir.join(format!("{task}.log"))
     }

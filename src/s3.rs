@@ -45,7 +45,9 @@ pub const MAX_OBJECT: u64 = 5 << 40;
 pub struct PartNumber(u16);
 
 impl PartNumber {
+    /// The number of an upload's first part.
     pub const FIRST: PartNumber = PartNumber(1);
+    /// The highest number S3 accepts; the part sizes must let any log fit (see [`MAX_OBJECT`]).
     pub const MAX: PartNumber = PartNumber(10_000);
 
     /// `n` if S3 accepts it as a part number.
@@ -61,6 +63,7 @@ impl PartNumber {
         Self::new(u32::from(self.0) + 1)
     }
 
+    /// The number as S3 spells it in requests and responses.
     pub fn get(self) -> u16 {
         self.0
     }
@@ -208,6 +211,8 @@ impl Default for S3Config {
 }
 
 impl S3Config {
+    /// Object key of `task`'s log: `{prefix}/{taskId}/log`, where Druid's `S3TaskLogs` looks
+    /// (`log.gz` with `gzip`).
     pub fn key(&self, task: &TaskId) -> String {
         let name = if self.gzip { "log.gz" } else { "log" };
         format!("{}/{}/{name}", self.prefix, task)
@@ -378,6 +383,7 @@ impl S3Target {
         self
     }
 
+    /// The settings this target was made from.
     pub fn config(&self) -> &S3Config {
         &self.cfg
     }
@@ -387,6 +393,8 @@ impl S3Target {
         self.sizes
     }
 
+    /// Does one job and answers with its outcome: S3 errors become [`Outcome::Failed`] with the
+    /// parts already stored kept, and an upload S3 no longer knows is started over.
     pub async fn run(&self, job: Job) -> Outcome {
         let key = self.cfg.key(&job.task);
         let mut state = job.state.clone();
