@@ -25,16 +25,21 @@ use crate::task::TaskIdentity;
 
 /// Everything the ingest thread reacts to.
 pub enum Msg {
+    /// An inotify event, or a watcher error (events may be lost: the tree is rescanned).
     Fs(notify::Result<notify::Event>),
+    /// The archive worker's answer to a job.
     Archive(Outcome),
     /// The commit thread finished a commit job.
     Committed(CommitDone),
+    /// Stop reading, wait (up to the grace period) for archives in flight, seal, commit, and end
+    /// the thread.
     Shutdown,
 }
 
 /// What an embedding program (the demo, tests) may want to hear about.
 #[derive(Debug, Clone)]
 pub enum AgentEvent {
+    /// Each archive outcome, after ingest has recorded it (the demo waits for the `Done`s).
     Archive(Outcome),
 }
 
@@ -168,6 +173,7 @@ impl Agent {
         })
     }
 
+    /// The counters this agent updates: the `Arc` given to [`Agent::start`], for `/metrics`.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -191,24 +197,36 @@ impl Agent {
     }
 }
 
+/// Why [`Agent::start`] refused to start; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// Another running agent holds the state directory's lock.
     #[error(
         "state directory {} is in use by another agent (it holds {}): run one agent per state directory, or stop the other one first",
         dir.display(),
         dir.join(LOCK_FILE).display()
     )]
-    StateDirInUse { dir: PathBuf },
+    StateDirInUse {
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// The lock file could not be created, opened or locked (permissions, a read-only mount).
     #[error("state directory {}: cannot {op} {}: {source}", dir.display(), dir.join(LOCK_FILE).display())]
     StateDirLock {
+        /// The state directory.
         dir: PathBuf,
+        /// The failed step, as the message shows it ("open", "lock", ...).
         op: &'static str,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// inotify could not be set up (the `fs.inotify.max_user_instances` limit, usually).
     #[error("cannot initialise inotify: {0}")]
     Inotify(notify::Error),
+    /// The ingest or the commit thread could not be spawned.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// The state directory or the checkpoint cannot be used; nothing was changed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
 }

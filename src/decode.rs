@@ -17,7 +17,9 @@ pub const TRUNCATION_MARKER: &[u8] = b" [druid-log-agent: line truncated]";
 /// The two output streams a container writes. Index into per-stream line state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
+    /// `stdout` in the record; also where malformed records go.
     Stdout = 0,
+    /// `stderr` in the record.
     Stderr = 1,
 }
 
@@ -25,7 +27,9 @@ pub enum Stream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
+    /// containerd and CRI-O: `<time> <stdout|stderr> <P|F>[:tags] <message>` per line.
     Cri,
+    /// Docker's json-file driver: `{"log":"...","stream":"stdout","time":"..."}` per line.
     JsonFile,
 }
 
@@ -33,36 +37,50 @@ pub enum Format {
 /// offset, because an oversized record may be consumed in several reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDecodeState {
+    /// `None` until the first record is seen (`{` means json-file), then fixed for the file.
     pub format: Option<Format>,
     /// Inside a record longer than a read buffer: the rest of it, up to its newline, is message
     /// text for this stream. `ends_line` is whether the record closes the line (`F`, raw).
     pub continuing: Option<Continuation>,
 }
 
+/// The rest of an oversized record, still to come in the next read. Persisted in the
+/// checkpoint as part of [`FileDecodeState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Continuation {
+    /// The [`Stream`] the text belongs to, as its index (0 stdout, 1 stderr).
     pub stream: u8,
+    /// Whether the record closes its line at its newline: `F`, or a malformed record kept raw;
+    /// `false` for a `P` chunk, whose line goes on in the next record.
     pub ends_line: bool,
 }
 
 /// Length of the output line being built on one stream; spans records (P chunks) and files.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineState {
+    /// Bytes of the line written so far; at `line_max` the rest is dropped and counted.
     pub len: u64,
+    /// The line has got its [`TRUNCATION_MARKER`]: one per line, however much is dropped.
     pub truncated: bool,
 }
 
 /// Counters the decoder adds to; the caller folds them into the agent's metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeStats {
+    /// Input records consumed (one cut across reads counts once).
     pub records: u64,
+    /// Output lines completed (newlines written).
     pub lines: u64,
+    /// Records not in the file's format, kept raw as lines of their own.
     pub malformed: u64,
+    /// Lines cut at `line_max`.
     pub truncated_lines: u64,
+    /// Bytes dropped past `line_max`: what a reader of the log does not get.
     pub truncated_bytes: u64,
 }
 
 impl DecodeStats {
+    /// Adds `o` to these counters, for totals over many calls.
     pub fn add(&mut self, o: &DecodeStats) {
         self.records += o.records;
         self.lines += o.lines;

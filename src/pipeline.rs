@@ -54,14 +54,21 @@ const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a shutdown may spend reading what is left in open files before its last commit.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
+/// Why [`Ingest::open`] could not restore the last state. The agent does not start rather
+/// than lose or repeat logs; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The state or spool directory could not be created or listed.
     #[error("state directory {path}: {op}: {source}")]
     StateDir {
+        /// The directory.
         path: PathBuf,
+        /// The failed step, as the message shows it.
         op: &'static str,
+        /// The OS error.
         source: io::Error,
     },
+    /// The checkpoint could not be read.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     /// A spool the checkpoint names cannot be opened (EMFILE, EACCES, an I/O error): taking
@@ -71,14 +78,19 @@ pub enum PipelineError {
         "cannot open the spool of pod directory {pod_dir}: {source}; nothing was changed, start the agent again once the cause is gone (file descriptor limit, permissions, disk)"
     )]
     SpoolUnavailable {
+        /// The task's pod directory.
         pod_dir: String,
+        /// Why its spool could not be opened.
         source: crate::spool::SpoolError,
     },
 }
 
 /// Registers inotify watches; a trait so that tests can drive the engine without inotify.
 pub trait DirWatcher: Send {
+    /// Watches `dir` (not recursively); watching a watched directory again is a no-op. An error
+    /// (the watch limit, usually) makes the engine rescan the whole tree on every poll instead.
     fn watch(&mut self, dir: &Path) -> Result<(), String>;
+    /// Stops watching `dir`, whose pod was let go; failures are ignored.
     fn unwatch(&mut self, dir: &Path);
 }
 
@@ -220,6 +232,8 @@ struct Settings {
     upload_gzip: bool,
 }
 
+/// The ingest engine: every task's open files, spool writer, decoder state and checkpoint
+/// snapshot. Driven by one thread (see [`crate::agent`]); it never waits on the network.
 pub struct Ingest {
     s: Settings,
     decoder: Decoder,
@@ -288,6 +302,8 @@ pub struct CommitJob {
 pub struct CommitDone(Result<(), String>);
 
 impl CommitJob {
+    /// Syncs the spools, then replaces the checkpoint. Blocking (fsyncs), so the agent runs it
+    /// on a thread of its own; on failure the old checkpoint stays in place.
     pub fn run(self) -> CommitDone {
         for s in &self.spools {
             if let Err(e) = s.sync() {
@@ -658,6 +674,7 @@ impl Ingest {
         }
     }
 
+    /// The counters the engine updates, shared with `/metrics`.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -1456,6 +1473,8 @@ impl Ingest {
         }
     }
 
+    /// Jobs decided since the last call, for the caller to hand to the archive worker; the
+    /// worker's answer comes back through [`Ingest::archive_finished`].
     pub fn take_archive_jobs(&mut self) -> Vec<Job> {
         std::mem::take(&mut self.jobs)
     }
@@ -1543,6 +1562,8 @@ impl Ingest {
         self.commit(Instant::now())
     }
 
+    /// Whether reads or scans are waiting, so that the driver loops again at once rather than
+    /// waiting for an event or the poll interval.
     pub fn has_work_queued(&self) -> bool {
         !self.dirty_read.is_empty() || !self.dirty_pods.is_empty() || self.rescan_all
     }

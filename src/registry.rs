@@ -15,9 +15,15 @@ use crate::task::{PodDir, TaskId};
 /// One task as readers see it.
 #[derive(Debug, Clone)]
 pub struct TaskEntry {
+    /// The exact Druid task id: the registry's key, and what the HTTP path names.
     pub task_id: TaskId,
+    /// The pod directory it is read from; [`Registry::remove`] checks it, as a newer pod may
+    /// take the id over.
     pub pod: PodDir,
+    /// The log itself: readers read it directly, never through the ingest thread.
     pub spool: Arc<Spool>,
+    /// Where the lifecycle stands; a follow request ends once the task is no longer running
+    /// and everything is sent.
     pub phase: Phase,
     /// Where the last successful archive went.
     pub archived_to: Option<String>,
@@ -25,6 +31,8 @@ pub struct TaskEntry {
     pub archive_error: Option<String>,
     /// Multipart parts stored so far for the current archive, and the bytes they hold.
     pub uploaded_parts: usize,
+    /// Bytes those parts hold, of the uploaded stream: spool-file bytes with `gzip`, text
+    /// otherwise.
     pub uploaded_bytes: u64,
     /// Bytes in the task's open files not read yet (as of the last poll).
     pub lag_bytes: u64,
@@ -53,6 +61,7 @@ impl TaskEntry {
 /// holds back.
 #[derive(Debug, Clone)]
 pub struct PendingPod {
+    /// The pod directory held back.
     pub pod: PodDir,
     /// When the agent first saw the directory (ms since the epoch; the pending timeout counts
     /// from the directory's creation as the file system dates it).
@@ -67,6 +76,8 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The entry for the task id `id` of a request; `None` for unknown ids and for strings that
+    /// are no task id.
     pub fn get(&self, id: &str) -> Option<Arc<TaskEntry>> {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
         // Ids that could never be task ids are not even hashed against real ones.
@@ -74,6 +85,7 @@ impl Registry {
         map.get(&id).cloned()
     }
 
+    /// Every entry, sorted by task id, for `/tasks`.
     pub fn all(&self) -> Vec<Arc<TaskEntry>> {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<_> = map.values().cloned().collect();
@@ -94,6 +106,8 @@ impl Registry {
             .clone()
     }
 
+    /// Adds or replaces the entry of its task id. Ingest publishes a whole new entry on every
+    /// change, so readers never see one half updated.
     pub fn publish(&self, entry: TaskEntry) {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         map.insert(entry.task_id.clone(), Arc::new(entry));

@@ -46,6 +46,8 @@ impl LogName {
         ok.then(|| LogName::Rotated(n, ts.to_owned()))
     }
 
+    /// The container start `n` the file belongs to: all files of a start come before those of the
+    /// next one.
     pub fn restart(&self) -> u32 {
         match self {
             LogName::Rotated(n, _) | LogName::Live(n) => *n,
@@ -63,9 +65,13 @@ impl LogName {
 /// A log file seen in a container directory.
 #[derive(Debug, Clone)]
 pub struct Found {
+    /// The parsed name, which gives the file's place in the log.
     pub name: LogName,
+    /// Where it was listed; the next rotation may rename it before it is opened.
     pub path: PathBuf,
+    /// Device when listed; with `ino`, tells a new file from one already read or open.
     pub dev: u64,
+    /// Inode when listed; see `dev`. Only a hint: the fingerprint decides once opened.
     pub ino: u64,
 }
 

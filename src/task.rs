@@ -11,6 +11,7 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskId(String);
 
+/// A string refused as a task id; holds it for the message.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "task id {0:?} cannot be used as an archive name (empty, too long, or has '/', NUL or a leading '.')"
@@ -18,6 +19,8 @@ pub struct TaskId(String);
 pub struct BadTaskId(pub String);
 
 impl TaskId {
+    /// Checks that `id` is safe as a file or object name (not empty, at most 255 bytes, no `/`,
+    /// `\` or NUL, no leading `.`); whether Druid would issue it is not checked.
     pub fn new(id: impl Into<String>) -> Result<Self, BadTaskId> {
         let id = id.into();
         let bad = id.is_empty()
@@ -31,6 +34,7 @@ impl TaskId {
         }
     }
 
+    /// The id as Druid spells it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -53,9 +57,13 @@ impl fmt::Display for TaskId {
 /// contain `_`, so the split is exact.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodDir {
+    /// The whole directory name: the task's key in the engine, the checkpoint and spool names.
     pub name: String,
+    /// Kubernetes namespace of the pod.
     pub namespace: String,
+    /// Pod name; Druid derives it from the task id lossily, so it is no substitute for the id.
     pub pod: String,
+    /// Pod uid: tells apart pods of one name over time; the key of the Kubernetes pod cache.
     pub uid: String,
 }
 
@@ -97,6 +105,8 @@ pub enum Identity {
 
 /// The seam between the log pipeline and whatever knows which pod runs which task.
 pub trait TaskIdentity: Send {
+    /// What the pod directory is: a task, not known yet, or not a peon. Called for every
+    /// directory found and again while it is pending, so it must be cheap (no API request).
     fn identify(&mut self, pod: &PodDir) -> Identity;
 
     /// Whether the pod's log container will not run again (its files will not grow once read
