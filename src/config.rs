@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Every setting of the agent, as read from the TOML file. `deny_unknown_fields`: a misspelt
+/// key is an error, not a silently ignored one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -61,11 +63,16 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Where finished logs go: `type = "dir"` or `type = "s3"` under `[archive]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ArchiveConfig {
     /// Druid's `FileTaskLogs` layout: `{dir}/{taskId}.log`.
-    Dir { dir: PathBuf },
+    Dir {
+        /// The directory Druid's `druid.indexer.logs.directory` names, usually a shared
+        /// volume.
+        dir: PathBuf,
+    },
     /// Druid's `S3TaskLogs` layout: `s3://{bucket}/{prefix}/{taskId}/log`.
     S3(crate::s3::S3Config),
 }
@@ -81,10 +88,13 @@ impl ArchiveConfig {
     }
 }
 
+/// Format of the agent's own log, on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line, for a log collector.
     Json,
 }
 
@@ -121,23 +131,33 @@ impl Default for Config {
     }
 }
 
+/// Why a config file or setting was refused; names the file or the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("config file {path}: {source}")]
     Read {
+        /// The config file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// Not valid TOML, or a key or a value of the wrong type.
     #[error("config file {path}: {source}")]
     Parse {
+        /// The config file.
         path: PathBuf,
+        /// toml's error, with line and column; boxed because it is large.
         source: Box<toml::de::Error>,
     },
+    /// Parsed, but a value is out of range; the message names the setting and its range.
     #[error("config: {0}")]
     Invalid(String),
 }
 
 impl Config {
+    /// Parses `path`. Does not validate: call [`Config::validate`] once environment variables
+    /// and flags are applied on top.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

@@ -17,11 +17,14 @@ use crate::config::{ArchiveConfig, Config};
 use crate::loadgen::{LineGen, PeonWriter};
 use crate::task::{DirNameIdentity, TaskId};
 
+/// What `druid-log-agent demo` does: synthetic peons write a temporary log tree, the agent
+/// archives it to a directory, and every archive is compared with what the peon wrote.
 pub struct DemoOptions {
     /// Where to build the tree; a fresh temporary directory if `None`.
     pub dir: Option<PathBuf>,
     /// Leave the tree in place afterwards.
     pub keep: bool,
+    /// How many peon pods write at once.
     pub peons: usize,
     /// Log bytes each peon writes.
     pub bytes_per_peon: u64,

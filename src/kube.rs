@@ -44,6 +44,8 @@ pub struct KubeConfig {
 }
 
 impl KubeConfig {
+    /// Whether to run the pod watch: as configured, or, when unset, whether the agent runs in a
+    /// pod (`KUBERNETES_SERVICE_HOST` is set).
     pub fn is_enabled(&self) -> bool {
         self.enabled
             .unwrap_or_else(|| std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
@@ -298,6 +300,10 @@ pub struct KubeIdentity {
 }
 
 impl KubeIdentity {
+    /// Answers from `cache`, which the pod watch fills; asks no API itself. `log_root` is where
+    /// pending pod directories are dated (the pending timeout counts from their creation) and,
+    /// once it is up, looked for: still there means "not a peon", gone usually means "archive
+    /// under `_unmapped/`".
     pub fn new(
         cache: Arc<PodCache>,
         cfg: &KubeConfig,

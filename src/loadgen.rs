@@ -16,10 +16,12 @@ pub const CRI_SPLIT: usize = 16 * 1024;
 pub struct Rng(u64);
 
 impl Rng {
+    /// The same seed gives the same sequence; any seed is fine (0 included).
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// The next 64 pseudo-random bits; not for anything that must be unpredictable.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -72,6 +74,7 @@ pub struct LineGen {
 }
 
 impl LineGen {
+    /// The same seed gives the same lines, so a run (and a failure) can be repeated.
     pub fn new(seed: u64) -> LineGen {
         LineGen {
             rng: Rng::new(seed),
@@ -197,6 +200,7 @@ impl PeonWriter {
         })
     }
 
+    /// The file the runtime writes now, `<restart>.log`; it changes at each simulated restart.
     pub fn live_path(&self) -> PathBuf {
         self.dir.join(format!("{}.log", self.restart))
     }
@@ -271,6 +275,8 @@ impl PeonWriter {
         Ok(())
     }
 
+    /// A no-op today: nothing is buffered, each line's records go out in one `write_all` on
+    /// the unbuffered file. Kept so callers need not know that.
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }

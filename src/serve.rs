@@ -49,6 +49,7 @@ const BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
+/// Settings of the HTTP endpoint, taken from [`crate::config::Config`].
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// A bearer token every request but the health probes must present.
@@ -103,6 +104,8 @@ impl Histogram {
 }
 
 impl Http {
+    /// The handlers' shared state: the registry and metrics are the agent's own, read without
+    /// ever waiting on ingest.
     pub fn new(registry: Registry, metrics: Arc<Metrics>, opts: ServeOptions) -> Arc<Http> {
         Arc::new(Http {
             registry,
@@ -115,6 +118,9 @@ impl Http {
     }
 }
 
+/// The routes: Druid's task log path (`/druid/indexer/v1/task/{task_id}/log`, what the overlord
+/// asks for), `/tasks`, the probes and `/metrics`, behind the token check. Connection limits
+/// are [`serve`]'s.
 pub fn router(http: Arc<Http>) -> Router {
     Router::new()
         .route("/druid/indexer/v1/task/{task_id}/log", get(task_log))
