@@ -1,6 +1,7 @@
-#![warn(missing_docs)]
 //! druid-log-agent: ships Druid peon pod logs from a node's log files to where Druid reads task
 //! logs, through a crash-safe compressed spool. See docs/ARCHITECTURE.md for the map.
+
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod archive;
