@@ -79,7 +79,7 @@ pub enum ArchiveConfig {
 
 impl ArchiveConfig {
     /// The part sizes of targets that store logs in parts while tasks run: ingest asks for
-    /// parts once [`PartSizes::next_part_end`] committed bytes exist.
+    /// parts once [`crate::s3::PartSizes::next_part_end`] committed bytes exist.
     pub fn part_sizes(&self) -> Option<crate::s3::PartSizes> {
         match self {
             ArchiveConfig::Dir { .. } => None,

@@ -14,7 +14,7 @@ pub struct TaskId(String);
 /// A string refused as a task id; holds it for the message.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "task id {0:?} cannot be used as an archive name (empty, too long, or has '/', NUL or a leading '.')"
+    "task id {0:?} cannot be used as an archive name (empty, over 255 bytes, or has '/', '\\', NUL or a leading '.')"
 )]
 pub struct BadTaskId(pub String);
 
