@@ -292,7 +292,9 @@ const WATCH_LAG: Duration = Duration::from_secs(5);
 pub struct KubeIdentity {
     cache: Arc<PodCache>,
     pending_timeout: Duration,
-    first_seen: HashMap<String, Option<Instant>>,
+    /// Per pending pod: its directory's creation (`None` if it was gone when first looked
+    /// at) and when it was first looked at.
+    first_seen: HashMap<String, (Option<Instant>, Instant)>,
     /// Pods already warned about as pending past the timeout, so the log says it once.
     warned_pending: HashSet<String>,
     metrics: Arc<Metrics>,
@@ -343,12 +345,12 @@ impl TaskIdentity for KubeIdentity {
         let dir = self.log_root.join(&pod.name);
         // Unknown when the directory is gone before it was first looked at (after an agent
         // restart): then nothing may be concluded from the watch having run since "birth".
-        let born_at = *self
+        let now = Instant::now();
+        let (born_at, first_looked) = *self
             .first_seen
             .entry(pod.uid.clone())
-            .or_insert_with(|| created(&dir));
-        let now = Instant::now();
-        let born = born_at.unwrap_or(now);
+            .or_insert_with(|| (created(&dir), now));
+        let born = born_at.unwrap_or(first_looked);
         let Some(current) = self.cache.current_since() else {
             // Without a current pod list nothing can be concluded, however long that takes:
             // the pod may be a peon that started while the API was unreachable.

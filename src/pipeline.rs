@@ -407,6 +407,17 @@ impl Ingest {
             return Ok(());
         };
         let path = self.spool_path(&pod.name);
+        if matches!(ts.phase, Phase::Archived { .. })
+            && !path.exists()
+            && !self.s.log_root.join(&pod.name).exists()
+        {
+            // Its retention ended and its spool was removed after the last checkpoint that
+            // names it (a failed final commit on a full disk, a crash): archived whole, pod
+            // gone, nothing left to keep.
+            debug!(pod_dir = %pod.name, "archived task whose spool was already removed; forgotten");
+            self.checkpoint_dirty = true;
+            return Ok(());
+        }
         let bad = match SpoolWriter::open(&path, ts.spool_file_len) {
             Ok(w) if w.spool().len() == ts.log_len => Ok(w),
             Ok(w) => Err(format!(

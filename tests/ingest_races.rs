@@ -440,3 +440,39 @@ fn spool_that_cannot_be_opened_stops_the_start_and_loses_nothing() {
         .count();
     assert_eq!(aside, 0);
 }
+
+/// The spool of an archived task whose pod is gone was removed (its retention ended) after the
+/// last checkpoint that names it: the next start forgets the task quietly, it does not take
+/// the missing spool for a damaged one.
+#[test]
+fn spool_removed_by_retention_before_the_last_commit_is_not_damage() {
+    let _turn = serial();
+    let mut w = World::new();
+    w.files.append("0.log", 20);
+    w.set_finished(true);
+    w.archived();
+    w.round(); // the archive's success is committed
+    fs::remove_dir_all(&w.pod_dir).unwrap();
+    let spool = fs::read_dir(w.cfg.state_dir.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "gz"))
+        .unwrap();
+    fs::remove_file(&spool).unwrap();
+    w.ingest = open(&w.cfg, &w.identity);
+    w.round();
+    let errors = w
+        .ingest
+        .metrics()
+        .spool_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        errors, 0,
+        "a spool removed by retention was taken for damage"
+    );
+    let left: Vec<_> = fs::read_dir(w.cfg.state_dir.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

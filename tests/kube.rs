@@ -689,3 +689,37 @@ fn deleted_pods_leave_the_cache_after_their_retention() {
     until(0);
     assert!(agent.terminate().success());
 }
+
+/// A directory still pending when the agent stops (its pod came and went during an API
+/// outage), and gone when the next agent starts: once the pod list is current again it is
+/// decided, not held forever. Its files were never read, so what is archived, under the
+/// fallback name, is Druid's placeholder.
+#[test]
+fn pending_directory_gone_across_a_restart_is_decided() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let args = ["--pending-timeout-secs", "1"];
+    let agent = start(&node, &api, &args);
+    wait_ready(&agent);
+    api.set_outage(Some(Outage::Refused));
+    let dir = dir_name("druid", "peon-gone", "uid-gone");
+    let mut log = log_of(&node, "druid", "peon-gone", "uid-gone", "main");
+    write(&mut log, 1, 10 << 10);
+    agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
+        pending_past_timeout(line, &dir)
+    });
+    // The agent stops with the directory pending; the pod is deleted and the kubelet removes
+    // its logs meanwhile.
+    assert!(agent.terminate().success());
+    fs::remove_dir_all(node.pods.join(&dir)).unwrap();
+    api.set_outage(None);
+    let agent = start(&node, &api, &args);
+    let unmapped = node.archive.join("_unmapped").join(format!("{dir}.log"));
+    let got = wait_for_archive(&unmapped, 1, LONG);
+    assert!(
+        String::from_utf8_lossy(&got).contains("did not report any logs"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(agent.terminate().success());
+}
