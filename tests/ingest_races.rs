@@ -173,6 +173,29 @@ impl World {
         *self.identity.finished.lock().unwrap() = finished;
     }
 
+    /// The task's spool file.
+    fn spool_file(&self) -> PathBuf {
+        fs::read_dir(self.cfg.state_dir.join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "gz"))
+            .unwrap()
+    }
+
+    /// How many spools were set aside as damaged.
+    fn set_aside_count(&self) -> usize {
+        fs::read_dir(self.cfg.state_dir.join("spool"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".corrupt-")
+            })
+            .count()
+    }
+
     fn expected(&self) -> Vec<u8> {
         self.files.expected.lock().unwrap().clone()
     }
@@ -355,11 +378,7 @@ fn archived_task_with_a_damaged_spool_is_not_archived_again() {
     assert_same(&complete, &w.expected());
     w.round(); // the archive's success is committed
     fs::remove_file(&rotated).unwrap();
-    let spool = fs::read_dir(w.cfg.state_dir.join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "gz"))
-        .unwrap();
+    let spool = w.spool_file();
     let len = fs::metadata(&spool).unwrap().len();
     fs::OpenOptions::new()
         .write(true)
@@ -373,17 +392,7 @@ fn archived_task_with_a_damaged_spool_is_not_archived_again() {
     }
     let archive = w.archive.path_of(&TaskId::new(TASK).unwrap());
     assert_same(&fs::read(archive).unwrap(), &complete);
-    let aside = fs::read_dir(w.cfg.state_dir.join("spool"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_str()
-                .unwrap()
-                .contains(".corrupt-")
-        })
-        .count();
+    let aside = w.set_aside_count();
     assert_eq!(aside, 1, "the damaged spool is kept aside for a look");
 }
 
@@ -427,17 +436,7 @@ fn spool_that_cannot_be_opened_stops_the_start_and_loses_nothing() {
         w.round();
     }
     assert_same(&fs::read(archive).unwrap(), &w.expected());
-    let aside = fs::read_dir(w.cfg.state_dir.join("spool"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_str()
-                .unwrap()
-                .contains(".corrupt-")
-        })
-        .count();
+    let aside = w.set_aside_count();
     assert_eq!(aside, 0);
 }
 
@@ -453,11 +452,7 @@ fn spool_removed_by_retention_before_the_last_commit_is_not_damage() {
     w.archived();
     w.round(); // the archive's success is committed
     fs::remove_dir_all(&w.pod_dir).unwrap();
-    let spool = fs::read_dir(w.cfg.state_dir.join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "gz"))
-        .unwrap();
+    let spool = w.spool_file();
     fs::remove_file(&spool).unwrap();
     w.ingest = open(&w.cfg, &w.identity);
     w.round();
