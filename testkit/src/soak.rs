@@ -974,9 +974,20 @@ fn ledger_row(t: &Task, got: Option<&[u8]>, exposed: bool) -> (Value, bool) {
     let got_b = got.unwrap_or_default();
     let exact = got.is_some() && got_b == want.as_slice();
     // Druid's placeholder stands for the empty log (an object is never empty): for an exposed
-    // task whose files went before the agent read a byte, it is the empty prefix.
-    let empty = druid_log_agent::task::TaskId::new(t.id.as_str())
-        .is_ok_and(|id| got_b == druid_log_agent::archive::placeholder(&id).as_bytes());
+    // task whose files went before the agent read a byte, it is the empty prefix. It names the
+    // task id, or the fallback name of a task whose id could not be learned.
+    use druid_log_agent::archive::placeholder;
+    use druid_log_agent::task::{PodDir, TaskId};
+    let unmapped = t
+        .dir
+        .file_name()
+        .and_then(|n| PodDir::parse(&n.to_string_lossy()))
+        .map(|pod| TaskId::unmapped(&pod));
+    let empty = TaskId::new(t.id.as_str())
+        .ok()
+        .into_iter()
+        .chain(unmapped)
+        .any(|id| got_b == placeholder(&id).as_bytes());
     let prefix = empty || want.starts_with(got_b);
     let (mut dups, mut missing, mut unparsable) = (0u64, Vec::new(), 0u64);
     if !exact {
