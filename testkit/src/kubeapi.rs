@@ -320,6 +320,11 @@ preferences: {{}}
         self.set_outage(down.then_some(Outage::Reset));
     }
 
+    /// The outage in progress, if any.
+    pub fn outage(&self) -> Option<Outage> {
+        lock(&self.shared.store).outage
+    }
+
     /// Starts an outage of the given form (every open connection, watches included, is cut), or
     /// ends it with `None`. Returns once the server behaves so: with [`Outage::Refused`] the
     /// port is closed, after it the port is bound again.

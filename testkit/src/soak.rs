@@ -224,6 +224,10 @@ struct Task {
     /// The pod was deleted before any client was sent it (it lived within an API outage):
     /// its task id cannot be learned, the log goes under `_unmapped/`.
     unmappable: bool,
+    /// The pod was deleted while the API was down: an agent restarted since its creation was
+    /// sent (to the agent before) lists the API only after the deletion, so it cannot learn
+    /// the task id either; the log may be under its id or under `_unmapped/`.
+    deleted_in_outage: bool,
     lines: LineGen,
     seq: u64,
     restart: u32,
@@ -271,11 +275,15 @@ impl Task {
         self.created_rv.is_some() && self.phase != Phase::Removed
     }
 
-    /// The id its archive is under.
-    fn archive_id(&self) -> String {
-        if self.unmappable {
-            let dir = self.dir.file_name().unwrap_or_default().to_string_lossy();
-            format!("_unmapped/{dir}")
+    /// The id its archive is under, among the `archived` ones.
+    fn archive_id(&self, archived: &HashMap<String, i64>) -> String {
+        let dir = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let unmapped = format!("_unmapped/{dir}");
+        let either = self.deleted_in_outage
+            && !archived.contains_key(&self.id)
+            && archived.contains_key(&unmapped);
+        if self.unmappable || either {
+            unmapped
         } else {
             self.id.clone()
         }
@@ -465,6 +473,7 @@ fn new_task(n: u64, rng: &mut Rng, args: &Args, logs: &Path, now: Instant) -> io
         last_op_at: now,
         created_rv: None,
         unmappable: false,
+        deleted_in_outage: false,
         lines,
         seq: 0,
         restart: 0,
@@ -512,6 +521,7 @@ fn apply_due_ops(
             }
             PodOp::Delete => {
                 t.unmappable = t.created_rv.is_none_or(|created| api.delivered() < created);
+                t.deleted_in_outage = api.outage().is_some();
                 api.delete(&t.uid);
                 fs::remove_dir_all(&t.dir)?;
                 t.phase = Phase::Removed;
@@ -1083,7 +1093,8 @@ fn verify_round(
         while i < tasks.len() {
             let t = &tasks[i];
             let ended = matches!(t.phase, Phase::Ended | Phase::Removed);
-            let complete = archived.get(&t.archive_id()).copied() == Some(t.expected.len() as i64);
+            let complete =
+                archived.get(&t.archive_id(&archived)).copied() == Some(t.expected.len() as i64);
             // Judged once the API has been told everything (a status applied after the pod's
             // deletion below would create it again).
             if ended && (last || (complete && t.ops.is_empty())) {
@@ -1099,7 +1110,7 @@ fn verify_round(
     }
     let mut unfinished = Vec::new();
     for t in checking {
-        let id = t.archive_id();
+        let id = t.archive_id(&archived);
         let got = if archived.contains_key(&id) {
             rt.block_on(fetch(s3, &id))
         } else {
