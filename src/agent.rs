@@ -49,13 +49,11 @@ struct NotifyWatcher {
 }
 
 impl DirWatcher for NotifyWatcher {
-    fn watch(&mut self, dir: &Path) -> Result<(), String> {
+    fn watch(&mut self, dir: &Path) -> Result<(), notify::Error> {
         if self.watched.contains(dir) {
             return Ok(());
         }
-        self.inner
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|e| e.to_string())?;
+        self.inner.watch(dir, notify::RecursiveMode::NonRecursive)?;
         self.watched.insert(dir.to_owned());
         Ok(())
     }

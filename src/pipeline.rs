@@ -89,7 +89,7 @@ pub enum PipelineError {
 pub trait DirWatcher: Send {
     /// Watches `dir` (not recursively); watching a watched directory again is a no-op. An error
     /// (the watch limit, usually) makes the engine rescan the whole tree on every poll instead.
-    fn watch(&mut self, dir: &Path) -> Result<(), String>;
+    fn watch(&mut self, dir: &Path) -> Result<(), notify::Error>;
     /// Stops watching `dir`, whose pod was let go; failures are ignored.
     fn unwatch(&mut self, dir: &Path);
 }
@@ -98,7 +98,7 @@ pub trait DirWatcher: Send {
 pub struct NoWatch;
 
 impl DirWatcher for NoWatch {
-    fn watch(&mut self, _dir: &Path) -> Result<(), String> {
+    fn watch(&mut self, _dir: &Path) -> Result<(), notify::Error> {
         Ok(())
     }
     fn unwatch(&mut self, _dir: &Path) {}
@@ -299,28 +299,47 @@ pub struct CommitJob {
 }
 
 /// The result of a [`CommitJob`], for [`Ingest::finish_commit`].
-pub struct CommitDone(Result<(), String>);
+pub struct CommitDone(Result<(), CommitError>);
+
+/// Why a commit failed; in every case the previous checkpoint is still in place and the
+/// commit is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A spool's new blocks could not be made durable, so no checkpoint may name them.
+    #[error("cannot sync spool ({0}); checkpoint not written")]
+    SpoolSync(#[source] crate::spool::SpoolError),
+    /// A new spool's name could not be made durable, so no checkpoint may name it.
+    #[error("cannot sync spool directory {dir}: {source}; checkpoint not written")]
+    SpoolDirSync {
+        /// The spool directory.
+        dir: PathBuf,
+        /// What fsync said.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing or replacing the checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+}
 
 impl CommitJob {
     /// Syncs the spools, then replaces the checkpoint. Blocking (fsyncs), so the agent runs it
     /// on a thread of its own; on failure the old checkpoint stays in place.
     pub fn run(self) -> CommitDone {
+        CommitDone(self.sync_and_write())
+    }
+
+    fn sync_and_write(&self) -> Result<(), CommitError> {
         for s in &self.spools {
-            if let Err(e) = s.sync() {
-                return CommitDone(Err(format!(
-                    "cannot sync spool ({e}); checkpoint not written"
-                )));
-            }
+            s.sync().map_err(CommitError::SpoolSync)?;
         }
-        if let Some(dir) = &self.spool_dir
-            && let Err(e) = crate::durable::sync_dir(dir)
-        {
-            return CommitDone(Err(format!(
-                "cannot sync spool directory {} ({e}); checkpoint not written",
-                dir.display()
-            )));
+        if let Some(dir) = &self.spool_dir {
+            crate::durable::sync_dir(dir).map_err(|source| CommitError::SpoolDirSync {
+                dir: dir.clone(),
+                source,
+            })?;
         }
-        CommitDone(checkpoint::commit(&self.state_dir, &self.state).map_err(|e| e.to_string()))
+        Ok(checkpoint::commit(&self.state_dir, &self.state)?)
     }
 }
 
@@ -786,10 +805,10 @@ impl Ingest {
         }
     }
 
-    fn watch_failed(&mut self, dir: &Path, err: &str) {
+    fn watch_failed(&mut self, dir: &Path, err: &notify::Error) {
         self.metrics.watch_errors.fetch_add(1, Relaxed);
         if !self.degraded {
-            warn!(dir = %dir.display(), error = err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
+            warn!(dir = %dir.display(), error = %err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
         }
         self.degraded = true;
     }

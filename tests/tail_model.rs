@@ -324,8 +324,8 @@ fn rotation_then_crash_before_any_commit() {
 fn watch_errors_fall_back_to_polling_rescans() {
     struct Exhausted;
     impl druid_log_agent::pipeline::DirWatcher for Exhausted {
-        fn watch(&mut self, _: &std::path::Path) -> Result<(), String> {
-            Err("inotify watch limit reached".into())
+        fn watch(&mut self, _: &std::path::Path) -> Result<(), notify::Error> {
+            Err(notify::Error::generic("inotify watch limit reached"))
         }
         fn unwatch(&mut self, _: &std::path::Path) {}
     }
