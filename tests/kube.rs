@@ -9,7 +9,7 @@ use std::fs;
 use std::time::Duration;
 
 use common::{
-    AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, s3_args, s3_env,
+    AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, metric, s3_args, s3_env,
     task_entry, wait_for_archive, wait_for_bytes, wait_for_object,
 };
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
@@ -266,12 +266,7 @@ fn non_peons_unmapped_peons_and_sidecars() {
     let tasks = String::from_utf8(http_get(&addr, "/tasks", &[]).body).unwrap();
     assert!(!tasks.contains("fluentd"), "{tasks}");
     let metrics = String::from_utf8(http_get(&addr, "/metrics", &[]).body).unwrap();
-    let read: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("druid_log_agent_read_bytes_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let read = metric(&addr, "druid_log_agent_read_bytes_total").unwrap();
     let peon_bytes: u64 = [&u, &s]
         .iter()
         .map(|w| fs::metadata(w.live_path()).unwrap().len())
@@ -369,14 +364,7 @@ fn api_outage_loses_and_doubles_nothing() {
     );
 
     // Exactly two archives: F once (not again when the relist found it gone) and G once.
-    let archives = || -> u64 {
-        let metrics = String::from_utf8(http_get(&addr, "/metrics", &[]).body).unwrap();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("druid_log_agent_archives_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
+    let archives = || metric(&addr, "druid_log_agent_archives_total").unwrap();
     let deadline = std::time::Instant::now() + LONG;
     while archives() < 2 {
         assert!(std::time::Instant::now() < deadline);
@@ -650,14 +638,6 @@ fn let_go_directory_is_taken_back_when_its_pod_turns_up_as_a_peon() {
         &log.expected,
     );
     assert!(agent.terminate().success());
-}
-
-/// The value of an unlabelled metric in a `/metrics` answer.
-fn metric(addr: &str, name: &str) -> Option<u64> {
-    let metrics = String::from_utf8(http_get(addr, "/metrics", &[]).body).unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A deleted pod is forgotten by the watch's cache once `deleted_retention_secs` has passed,

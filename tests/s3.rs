@@ -402,13 +402,8 @@ fn kill9_during_multipart_resumes_the_upload() {
         after[0] > 1,
         "the upload restarted from part 1 instead of resuming"
     );
-    let metrics = String::from_utf8(common::http_get(&addr, "/metrics", &[]).body).unwrap();
-    let stored: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("druid_log_agent_upload_parts_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(stored >= 1, "{metrics}");
+    let stored = common::metric(&addr, "druid_log_agent_upload_parts_total").unwrap();
+    assert!(stored >= 1, "{stored} parts stored");
     assert!(agent.terminate().success());
 }
 

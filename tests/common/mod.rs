@@ -231,6 +231,14 @@ impl Reply {
     }
 }
 
+/// The value of an unlabelled metric in the agent's `/metrics` answer.
+pub fn metric(addr: &str, name: &str) -> Option<u64> {
+    let metrics = String::from_utf8(http_get(addr, "/metrics", &[]).body).unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// One HTTP/1.1 GET with `Connection: close`; `extra` are raw header lines.
 pub fn http_get(addr: &str, target: &str, extra: &[&str]) -> Reply {
     use std::io::{Read, Write};
