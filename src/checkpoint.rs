@@ -60,7 +60,7 @@ pub struct State {
     /// Wall-clock time of the commit, milliseconds since the Unix epoch.
     pub committed_at_ms: u64,
     /// One entry per task the agent still tracks, each a snapshot taken right after a seal (see
-    /// [`crate::pipeline`]), so its spool length and source offsets describe the same bytes.
+    /// [`crate::ingest`]), so its spool length and source offsets describe the same bytes.
     pub tasks: Vec<TaskState>,
 }
 

@@ -74,16 +74,16 @@ pub enum ArchiveConfig {
         dir: PathBuf,
     },
     /// Druid's `S3TaskLogs` layout: `s3://{bucket}/{prefix}/{taskId}/log`.
-    S3(crate::s3::S3Config),
+    S3(crate::archive::s3::S3Config),
 }
 
 impl ArchiveConfig {
     /// The part sizes of targets that store logs in parts while tasks run: ingest asks for
-    /// parts once [`crate::s3::PartSizes::next_part_end`] committed bytes exist.
-    pub fn part_sizes(&self) -> Option<crate::s3::PartSizes> {
+    /// parts once [`crate::archive::s3::PartSizes::next_part_end`] committed bytes exist.
+    pub fn part_sizes(&self) -> Option<crate::archive::s3::PartSizes> {
         match self {
             ArchiveConfig::Dir { .. } => None,
-            ArchiveConfig::S3(s) => Some(crate::s3::PartSizes::new(s.part_bytes)),
+            ArchiveConfig::S3(s) => Some(crate::archive::s3::PartSizes::new(s.part_bytes)),
         }
     }
 }

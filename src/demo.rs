@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::agent::{Agent, AgentEvent};
+use crate::app::{Agent, AgentEvent};
 use crate::archive::{DirArchive, Outcome, Target};
 use crate::config::{ArchiveConfig, Config};
 use crate::loadgen::{LineGen, PeonWriter};

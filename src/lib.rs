@@ -3,19 +3,18 @@
 
 #![warn(missing_docs)]
 
-pub mod agent;
+pub mod app;
 pub mod archive;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod durable;
+pub mod ingest;
 pub mod kube;
 pub mod loadgen;
 pub mod metrics;
-pub mod pipeline;
 pub mod registry;
-pub mod s3;
 pub mod serve;
 pub mod spool;
 pub mod tail;

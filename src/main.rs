@@ -5,14 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use druid_log_agent::agent::Agent;
-use druid_log_agent::archive::{DirArchive, Target};
+use druid_log_agent::archive::s3::S3Config;
 use druid_log_agent::config::{ArchiveConfig, Config, LogFormat};
-use druid_log_agent::kube;
-use druid_log_agent::metrics::Metrics;
-use druid_log_agent::s3::{S3Config, S3Target};
-use druid_log_agent::task::{DirNameIdentity, TaskIdentity};
-use druid_log_agent::{demo, serve};
+use druid_log_agent::{app, demo};
 
 #[derive(Parser)]
 #[command(
@@ -308,66 +303,6 @@ impl RunArgs {
     }
 }
 
-/// Everything `run` checks before it touches the state directory, and what those checks
-/// produced. `check-config` goes through the same function, so it refuses exactly what the
-/// daemon refuses.
-struct Startup {
-    cfg: Config,
-    token: Option<String>,
-    /// `listen`, resolved once so the check and the bind agree.
-    listen: Vec<std::net::SocketAddr>,
-    /// The pod watch's client and this node's name, when the watch is on.
-    kube: Option<(::kube::Client, String)>,
-}
-
-/// Builds the settings and checks them against the environment. Must run on the runtime that
-/// will run the pod watch: the Kubernetes client starts a task on it.
-async fn startup(args: &RunArgs) -> anyhow::Result<Startup> {
-    let cfg = args.config()?;
-    let listen: Vec<_> = tokio::net::lookup_host(cfg.listen.as_str())
-        .await
-        .map(Iterator::collect)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "listen {:?} is not an address to listen on, such as 0.0.0.0:8095 or [::]:8095: {e}",
-                cfg.listen
-            )
-        })?;
-    anyhow::ensure!(
-        !listen.is_empty(),
-        "listen {:?} resolves to no address",
-        cfg.listen
-    );
-    let token = match &cfg.auth_token_file {
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
-            let t = t.trim().to_owned();
-            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
-            Some(t)
-        }
-        None => None,
-    };
-    let kube = if cfg.kubernetes.is_enabled() {
-        let node = cfg
-            .node_name
-            .clone()
-            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
-        let client = kube::client()
-            .await
-            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        Some((client, node))
-    } else {
-        None
-    };
-    Ok(Startup {
-        cfg,
-        token,
-        listen,
-        kube,
-    })
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -433,7 +368,7 @@ fn check_config(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let cfg = rt.block_on(startup(args))?.cfg;
+    let cfg = rt.block_on(app::startup(args.config()?))?.cfg;
     // The config holds no secrets itself (credentials come from the AWS chain, the token from
     // a file), so the effective settings print as they are.
     print!(
@@ -448,86 +383,7 @@ fn check_config(args: &RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
-    // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
-    // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(4)
-        .enable_all()
-        .build()?;
-    // Before anything else: a SIGTERM that came while the agent started (or right after it
-    // announced its address) would otherwise kill it by the default action, not stop it.
-    let mut signals = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _rt = rt.enter();
-        (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
-    };
-    let Startup {
-        cfg,
-        token,
-        listen,
-        kube: kube_client,
-    } = rt.block_on(startup(&args))?;
-    init_logging(cfg.log_format);
-    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
-    let target = match &cfg.archive {
-        ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
-        ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
-    };
-    let metrics = std::sync::Arc::new(Metrics::default());
-    let (identity, pod_cache): (Box<dyn TaskIdentity>, _) =
-        if let Some((client, node)) = kube_client {
-            let cache = std::sync::Arc::new(kube::PodCache::default());
-            rt.spawn(kube::watch_pods(
-                client,
-                cfg.kubernetes.clone(),
-                node,
-                cfg.container.clone(),
-                cache.clone(),
-            ));
-            let identity = kube::KubeIdentity::new(
-                cache.clone(),
-                &cfg.kubernetes,
-                cfg.log_root.clone(),
-                metrics.clone(),
-            );
-            (Box::new(identity), Some(cache))
-        } else {
-            (Box::new(DirNameIdentity), None)
-        };
-    let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
-        .context("cannot start the agent")?;
-    let http = serve::Http::new(
-        agent.registry().clone(),
-        agent.metrics().clone(),
-        serve::ServeOptions {
-            token,
-            follow_max: std::time::Duration::from_secs(cfg.follow_max_secs),
-            max_connections: cfg.http_max_connections,
-            state_dir: cfg.state_dir.clone(),
-            pod_cache,
-        },
-    );
-    rt.block_on(async {
-        let (listener, addr) = serve::bind(&listen[..])
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-        tracing::info!(%addr, "listening");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve::serve(listener, http, stop_rx));
-        let (term, int) = &mut signals;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-        let _ = stop_tx.send(true);
-        let _ = server.await;
-        anyhow::Ok(())
-    })?;
-    agent.shutdown();
+    let cfg = args.config()?;
+    app::run(cfg, init_logging)?;
     Ok(ExitCode::SUCCESS)
 }

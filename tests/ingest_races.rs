@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use druid_log_agent::archive::{DirArchive, JobKind, Outcome};
 use druid_log_agent::config::{ArchiveConfig, Config};
+use druid_log_agent::ingest::{Ingest, NoWatch};
 use druid_log_agent::loadgen::encode_cri;
 use druid_log_agent::metrics::Metrics;
-use druid_log_agent::pipeline::{Ingest, NoWatch};
 use druid_log_agent::task::{Identity, PodDir, TaskId, TaskIdentity};
 
 const TASK: &str = "index-parallel-race";

@@ -169,7 +169,7 @@ fn read_file(dec: &Decoder, file: &[u8], buf: usize, mut sched: Option<&mut Rng>
             continue;
         }
         // Drained: close the file, as `read_step` does: a pending line ends here, and counts
-        // as a line (it did not before this target found it; tests/fuzz_regressions.rs).
+        // as a line (it did not before this target found it; tests/it/fuzz_regressions.rs).
         if let Some(c) = fstate.continuing.take()
             && c.ends_line
         {

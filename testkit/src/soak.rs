@@ -1,7 +1,7 @@
 //! Soak of the real agent binary under load and faults, ending in a per-task ledger.
 //!
 //! The `soak` tool (tools/, `cargo run --release -p druid-log-agent-tools --bin soak -- --help`)
-//! and the short soak test (tests/soak.rs) both call [`run`]. On a temporary node it runs many
+//! and the short soak test (tests/it/soak.rs) both call [`run`]. On a temporary node it runs many
 //! peon log writers with kubelet-style rotation (remove excess, gzip, rename, late writes),
 //! starts and ends tasks continuously through a fake Kubernetes API (pods with `task.id`, their status as a kubelet
 //! reports it: `PodModel`), and archives through a fault proxy to a moto S3 server, while it

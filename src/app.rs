@@ -16,12 +16,17 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use tracing::{error, info, warn};
 
+use crate::archive::DirArchive;
+use crate::archive::s3::S3Target;
 use crate::archive::{self, Job, Outcome, Target};
 use crate::config::Config;
+use crate::config::{ArchiveConfig, LogFormat};
+use crate::ingest::{CommitDone, CommitJob, DirWatcher, Ingest, PipelineError};
 use crate::metrics::Metrics;
-use crate::pipeline::{CommitDone, CommitJob, DirWatcher, Ingest, PipelineError};
 use crate::registry::Registry;
-use crate::task::TaskIdentity;
+use crate::task::{DirNameIdentity, TaskIdentity};
+use crate::{kube, serve};
+use anyhow::Context;
 
 /// Everything the ingest thread reacts to.
 pub enum Msg {
@@ -392,4 +397,152 @@ fn run_loop(
     if !ingest.shutdown() {
         error!("final checkpoint failed; the next agent re-reads from the previous one");
     }
+}
+
+/// Everything `run` checks before it touches the state directory, and what those checks
+/// produced. `check-config` goes through the same function, so it refuses exactly what the
+/// daemon refuses.
+pub struct Startup {
+    /// The settings, checked.
+    pub cfg: Config,
+    /// The bearer token the HTTP endpoint requires, read from `auth_token_file`.
+    pub token: Option<String>,
+    /// `listen`, resolved once so the check and the bind agree.
+    pub listen: Vec<std::net::SocketAddr>,
+    /// The pod watch's client and this node's name, when the watch is on.
+    pub kube: Option<(::kube::Client, String)>,
+}
+
+/// Builds the settings and checks them against the environment. Must run on the runtime that
+/// will run the pod watch: the Kubernetes client starts a task on it.
+pub async fn startup(cfg: Config) -> anyhow::Result<Startup> {
+    let listen: Vec<_> = tokio::net::lookup_host(cfg.listen.as_str())
+        .await
+        .map(Iterator::collect)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "listen {:?} is not an address to listen on, such as 0.0.0.0:8095 or [::]:8095: {e}",
+                cfg.listen
+            )
+        })?;
+    anyhow::ensure!(
+        !listen.is_empty(),
+        "listen {:?} resolves to no address",
+        cfg.listen
+    );
+    let token = match &cfg.auth_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
+            let t = t.trim().to_owned();
+            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
+            Some(t)
+        }
+        None => None,
+    };
+    let kube = if cfg.kubernetes.is_enabled() {
+        let node = cfg
+            .node_name
+            .clone()
+            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
+        let client = kube::client()
+            .await
+            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        Some((client, node))
+    } else {
+        None
+    };
+    Ok(Startup {
+        cfg,
+        token,
+        listen,
+        kube,
+    })
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then drains it. `init_logging` is called once the
+/// settings passed the start-up checks, so a refused setting is printed plainly.
+pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<()> {
+    // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
+    // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
+    // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()?;
+    // Before anything else: a SIGTERM that came while the agent started (or right after it
+    // announced its address) would otherwise kill it by the default action, not stop it.
+    let mut signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    let Startup {
+        cfg,
+        token,
+        listen,
+        kube: kube_client,
+    } = rt.block_on(startup(cfg))?;
+    init_logging(cfg.log_format);
+    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
+    let target = match &cfg.archive {
+        ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
+        ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
+    };
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let (identity, pod_cache): (Box<dyn TaskIdentity>, _) =
+        if let Some((client, node)) = kube_client {
+            let cache = std::sync::Arc::new(kube::PodCache::default());
+            rt.spawn(kube::watch_pods(
+                client,
+                cfg.kubernetes.clone(),
+                node,
+                cfg.container.clone(),
+                cache.clone(),
+            ));
+            let identity = kube::KubeIdentity::new(
+                cache.clone(),
+                &cfg.kubernetes,
+                cfg.log_root.clone(),
+                metrics.clone(),
+            );
+            (Box::new(identity), Some(cache))
+        } else {
+            (Box::new(DirNameIdentity), None)
+        };
+    let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
+        .context("cannot start the agent")?;
+    let http = serve::Http::new(
+        agent.registry().clone(),
+        agent.metrics().clone(),
+        serve::ServeOptions {
+            token,
+            follow_max: std::time::Duration::from_secs(cfg.follow_max_secs),
+            max_connections: cfg.http_max_connections,
+            state_dir: cfg.state_dir.clone(),
+            pod_cache,
+        },
+    );
+    rt.block_on(async {
+        let (listener, addr) = serve::bind(&listen[..])
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        tracing::info!(%addr, "listening");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve::serve(listener, http, stop_rx));
+        let (term, int) = &mut signals;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        anyhow::Ok(())
+    })?;
+    agent.shutdown();
+    Ok(())
 }

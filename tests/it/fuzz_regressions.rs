@@ -1,6 +1,6 @@
 //! Regression tests for what the fuzz targets (fuzz/) found, run through the real binary.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::time::Duration;

@@ -1,11 +1,11 @@
 //! How the agent stops, seen from a program that embeds it (the binary's own SIGTERM path
-//! is in tests/e2e.rs): the agent's log lines are captured to see why it stops when it does.
+//! is in tests/it/e2e.rs): the agent's log lines are captured to see why it stops when it does.
 
 use std::io::Write;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use druid_log_agent::agent::Agent;
+use druid_log_agent::app::Agent;
 use druid_log_agent::archive::{DirArchive, Target};
 use druid_log_agent::config::{ArchiveConfig, Config};
 use druid_log_agent::loadgen::PeonWriter;

@@ -6,6 +6,8 @@
 //! own between jobs: everything it needs to resume is in the job, so a restart resumes from the
 //! checkpoint alone.
 
+pub mod s3;
+
 use std::fs;
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::s3::{PartNumber, PartSizes};
+use crate::archive::s3::{PartNumber, PartSizes};
 use crate::spool::{Spool, SpoolError};
 use crate::task::TaskId;
 
@@ -237,7 +239,7 @@ pub enum Target {
     /// A directory: Druid reads it with `FileTaskLogs` (usually a shared volume).
     Dir(DirArchive),
     /// S3 or an S3-compatible store, in parts while the task runs.
-    S3(crate::s3::S3Target),
+    S3(crate::archive::s3::S3Target),
 }
 
 impl Target {

@@ -2,7 +2,7 @@
 //! part size): keys and content exactly as Druid reads them, multipart while the task runs,
 //! kill -9 in the middle of an upload, injected faults, and a permanent error.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +10,9 @@ use std::time::Duration;
 use common::{
     AgentProc, Moto, Node, agent_s3, assert_same_log, create_bucket_now, s3_env, wait_for_object,
 };
+use druid_log_agent::archive::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
-use druid_log_agent::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::serve::druid_start;
 use druid_log_agent::spool::{Spool, SpoolWriter};
 use druid_log_agent::task::TaskId;

@@ -3,7 +3,7 @@
 //! status as a kubelet reports it (`PodModel`): container restarts with their status lagging
 //! the files either way, API outages in several forms and longer than the pending timeout.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::time::Duration;

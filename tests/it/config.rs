@@ -1,7 +1,7 @@
 //! Settings as the real binary takes them: `check-config` refuses exactly what `run` refuses,
 //! after the same environment variables and flags, and prints the settings `run` uses.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -10,7 +10,7 @@
 //! PyYAML, used here to turn the rendered YAML into JSON). `.ci/run` installs the latter. A
 //! missing tool fails the test: these checks are never skipped.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -575,11 +575,19 @@ fn dockerfile_builds_and_runs_what_the_manifests_expect() {
 /// split over lines reads as it is printed.
 fn source_text() -> String {
     let mut all = String::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("src"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
-        .collect();
+    // src/ has a folder per stage: walk it whole.
+    let mut files = Vec::new();
+    let mut dirs = vec![repo().join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                files.push(p);
+            }
+        }
+    }
     files.sort();
     for f in files {
         let src = std::fs::read_to_string(f).unwrap();

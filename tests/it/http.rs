@@ -1,7 +1,7 @@
 //! The HTTP endpoint of the real binary: Druid's log API and offset rules, hostile requests,
 //! authentication, concurrent readers during ingest, and bounded memory while streaming.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::time::Duration;

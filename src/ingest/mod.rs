@@ -1,7 +1,7 @@
 //! The ingest engine: log files in, spools and checkpoints out, archive jobs when tasks end.
 //!
 //! [`Ingest`] is synchronous and owns all mutable state of the hot path; it is driven by
-//! [`crate::agent`] from inotify events and timers, and directly by tests, which makes every
+//! [`crate::app`] from inotify events and timers, and directly by tests, which makes every
 //! interleaving of writes, renames and crashes reproducible.
 //!
 //! Crash safety rests on one rule: a task's checkpoint entry is a snapshot taken right after a
@@ -224,7 +224,7 @@ struct Settings {
     idle_timeout: Option<Duration>,
     retention: Duration,
     /// Set when the archive stores logs in parts while tasks run.
-    part_sizes: Option<crate::s3::PartSizes>,
+    part_sizes: Option<crate::archive::s3::PartSizes>,
     archive_retry_max: Duration,
     node: Option<String>,
     spool_max_bytes: Option<u64>,
@@ -233,7 +233,7 @@ struct Settings {
 }
 
 /// The ingest engine: every task's open files, spool writer, decoder state and checkpoint
-/// snapshot. Driven by one thread (see [`crate::agent`]); it never waits on the network.
+/// snapshot. Driven by one thread (see [`crate::app`]); it never waits on the network.
 pub struct Ingest {
     s: Settings,
     decoder: Decoder,

@@ -1,6 +1,6 @@
 //! End-to-end tests of the real binary on a node-like log tree with the directory archive.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

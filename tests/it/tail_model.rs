@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use druid_log_agent::archive::{DirArchive, JobKind, Outcome};
 use druid_log_agent::config::{ArchiveConfig, Config};
+use druid_log_agent::ingest::{Ingest, NoWatch};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent::metrics::Metrics;
-use druid_log_agent::pipeline::{Ingest, NoWatch};
 use druid_log_agent::task::{DirNameIdentity, TaskId};
 use proptest::prelude::*;
 
@@ -323,7 +323,7 @@ fn rotation_then_crash_before_any_commit() {
 #[test]
 fn watch_errors_fall_back_to_polling_rescans() {
     struct Exhausted;
-    impl druid_log_agent::pipeline::DirWatcher for Exhausted {
+    impl druid_log_agent::ingest::DirWatcher for Exhausted {
         fn watch(&mut self, _: &std::path::Path) -> Result<(), notify::Error> {
             Err(notify::Error::generic("inotify watch limit reached"))
         }
