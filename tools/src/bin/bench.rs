@@ -7,8 +7,7 @@
 //! write-to-visible and snapshot latencies under load, whole-log streaming speed, time from a
 //! pod's end to its complete archive, and the spool's compression ratio.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use druid_log_agent::demo::dir_size;
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
+use druid_log_agent_testkit::http::{self, KeepAlive};
 
 #[derive(Parser)]
 #[command(about = "End-to-end benchmark of druid-log-agent; prints one JSON object")]
@@ -123,87 +123,6 @@ fn phase_peak_mib(pid: u32) -> f64 {
     hwm as f64 / 1024.0
 }
 
-/// An HTTP/1.1 client on one kept-alive connection (reconnects when the server closes it).
-struct KeepAlive {
-    addr: String,
-    conn: Option<std::io::BufReader<TcpStream>>,
-}
-
-impl KeepAlive {
-    fn new(addr: &str) -> KeepAlive {
-        KeepAlive {
-            addr: addr.to_owned(),
-            conn: None,
-        }
-    }
-
-    fn get(&mut self, target: &str) -> (u16, Vec<u8>) {
-        for _ in 0..2 {
-            if self.conn.is_none() {
-                let s = TcpStream::connect(&self.addr).expect("connect to agent");
-                let _ = s.set_nodelay(true);
-                self.conn = Some(std::io::BufReader::new(s));
-            }
-            match self.try_get(target) {
-                Some(r) => return r,
-                None => self.conn = None,
-            }
-        }
-        (0, Vec::new())
-    }
-
-    fn try_get(&mut self, target: &str) -> Option<(u16, Vec<u8>)> {
-        use std::io::BufRead;
-        let c = self.conn.as_mut()?;
-        write!(c.get_mut(), "GET {target} HTTP/1.1\r\nHost: b\r\n\r\n").ok()?;
-        let mut line = String::new();
-        c.read_line(&mut line).ok()?;
-        let status: u16 = line.get(9..12)?.parse().ok()?;
-        let (mut len, mut chunked, mut close) = (None, false, false);
-        loop {
-            line.clear();
-            c.read_line(&mut line).ok()?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':')?;
-            let (k, v) = (k.to_ascii_lowercase(), v.trim().to_ascii_lowercase());
-            match k.as_str() {
-                "content-length" => len = v.parse::<usize>().ok(),
-                "transfer-encoding" => chunked = v.contains("chunked"),
-                "connection" => close = v == "close",
-                _ => {}
-            }
-        }
-        let mut body = Vec::new();
-        if chunked {
-            loop {
-                line.clear();
-                c.read_line(&mut line).ok()?;
-                let n = usize::from_str_radix(line.trim_end().split(';').next()?, 16).ok()?;
-                let at = body.len();
-                body.resize(at + n + 2, 0);
-                c.read_exact(&mut body[at..]).ok()?;
-                body.truncate(at + n);
-                if n == 0 {
-                    break;
-                }
-            }
-        } else if let Some(n) = len {
-            body.resize(n, 0);
-            c.read_exact(&mut body).ok()?;
-        } else {
-            c.read_to_end(&mut body).ok()?;
-            close = true;
-        }
-        if close {
-            self.conn = None;
-        }
-        Some((status, body))
-    }
-}
-
 /// When a paced client's requests are due: `rate` a second, client `i` of `n` offset so that
 /// the clients do not all send at once.
 struct Pace {
@@ -239,42 +158,6 @@ impl Pace {
                 due
             }
             None => Instant::now(),
-        }
-    }
-}
-
-/// Where a complete HTTP/1.1 response ends in `buf`, with its status and whether the server
-/// closes the connection after it; `None` while incomplete.
-fn parse_response(buf: &[u8]) -> Option<(u16, usize, bool)> {
-    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
-    let status = head.get(9..12)?.parse().ok()?;
-    let (mut len, mut chunked, mut close) = (None, false, false);
-    for l in head.lines().skip(1) {
-        if let Some((k, v)) = l.split_once(':') {
-            let v = v.trim().to_ascii_lowercase();
-            match k.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.parse::<usize>().ok(),
-                "transfer-encoding" => chunked = v.contains("chunked"),
-                "connection" => close = v == "close",
-                _ => {}
-            }
-        }
-    }
-    if let Some(n) = len.filter(|_| !chunked) {
-        return (buf.len() >= head_end + n).then_some((status, head_end + n, close));
-    }
-    let mut at = head_end;
-    loop {
-        let line_end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
-        let size = std::str::from_utf8(&buf[at..line_end]).ok()?;
-        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        at = line_end + 2 + n + 2;
-        if buf.len() < at {
-            return None;
-        }
-        if n == 0 {
-            return Some((status, at, close));
         }
     }
 }
@@ -351,7 +234,7 @@ fn async_snapshot_clients(
                             Ok(0) => ok = false,
                             Ok(k) => {
                                 buf.truncate(at + k);
-                                done = parse_response(&buf);
+                                done = http::complete(&buf).map(|c| (c.status, c.end, c.close));
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                                 buf.truncate(at)
@@ -385,29 +268,16 @@ fn async_snapshot_clients(
 /// One request, on a kept-alive connection when there is one.
 fn fetch(ka: &mut Option<KeepAlive>, addr: &str, target: &str) -> (u16, Vec<u8>) {
     match ka {
-        Some(k) => k.get(target),
+        Some(k) => k
+            .get(target)
+            .map_or((0, Vec::new()), |r| (r.status, r.body)),
         None => get(addr, target),
     }
 }
 
+/// One request on a new connection; status 0 when it failed (the bench counts, never stops).
 fn get(addr: &str, target: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).expect("connect to agent");
-    let _ = write!(
-        s,
-        "GET {target} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
-    );
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let status = std::str::from_utf8(raw.get(9..12).unwrap_or(b"000"))
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| raw[i + 4..].to_vec())
-        .unwrap_or_default();
-    (status, body)
+    http::get(addr, target, &[], None).map_or((0, Vec::new()), |r| (r.status, r.body))
 }
 
 fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
