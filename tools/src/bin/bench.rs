@@ -6,6 +6,12 @@
 //! ingest throughput and CPU seconds per GiB (from /proc, user + system), peak RSS,
 //! write-to-visible and snapshot latencies under load, whole-log streaming speed, time from a
 //! pod's end to its complete archive, and the spool's compression ratio.
+//!
+//! With `--runs N` (and `--agent-b PATH` to compare two builds) it runs itself N times per
+//! agent, alternating A and B so that both see the same machine, and prints every run and the
+//! median and range of each headline figure. Each run records the machine's load average before
+//! and after it and the agent process's own user and system CPU: a figure is only worth quoting
+//! with the conditions it was measured in.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -80,6 +86,139 @@ struct Args {
     /// Copy the agent's own log (stderr) to this file.
     #[arg(long)]
     agent_log: Option<PathBuf>,
+    /// Run the whole bench this many times (per agent with --agent-b) and print the runs with
+    /// the median and range of each headline figure.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// A second agent binary to compare with --agent (or the default): runs alternate A, B,
+    /// A, B, ... so a change in the machine's load hits both alike.
+    #[arg(long)]
+    agent_b: Option<PathBuf>,
+}
+
+/// The figures a comparison summarises (JSON pointers into one run's output).
+const HEADLINE: &[&str] = &[
+    "/ingest_mib_s",
+    "/ingest_cpu_s_per_gib",
+    "/end_to_end_cpu_s_per_gib",
+    "/agent_cpu_s/ingest/system",
+    "/peak_rss_mib",
+    "/task_end_to_archive_ms/p50",
+    "/whole_log_stream_mib_s",
+    "/snapshot_offset_-8192_ms/p99",
+    "/write_to_visible_ms/p99",
+    "/load_before/0",
+    "/load_after/0",
+];
+
+/// The machine's 1, 5 and 15 minute load averages.
+fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(f64::NAN));
+    [(); 3].map(|_| it.next().unwrap_or(f64::NAN))
+}
+
+fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// This command line without `--runs`, `--agent-b` and `--agent` (and their values): what one
+/// run of a series is given, with its own `--agent`.
+fn single_run_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let name = a.split('=').next().unwrap_or("");
+        if matches!(name, "--runs" | "--agent-b" | "--agent") {
+            if !a.contains('=') {
+                args.next();
+            }
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
+/// `--runs`/`--agent-b`: runs this binary once per run and agent, alternating, and prints each
+/// run's figures, then the median and range of the headline figures per agent.
+fn series(args: &Args, agent_a: PathBuf) {
+    let me = std::env::current_exe().expect("own path");
+    let mut agents = vec![("a", agent_a)];
+    if let Some(b) = &args.agent_b {
+        agents.push(("b", b.clone()));
+    }
+    let base = single_run_args();
+    let mut runs: Vec<(&str, serde_json::Value)> = Vec::new();
+    for i in 0..args.runs {
+        // A B, then B A: neither build always runs right after the other.
+        let mut order: Vec<&(&str, PathBuf)> = agents.iter().collect();
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for (label, bin) in order {
+            let out = Command::new(&me)
+                .args(&base)
+                .arg("--agent")
+                .arg(bin)
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run bench");
+            assert!(
+                out.status.success(),
+                "bench run {i} of agent {label} failed"
+            );
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("a bench run prints JSON");
+            eprintln!(
+                "run {} agent {label}: {}",
+                i + 1,
+                serde_json::to_string(&v).unwrap_or_default()
+            );
+            runs.push((label, v));
+        }
+    }
+    let mut summary = serde_json::Map::new();
+    for (label, bin) in &agents {
+        let mut figures = serde_json::Map::new();
+        for key in HEADLINE {
+            let mut v: Vec<f64> = runs
+                .iter()
+                .filter(|(l, _)| l == label)
+                .filter_map(|(_, r)| r.pointer(key)?.as_f64())
+                .collect();
+            if v.is_empty() {
+                continue;
+            }
+            let (lo, hi) = (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            );
+            figures.insert(
+                key.trim_start_matches('/').replace('/', "."),
+                serde_json::json!({"median": pct(&mut v, 0.5), "min": lo, "max": hi}),
+            );
+        }
+        summary.insert(
+            label.to_string(),
+            serde_json::json!({"agent": bin.display().to_string(), "runs": args.runs, "figures": figures}),
+        );
+    }
+    let out = serde_json::json!({
+        "date": now_utc(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "summary": summary,
+        "runs": runs.iter().map(|(l, r)| serde_json::json!({"agent": l, "result": r})).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
 }
 
 struct Agent {
@@ -294,6 +433,12 @@ fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
 
 /// User + system CPU seconds of a process, from /proc/PID/stat.
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU seconds of a process (not of the machine), from /proc/PID/stat.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<u64> = after
@@ -308,7 +453,8 @@ fn cpu_seconds(pid: u32) -> f64 {
         .and_then(|s| s.trim().parse::<f64>().ok())
         .unwrap_or(100.0);
     // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / ticks
+    let field = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / ticks;
+    (field(11), field(12))
 }
 
 fn total_bytes(addr: &str) -> u64 {
@@ -366,6 +512,15 @@ fn create_pods(
 
 fn main() {
     let args = Args::parse();
+    if args.runs > 1 || args.agent_b.is_some() {
+        let a = args.agent.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .expect("own path")
+                .with_file_name("druid-log-agent")
+        });
+        return series(&args, a);
+    }
+    let load_before = loadavg();
     let tmp = args
         .dir
         .clone()
@@ -490,7 +645,8 @@ fn main() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let ingest_secs = started.elapsed().as_secs_f64();
-    let ingest_cpu = cpu_seconds(pid);
+    let ingest_split = cpu_split(pid);
+    let ingest_cpu = ingest_split.0 + ingest_split.1;
     peaks.insert("ingest".into(), phase_peak_mib(pid).into());
     let spool_ratio = text_total as f64 / dir_size(&tmp.join("state").join("spool")).max(1) as f64;
 
@@ -527,7 +683,8 @@ fn main() {
         }
         end_to_archive.push(ms(t0.elapsed()));
     }
-    let archive_cpu = cpu_seconds(pid) - ingest_cpu;
+    let after_archive = cpu_split(pid);
+    let archive_cpu = after_archive.0 + after_archive.1 - ingest_cpu;
     peaks.insert("archive".into(), phase_peak_mib(pid).into());
 
     // Phase 3: whole-log streaming of an ended task whose spool is retained.
@@ -682,6 +839,13 @@ fn main() {
         "whole_log_stream_mib_s": stream_mib_s,
         "task_end_to_archive_ms": {"p50": pct(&mut end_to_archive, 0.5), "p99": pct(&mut end_to_archive, 0.99)},
         "spool_compression_ratio": spool_ratio,
+        "agent_cpu_s": {
+            "ingest": {"user": ingest_split.0, "system": ingest_split.1},
+            "archive": {"user": after_archive.0 - ingest_split.0, "system": after_archive.1 - ingest_split.1},
+        },
+        "date": now_utc(),
+        "load_before": load_before,
+        "load_after": loadavg(),
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model},
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
