@@ -7,6 +7,7 @@
 
 mod common;
 
+mod architecture;
 mod config;
 mod e2e;
 mod fuzz_regressions;
