@@ -15,6 +15,9 @@ use flate2::Crc;
 
 use crate::checkpoint::FileKey;
 
+mod watch;
+pub use watch::{DirWatcher, NoWatch};
+
 /// How many leading bytes identify a file's content (CRI lines start with a nanosecond
 /// timestamp, so two log files differ well within this).
 pub const FINGERPRINT_LEN: u32 = 64;

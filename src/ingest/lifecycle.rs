@@ -1,0 +1,330 @@
+//! Task lifecycle over time: the periodic tick, ending, dropping and expiring tasks, archive
+//! jobs and their outcomes, retry backoff, and the drain at shutdown.
+
+use std::fs;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info};
+
+use crate::archive::{Job, JobKind, Origin, Outcome, UploadState};
+use crate::checkpoint::Phase;
+use crate::registry::PendingPod;
+use crate::task::{Identity, PodDir};
+
+use super::commit::{seal, snapshot};
+use super::restore::aside_bytes;
+use super::{Ingest, now_ms};
+
+/// How long a shutdown may spend reading what is left in open files before its last commit.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+
+impl Ingest {
+    /// The periodic pass: reads every task (in case an event was missed), seals tails that are
+    /// old enough, ends idle tasks, retries archives and drops expired spools.
+    pub fn tick(&mut self, now: Instant) {
+        if self.degraded {
+            self.rescan_all = true;
+        }
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        for name in &names {
+            self.retry_reopen(name);
+            self.dirty_read.insert(name.clone());
+        }
+        self.process(now);
+        for name in &names {
+            let Some(t) = self.tasks.get_mut(name) else {
+                continue;
+            };
+            if t.task_id().is_none() {
+                t.identity = self.identity.identify(&t.pod);
+                if t.identity == Identity::Ignore {
+                    self.drop_task(name);
+                } else {
+                    self.publish(name);
+                }
+                continue;
+            }
+            if t.tail_since
+                .is_some_and(|s| now.duration_since(s) >= self.s.block_max_age)
+                && seal(t, &mut self.packer, &self.metrics)
+            {
+                // A slow task: no need to hold a block's worth of buffer until its next line.
+                t.writer.release_tail();
+            }
+            let idle = self
+                .s
+                .idle_timeout
+                .is_some_and(|d| now.duration_since(t.last_growth) >= d);
+            if t.phase == Phase::Running && idle && t.restoring.is_none() {
+                info!(
+                    pod_dir = name,
+                    "no new log lines for idle_timeout_secs; ending the task"
+                );
+                self.end_task(name);
+            }
+        }
+        self.collect_expired();
+        self.take_back_peons();
+        // Once a poll: readers see upload progress and how far behind each task's reading is.
+        for name in &names {
+            self.publish(name);
+        }
+        self.registry.set_pending(
+            self.tasks
+                .values()
+                .filter(|t| t.identity == Identity::Pending)
+                .map(|t| PendingPod {
+                    pod: t.pod.clone(),
+                    since_ms: t.first_seen_ms,
+                })
+                .collect(),
+        );
+    }
+
+    /// A directory let go as "not a peon" whose pod now turns out to be one (its metadata came
+    /// late) is taken back: it was never read, so it is read from the start of its files.
+    fn take_back_peons(&mut self) {
+        let back: Vec<String> = self
+            .ignored
+            .iter()
+            .filter(|name| PodDir::parse(name).is_some_and(|pod| self.identity.is_peon(&pod)))
+            .cloned()
+            .collect();
+        for name in back {
+            info!(pod_dir = %name, "pod turned out to be a peon after all; reading its log from the start");
+            self.ignored.remove(&name);
+            self.dirty_pods.insert(name);
+        }
+    }
+
+    pub(super) fn end_task(&mut self, name: &str) {
+        let Some(t) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if !seal(t, &mut self.packer, &self.metrics) {
+            return; // retried on the next tick
+        }
+        // An ended task rarely writes again: its spool stays for readers, its buffer need not.
+        t.writer.release_tail();
+        // The tail is empty now, so this snapshot is a valid checkpoint of the whole log.
+        t.phase = Phase::Ended;
+        t.snapshot = Some(snapshot(t));
+        t.unsaved = true;
+        t.snapshot_gen += 1;
+        self.metrics.tasks_ended.fetch_add(1, Relaxed);
+        info!(pod_dir = name, task = ?t.task_id().map(|i| i.as_str()), bytes = t.writer.spool().len(), "task log ended");
+        self.commit_now = true;
+        self.publish(name);
+    }
+
+    /// Forgets a pod that turned out not to be a peon: its files are closed unread and its
+    /// (empty) spool removed.
+    pub(super) fn drop_task(&mut self, name: &str) {
+        if let Some(t) = self.tasks.remove(name) {
+            info!(pod_dir = name, "not a peon pod; its log is not read");
+            let _ = fs::remove_file(t.writer.spool().path());
+            self.ignored.insert(name.to_owned());
+            self.checkpoint_dirty = true;
+        }
+    }
+
+    fn collect_expired(&mut self) {
+        self.collect_expired_at(self.s.retention);
+    }
+
+    /// Drops the spools of archived tasks whose pod is gone and whose archive is older than
+    /// `retention`.
+    pub(super) fn collect_expired_at(&mut self, retention: Duration) {
+        let now = now_ms();
+        let retention = retention.as_millis() as u64;
+        let expired: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.dir_gone
+                    && matches!(t.phase, Phase::Archived { at_ms, .. } if now.saturating_sub(at_ms) >= retention)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        if self.aside_bytes > 0 {
+            self.aside_bytes =
+                aside_bytes(&self.s.spool_dir, Some(Duration::from_millis(retention)));
+        }
+        for name in expired {
+            if let Some(t) = self.tasks.remove(&name) {
+                if let Some(id) = t.task_id() {
+                    self.registry.remove(id, &name);
+                }
+                let _ = fs::remove_file(t.writer.spool().path());
+                debug!(pod_dir = %name, "retention over; spool removed");
+                self.checkpoint_dirty = true;
+            }
+        }
+    }
+
+    /// Hands work to the archive: the rest of every task whose end is committed, and, for
+    /// targets that store parts while a task runs, every whole part of committed bytes. Only
+    /// committed bytes may leave the node: after a crash the spool is cut back to them, and an
+    /// archive must never hold bytes the spool then lacks, nor an end a crash could undo.
+    pub(super) fn queue_archives(&mut self, now: Instant) {
+        for t in self.tasks.values_mut() {
+            if t.job_in_flight || t.archive_retry_at.is_some_and(|at| now < at) {
+                continue;
+            }
+            let task = match &t.identity {
+                Identity::Task(id) => id.clone(),
+                _ => continue,
+            };
+            let kind = match t.phase {
+                // The end is committed (not unsaved), so the committed lengths are the whole
+                // log; never the live lengths, which a crash could cut back.
+                Phase::Ended if !t.unsaved => JobKind::Finish {
+                    len: t.committed_len,
+                    file_len: t.committed_file_len,
+                },
+                Phase::Running => {
+                    // Parts are cut from the text, or from the spool file for gzip output.
+                    let have = if self.s.upload_gzip {
+                        t.committed_file_len
+                    } else {
+                        t.committed_len
+                    };
+                    match self.s.part_sizes {
+                        Some(sizes)
+                            if sizes
+                                .next_part_end(&t.upload)
+                                .is_some_and(|end| have >= end) =>
+                        {
+                            JobKind::Parts {
+                                committed: t.committed_len,
+                                committed_file: t.committed_file_len,
+                            }
+                        }
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            t.job_in_flight = true;
+            self.jobs.push(Job {
+                pod_dir: t.pod.name.clone(),
+                task,
+                spool: t.writer.spool().clone(),
+                state: t.upload.clone(),
+                origin: Origin {
+                    namespace: t.pod.namespace.clone(),
+                    pod: t.pod.pod.clone(),
+                    pod_uid: t.pod.uid.clone(),
+                    node: self.s.node.clone(),
+                    first_seen_ms: t.first_seen_ms,
+                },
+                kind,
+            });
+        }
+    }
+
+    /// Jobs decided since the last call, for the caller to hand to the archive worker; the
+    /// worker's answer comes back through [`Ingest::archive_finished`].
+    pub fn take_archive_jobs(&mut self) -> Vec<Job> {
+        std::mem::take(&mut self.jobs)
+    }
+
+    /// Records what the archive worker did.
+    pub fn archive_finished(&mut self, o: &Outcome, now: Instant) {
+        let Some(t) = self.tasks.get_mut(o.pod_dir()) else {
+            return;
+        };
+        t.job_in_flight = false;
+        match o {
+            Outcome::Skipped { .. } => return,
+            Outcome::Progress { state, .. } => {
+                let new = state.parts.len().saturating_sub(t.upload.parts.len()) as u64;
+                let bytes = state.uploaded().saturating_sub(t.upload.uploaded());
+                self.metrics.upload_parts.fetch_add(new, Relaxed);
+                self.metrics.upload_bytes.fetch_add(bytes, Relaxed);
+                t.upload = state.clone();
+                t.archive_failures = 0;
+                t.archive_error = None;
+                // Parts stored but not in the checkpoint are sent again after a crash: record
+                // them with the next commit, not one interval later.
+                self.commit_now |= new > 0;
+            }
+            Outcome::Done {
+                task,
+                len,
+                location,
+                ..
+            } => {
+                self.metrics.archives.fetch_add(1, Relaxed);
+                info!(task = %task, location = %location, bytes = len, "log archived");
+                t.archive_retry_at = None;
+                t.archive_failures = 0;
+                t.archive_error = None;
+                t.archived_to = Some(location.clone());
+                // A later end (the task wrote again) starts a new archive that replaces this.
+                t.upload = UploadState::default();
+                if t.phase == Phase::Ended && t.writer.spool().len() == *len {
+                    t.phase = Phase::Archived {
+                        at_ms: now_ms(),
+                        archived_len: *len,
+                    };
+                }
+            }
+            Outcome::Failed {
+                task,
+                error,
+                permanent,
+                state,
+                ..
+            } => {
+                self.metrics.archive_errors.fetch_add(1, Relaxed);
+                t.upload = state.clone();
+                t.archive_failures = t.archive_failures.saturating_add(1);
+                let delay = backoff(t.archive_failures, *permanent, self.s.archive_retry_max);
+                error!(task = %task, error = %error, permanent, retry_in_ms = delay.as_millis() as u64,
+                    "archive failed; the spool is kept and the archive retried");
+                t.archive_retry_at = Some(now + delay);
+                t.archive_error = Some(error.clone());
+            }
+        }
+        if let Some(s) = &mut t.snapshot {
+            s.phase = t.phase;
+            s.upload = t.upload.clone();
+        }
+        t.unsaved = true;
+        t.snapshot_gen += 1;
+        let name = o.pod_dir().to_owned();
+        self.publish(&name);
+    }
+
+    /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
+    /// re-read.
+    pub fn shutdown(&mut self) -> bool {
+        // A file whose pod was deleted moments ago is still open here but gone for the next
+        // agent: read everything there is (bounded) before the last checkpoint.
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        self.dirty_read.extend(names);
+        while self.process(Instant::now()) && Instant::now() < deadline {}
+        for t in self.tasks.values_mut() {
+            seal(t, &mut self.packer, &self.metrics);
+        }
+        self.commit(Instant::now())
+    }
+}
+
+/// Exponential backoff with jitter: 1 s doubling up to `max`; permanent errors (access denied,
+/// no such bucket) start at a quarter of `max`, since a person has to act first.
+fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
+    let base = if permanent {
+        max / 4
+    } else {
+        Duration::from_secs(1)
+    };
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    // Spread retries of many tasks over time instead of retrying all at once.
+    let jitter = fastrand::u64(..=capped.as_millis() as u64 / 4);
+    capped - Duration::from_millis(jitter)
+}
