@@ -51,3 +51,85 @@ pub async fn run_worker(
         let _ = h.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::archive::dir::DirArchive;
+    use crate::archive::job::{JobKind, Origin};
+    use crate::spool::{Packer, SpoolWriter};
+    use crate::task::TaskId;
+
+    /// A worker on a directory, its job sender, what it reported, and a job for a 5-byte log.
+    fn setup(
+        dir: &std::path::Path,
+        stop: &Arc<AtomicBool>,
+    ) -> (
+        impl Future<Output = ()>,
+        mpsc::UnboundedSender<Job>,
+        Arc<Mutex<Vec<Outcome>>>,
+        Job,
+    ) {
+        let mut w = SpoolWriter::open(&dir.join("spool.gz"), 0).unwrap();
+        w.append(|t| t.extend_from_slice(b"line\n"));
+        w.seal(&mut Packer::new(1)).unwrap();
+        let job = Job {
+            pod_dir: "ns_pod_uid".into(),
+            task: TaskId::new("index_kafka_t").unwrap(),
+            spool: w.spool().clone(),
+            state: Default::default(),
+            origin: Origin::default(),
+            kind: JobKind::Finish {
+                len: 5,
+                file_len: w.spool().file_len(),
+            },
+        };
+        let target = Arc::new(Target::Dir(DirArchive::new(dir.join("archive"))));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let worker = run_worker(target, rx, 2, stop.clone(), move |o| {
+            sink.lock().unwrap().push(o)
+        });
+        (worker, tx, seen, job)
+    }
+
+    /// The drain shutdown relies on: a job taken before the channel closed is finished and
+    /// answered before the worker returns. (The test runtime has one thread, so the job only
+    /// runs while the worker waits for it.)
+    #[tokio::test]
+    async fn a_closed_channel_lets_started_jobs_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (worker, tx, seen, job) = setup(dir.path(), &stop);
+        tx.send(job).unwrap();
+        drop(tx);
+        worker.await;
+        let seen = seen.lock().unwrap();
+        assert!(
+            matches!(seen.as_slice(), [Outcome::Done { len: 5, .. }]),
+            "{seen:?}"
+        );
+        let log = std::fs::read(dir.path().join("archive/index_kafka_t.log")).unwrap();
+        assert_eq!(log, b"line\n");
+    }
+
+    /// Once stopping, a job is answered without being started: ingest must not wait for it.
+    #[tokio::test]
+    async fn after_stop_jobs_are_skipped_unstarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(true));
+        let (worker, tx, seen, job) = setup(dir.path(), &stop);
+        tx.send(job).unwrap();
+        drop(tx);
+        worker.await;
+        let seen = seen.lock().unwrap();
+        assert!(
+            matches!(seen.as_slice(), [Outcome::Skipped { pod_dir }] if pod_dir == "ns_pod_uid"),
+            "{seen:?}"
+        );
+        assert!(!dir.path().join("archive").exists());
+    }
+}

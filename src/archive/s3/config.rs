@@ -155,3 +155,52 @@ impl S3Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What users read when the agent refuses to start: each message names the setting and
+    /// the fix, word for word as before the errors were typed.
+    #[test]
+    fn refusals_name_the_setting_and_the_fix() {
+        let ok = S3Config {
+            bucket: "b".into(),
+            ..S3Config::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let refused = |cfg: S3Config| cfg.validate().unwrap_err().to_string();
+        assert_eq!(
+            refused(S3Config::default()),
+            "archive.bucket must be set (in the config file, or by --s3-bucket or DLA_S3_BUCKET)"
+        );
+        assert_eq!(
+            refused(S3Config {
+                part_bytes: MIN_PART - 1,
+                ..ok.clone()
+            }),
+            "archive.part_bytes must be between 5242880 (5 MiB) and 5368709120 (5 GiB): S3 rejects other parts"
+        );
+        assert_eq!(
+            refused(S3Config {
+                endpoint: Some("minio:9000".into()),
+                ..ok.clone()
+            }),
+            "archive.endpoint \"minio:9000\" must be an http:// or https:// URL such as http://minio:9000"
+        );
+        assert_eq!(
+            refused(S3Config {
+                sse: Some("kms".into()),
+                ..ok.clone()
+            }),
+            "archive.sse must be \"AES256\" or \"aws:kms\", not \"kms\""
+        );
+        assert_eq!(
+            refused(S3Config {
+                sse_kms_key_id: Some("k".into()),
+                ..ok
+            }),
+            "archive.sse_kms_key_id is used only with sse = \"aws:kms\": set sse too, or unset it"
+        );
+    }
+}
