@@ -188,7 +188,8 @@ impl Config {
             return bad("commit_interval_ms and poll_interval_ms must be positive");
         }
         if let ArchiveConfig::S3(s) = &self.archive {
-            s.validate().map_err(ConfigError::Invalid)?;
+            s.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }

@@ -5,6 +5,11 @@
 //! directory. If the process or the machine dies at any instant, the target is either the old
 //! file or the new one, whole; after the directory fsync the new one survives a power loss (a
 //! rename alone may be undone by one).
+//!
+//! The temp file has a fixed name (`.{name}.tmp`), not a random one as `tempfile` would give:
+//! a temp file left by a crash is then truncated and reused by the next replace of the same
+//! file, rather than staying forever beside the checkpoint or in the archive directory Druid
+//! reads. `tempfile` would save the two lines that name and remove it, not the fsyncs.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
@@ -68,6 +73,18 @@ mod tests {
             io,
         );
         assert!(failed.is_err());
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temp file left behind");
+    }
+
+    /// A temp file a crash left behind is reused, not kept beside the new one forever.
+    #[test]
+    fn a_crashed_attempts_temp_file_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        fs::write(dir.path().join(".f.tmp"), b"left by a crash, and longer").unwrap();
+        replace(&dest, |w| w.write_all(b"new"), |_, e: io::Error| e).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"new");
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "no temp file left behind");
