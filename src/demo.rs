@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::app::{Agent, AgentEvent};
+use crate::app::{Agent, AgentEvent, StartError};
 use crate::archive::{DirArchive, Outcome, Target};
 use crate::config::{ArchiveConfig, Config};
 use crate::loadgen::{LineGen, PeonWriter};
-use crate::task::{DirNameIdentity, TaskId};
+use crate::task::{BadTaskId, DirNameIdentity, TaskId};
 
 /// What `druid-log-agent demo` does: synthetic peons write a temporary log tree, the agent
 /// archives it to a directory, and every archive is compared with what the peon wrote.
@@ -30,6 +30,46 @@ pub struct DemoOptions {
     pub bytes_per_peon: u64,
 }
 
+/// Why the demo could not run (as opposed to ran and found a difference: `Ok(false)`).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Laying out or cleaning up the demo tree failed.
+    #[error("demo tree {}: cannot {op}: {source}", path.display())]
+    Tree {
+        /// The file or directory.
+        path: PathBuf,
+        /// The failed step ("remove", "create", "write").
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The async runtime the agent's archives run on could not be built.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The agent refused to start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A synthetic peon could not write its log.
+    #[error("synthetic peon {}: {source}", pod_dir.display())]
+    Peon {
+        /// The peon's pod directory.
+        pod_dir: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A made-up task id that the agent would not archive under.
+    #[error(transparent)]
+    Task(#[from] BadTaskId),
+    /// A synthetic peon's thread panicked.
+    #[error("peon thread panicked")]
+    PeonPanicked,
+}
+
+fn tree(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DemoError {
+    let path = path.to_owned();
+    move |source| DemoError::Tree { path, op, source }
+}
+
 struct Peon {
     pod_dir: PathBuf,
     task: TaskId,
@@ -37,18 +77,18 @@ struct Peon {
 }
 
 /// Runs the demo; `Ok(true)` if every archive matched.
-pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
+pub fn run(opts: &DemoOptions) -> Result<bool, DemoError> {
     let started = Instant::now();
     let root = match &opts.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("druid-log-agent-demo-{}", std::process::id())),
     };
     if root.exists() {
-        fs::remove_dir_all(&root)?;
+        fs::remove_dir_all(&root).map_err(tree("remove", &root))?;
     }
     let pods = root.join("pods");
     let archive_dir = root.join("archive");
-    fs::create_dir_all(&pods)?;
+    fs::create_dir_all(&pods).map_err(tree("create", &pods))?;
     let cfg = Config {
         log_root: pods.clone(),
         state_dir: root.join("state"),
@@ -67,7 +107,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(DemoError::Runtime)?;
     let agent = Agent::start(
         &cfg,
         Box::new(DirNameIdentity),
@@ -85,20 +126,27 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         );
         let pod_dir = pods.join(format!("druid_{task}_0f1e2d3c-0000-4000-8000-{i:012}"));
         let bytes = opts.bytes_per_peon;
-        handles.push(std::thread::spawn(move || -> std::io::Result<Peon> {
+        handles.push(std::thread::spawn(move || -> Result<Peon, DemoError> {
+            let peon = |source| DemoError::Peon {
+                pod_dir: pod_dir.clone(),
+                source,
+            };
             // A sidecar in the same pod: its log is not the task log and must not be shipped.
-            let mut sidecar = PeonWriter::create(&pod_dir.join("istio-proxy"), 0)?;
-            sidecar.write_line(
-                "stdout",
-                b"sidecar noise that must not appear in the task log",
-            )?;
+            let mut sidecar = PeonWriter::create(&pod_dir.join("istio-proxy"), 0).map_err(peon)?;
+            sidecar
+                .write_line(
+                    "stdout",
+                    b"sidecar noise that must not appear in the task log",
+                )
+                .map_err(peon)?;
             let mut w = PeonWriter::create(
                 &pod_dir.join("main"),
                 (2 << 20).min(bytes / 4).max(64 << 10),
-            )?;
-            write_peon(&mut w, i as u64, bytes)?;
+            )
+            .map_err(peon)?;
+            write_peon(&mut w, i as u64, bytes).map_err(peon)?;
             Ok(Peon {
-                task: TaskId::new(task).map_err(std::io::Error::other)?,
+                task: TaskId::new(task)?,
                 pod_dir,
                 writer: w,
             })
@@ -106,15 +154,12 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
     }
     let mut peons = Vec::new();
     for h in handles {
-        peons.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("peon thread panicked"))??,
-        );
+        peons.push(h.join().map_err(|_| DemoError::PeonPanicked)??);
     }
     // The kubelet removes a finished pod's log directory; the agent reads what is left through
     // the files it holds open, then archives.
     for p in &peons {
-        fs::remove_dir_all(&p.pod_dir)?;
+        fs::remove_dir_all(&p.pod_dir).map_err(tree("remove", &p.pod_dir))?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut archived = std::collections::BTreeSet::new();
@@ -137,11 +182,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<bool> {
         let path = DirArchive::new(&archive_dir).path_of(&p.task);
         let got = fs::read(&path).unwrap_or_default();
         if opts.keep {
-            fs::create_dir_all(root.join("expected"))?;
-            fs::write(
-                root.join("expected").join(format!("{}.log", p.task)),
-                &p.writer.expected,
-            )?;
+            let expected = root.join("expected");
+            fs::create_dir_all(&expected).map_err(tree("create", &expected))?;
+            let file = expected.join(format!("{}.log", p.task));
+            fs::write(&file, &p.writer.expected).map_err(tree("write", &file))?;
         }
         let ok = got == p.writer.expected;
         all_ok &= ok;

@@ -340,6 +340,7 @@ fn main() -> ExitCode {
                 peons,
                 bytes_per_peon,
             })
+            .map_err(anyhow::Error::from)
             .map(|ok| {
                 if ok {
                     ExitCode::SUCCESS
