@@ -26,14 +26,14 @@ impl Ingest {
         if self.degraded {
             self.rescan_all = true;
         }
-        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         for name in &names {
             self.retry_reopen(name);
             self.dirty_read.insert(name.clone());
         }
         self.process(now);
         for name in &names {
-            let Some(t) = self.tasks.get_mut(name) else {
+            let Some(t) = self.tasks.get_mut(name.as_str()) else {
                 continue;
             };
             if t.task_id().is_none() {
@@ -145,14 +145,14 @@ impl Ingest {
                 t.dir_gone
                     && matches!(t.phase, Phase::Archived { at_ms, .. } if now.saturating_sub(at_ms) >= retention)
             })
-            .map(|(n, _)| n.clone())
+            .map(|(p, _)| p.name.clone())
             .collect();
         if self.aside_bytes > 0 {
             self.aside_bytes =
                 aside_bytes(&self.s.spool_dir, Some(Duration::from_millis(retention)));
         }
         for name in expired {
-            if let Some(t) = self.tasks.remove(&name) {
+            if let Some(t) = self.tasks.remove(name.as_str()) {
                 if let Some(id) = t.task_id() {
                     self.registry.remove(id, &name);
                 }
@@ -180,15 +180,15 @@ impl Ingest {
                 // The end is committed (not unsaved), so the committed lengths are the whole
                 // log; never the live lengths, which a crash could cut back.
                 Phase::Ended if !t.unsaved => JobKind::Finish {
-                    len: t.committed_len,
-                    file_len: t.committed_file_len,
+                    len: t.committed_len.get(),
+                    file_len: t.committed_file_len.get(),
                 },
                 Phase::Running => {
                     // Parts are cut from the text, or from the spool file for gzip output.
                     let have = if self.s.upload_gzip {
-                        t.committed_file_len
+                        t.committed_file_len.get()
                     } else {
-                        t.committed_len
+                        t.committed_len.get()
                     };
                     match self.s.part_sizes {
                         Some(sizes)
@@ -197,8 +197,8 @@ impl Ingest {
                                 .is_some_and(|end| have >= end) =>
                         {
                             JobKind::Parts {
-                                committed: t.committed_len,
-                                committed_file: t.committed_file_len,
+                                committed: t.committed_len.get(),
+                                committed_file: t.committed_file_len.get(),
                             }
                         }
                         _ => continue,
@@ -304,7 +304,7 @@ impl Ingest {
         // A file whose pod was deleted moments ago is still open here but gone for the next
         // agent: read everything there is (bounded) before the last checkpoint.
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
-        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         self.dirty_read.extend(names);
         while self.process(Instant::now()) && Instant::now() < deadline {}
         for t in self.tasks.values_mut() {

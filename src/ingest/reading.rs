@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 use crate::checkpoint::{DoneFile, Phase};
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::metrics::Metrics;
-use crate::tail::{self, FINGERPRINT_LEN};
+use crate::tail::{self, FINGERPRINT_LEN, SourceOffset};
+use crate::task::PodDir;
 
 use super::commit::seal;
 use super::{Ingest, Task};
@@ -48,7 +49,7 @@ impl Ingest {
             // and archive are what frees space, and their deleted files hold disk too. The
             // others keep their mark and are read once space is back; their bytes wait in
             // the source files meanwhile.
-            let gone = self.tasks.get(&name).is_some_and(|t| t.dir_gone);
+            let gone = self.tasks.get(name.as_str()).is_some_and(|t| t.dir_gone);
             if room == 0 && !gone {
                 self.dirty_read.insert(name);
                 continue;
@@ -73,7 +74,7 @@ impl Ingest {
         let Some(max) = self.s.spool_max_bytes else {
             return u64::MAX;
         };
-        let used = |tasks: &BTreeMap<String, Task>| -> u64 {
+        let used = |tasks: &BTreeMap<PodDir, Task>| -> u64 {
             tasks
                 .values()
                 .map(|t| t.writer.spool().file_len() + t.writer.tail_len() as u64)
@@ -236,7 +237,7 @@ fn read_step(
     let room = room.clamp(1, buf.len());
     let mut want = room.min(limit).max(1);
     let n = loop {
-        let n = match src.file.read_at(&mut buf[..want], src.offset) {
+        let n = match src.file.read_at(&mut buf[..want], src.offset.get()) {
             Ok(n) => n,
             Err(e) => {
                 warn!(file = %src.path.display(), error = %e, "read failed; retrying");
@@ -282,10 +283,10 @@ fn read_step(
         Ok(md) => md,
         Err(_) => return Step::Wait,
     };
-    if md.len() < src.offset {
+    if md.len() < src.offset.get() {
         m.file_truncations.fetch_add(1, Relaxed);
-        warn!(file = %src.path.display(), was = src.offset, now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
-        src.offset = 0;
+        warn!(file = %src.path.display(), was = src.offset.get(), now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
+        src.offset = SourceOffset::ZERO;
         src.decode = FileDecodeState::default();
         // The leading bytes the fingerprint covered are gone; it is taken again from the new
         // content at the next snapshot.
@@ -312,7 +313,7 @@ fn read_step(
     // The file was at its end when read, and cannot grow from now on; but bytes written
     // between that read and this decision (the runtime's last write, a write to a renamed
     // file until the runtime reopens) are there: read them before closing.
-    if md.len() > src.offset + n as u64 {
+    if md.len() > src.offset.get() + n as u64 {
         return Step::Read(0);
     }
     if n > 0 {
@@ -338,7 +339,7 @@ fn read_step(
         key.fp_len = len;
         key.fp = fp;
     }
-    debug!(file = %src.path.display(), bytes = src.offset, "log file drained; closed");
+    debug!(file = %src.path.display(), bytes = src.offset.get(), "log file drained; closed");
     let len = src.offset;
     sources.pop_front();
     m.files_closed.fetch_add(1, Relaxed);

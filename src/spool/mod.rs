@@ -16,7 +16,61 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use serde::{Deserialize, Serialize};
+
 use flate2::{Compress, Compression, Crc, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// A byte position in a task's log text, the decoded text `kubectl logs` prints and `zcat`
+/// of the spool gives: what Druid's `offset=` counts and what a text archive holds. Not to be
+/// mixed up with a [`SpoolFileOffset`] (compressed bytes) nor with a position in a source file
+/// ([`crate::tail::SourceOffset`]); `#[serde(transparent)]` keeps the checkpoint a plain number.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct LogOffset(u64);
+
+/// A byte position in a spool file: compressed bytes, always at a gzip member boundary where
+/// it is recorded (a checkpoint's committed length, the end of a gzip part). See [`LogOffset`]
+/// for why it is a type.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct SpoolFileOffset(u64);
+
+macro_rules! offset_ops {
+    ($t:ident) => {
+        impl $t {
+            /// The start.
+            pub const ZERO: $t = $t(0);
+
+            /// The position `n` bytes from the start.
+            pub const fn new(n: u64) -> Self {
+                $t(n)
+            }
+
+            /// The position as a byte count, for the readers' `u64` ranges and for messages.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl std::ops::AddAssign<u64> for $t {
+            fn add_assign(&mut self, n: u64) {
+                self.0 += n;
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+offset_ops!(LogOffset);
+offset_ops!(SpoolFileOffset);
 
 const HEADER_LEN: usize = 24;
 const TRAILER_LEN: usize = 8;
@@ -232,9 +286,10 @@ impl Spool {
 }
 
 impl SpoolWriter {
-    /// Opens the spool at `path`, cutting it to `committed_len` (what the last checkpoint
+    /// Opens the spool at `path`, cutting it to `committed` (what the last checkpoint
     /// vouches for) and rebuilding the block index from the member headers.
-    pub fn open(path: &Path, committed_len: u64) -> Result<Self, SpoolError> {
+    pub fn open(path: &Path, committed: SpoolFileOffset) -> Result<Self, SpoolError> {
+        let committed_len = committed.get();
         let io = |op, source| SpoolError::Io {
             path: path.to_owned(),
             op,
@@ -298,6 +353,17 @@ impl SpoolWriter {
     /// The shared handle, for the registry and readers; it stays valid after the writer is gone.
     pub fn spool(&self) -> &Arc<Spool> {
         &self.spool
+    }
+
+    /// Bytes of log text held, sealed and unsealed: where the next appended byte goes. Typed,
+    /// unlike [`Spool::len`], as the engine keeps it beside source and spool-file offsets.
+    pub fn log_len(&self) -> LogOffset {
+        LogOffset(self.spool.len())
+    }
+
+    /// Bytes of the spool file that hold sealed blocks: where the next member goes.
+    pub fn file_len(&self) -> SpoolFileOffset {
+        SpoolFileOffset(self.spool.file_len())
     }
 
     /// Lets `f` append decoded text to the tail; the only way text enters a spool.
@@ -454,7 +520,7 @@ mod tests {
     fn ranges_across_blocks_and_tail_and_plain_gzip_readable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
-        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
         let mut p = Packer::new(1);
         let all = text(300_000, 7);
         for chunk in all.chunks(70_000) {
@@ -492,31 +558,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
         let all = text(200_000, 3);
-        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
         let mut p = Packer::new(1);
         w.append(|t| t.extend_from_slice(&all[..100_000]));
         w.seal(&mut p).unwrap();
-        let committed = w.spool().file_len();
+        let committed = w.file_len();
         w.append(|t| t.extend_from_slice(&all[100_000..]));
         w.seal(&mut p).unwrap();
         drop(w);
         let w = SpoolWriter::open(&path, committed).unwrap();
         assert_eq!(w.spool().len(), 100_000);
         assert_eq!(read_all(w.spool(), 0, 100_000), &all[..100_000]);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), committed);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), committed.get());
     }
 
     #[test]
     fn committed_length_inside_a_member_is_reported_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");
-        let mut w = SpoolWriter::open(&path, 0).unwrap();
+        let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
         let mut p = Packer::new(1);
         w.append(|t| t.extend_from_slice(b"hello\n"));
         w.seal(&mut p).unwrap();
         let len = w.spool().file_len();
         drop(w);
-        let err = SpoolWriter::open(&path, len - 3).unwrap_err();
+        let err = SpoolWriter::open(&path, SpoolFileOffset::new(len - 3)).unwrap_err();
         assert!(matches!(err, SpoolError::Corrupt { .. }), "{err}");
     }
 }
