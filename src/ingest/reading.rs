@@ -248,10 +248,19 @@ fn read_step(
             break n;
         }
         let input = &buf[..n];
-        let mut used = writer.append(|tail| {
-            reserve_tail(tail, n, block);
-            dec.decode(&mut src.decode, lines, input, Tail::Growing, tail, stats)
-        });
+        // Decoded straight into the spool's tail: the only copy of the text.
+        let mut used = {
+            let mut tail = writer.tail();
+            reserve_tail(&mut tail, n, block);
+            dec.decode(
+                &mut src.decode,
+                lines,
+                input,
+                Tail::Growing,
+                &mut tail,
+                stats,
+            )
+        };
         if used == 0 && n == want {
             if want < room {
                 // The record is longer than the read budget left: read up to the block.
@@ -268,9 +277,14 @@ fn read_step(
                 continue;
             }
             // One record larger than the buffer: take it piecewise rather than never.
-            used = writer.append(|tail| {
-                dec.decode(&mut src.decode, lines, input, Tail::Oversized, tail, stats)
-            });
+            used = dec.decode(
+                &mut src.decode,
+                lines,
+                input,
+                Tail::Oversized,
+                &mut writer.tail(),
+                stats,
+            );
         }
         if used > 0 {
             src.offset += used as u64;
@@ -319,8 +333,14 @@ fn read_step(
     if n > 0 {
         // The file will not grow: its unterminated last record is final.
         let input = &buf[..n];
-        let used = writer
-            .append(|tail| dec.decode(&mut src.decode, lines, input, Tail::Final, tail, stats));
+        let used = dec.decode(
+            &mut src.decode,
+            lines,
+            input,
+            Tail::Final,
+            &mut writer.tail(),
+            stats,
+        );
         src.offset += used as u64;
         return Step::Read(used as u64);
     }
@@ -328,7 +348,7 @@ fn read_step(
     if let Some(c) = src.decode.continuing.take()
         && c.ends_line
     {
-        writer.append(|tail| tail.push(b'\n'));
+        writer.tail().push(b'\n');
         appended = 1;
         lines[c.stream as usize & 1] = LineState::default();
         // The decoder counts the lines it ends; this one ends here.
