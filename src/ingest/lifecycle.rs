@@ -316,6 +316,11 @@ impl Ingest {
 
 /// Exponential backoff with jitter: 1 s doubling up to `max`; permanent errors (access denied,
 /// no such bucket) start at a quarter of `max`, since a person has to act first.
+///
+/// Not `backon`: a retry here is a deadline the ingest thread checks (`archive_retry_at`), not
+/// an async loop, so only its delay arithmetic would be used, as an iterator kept per task; and
+/// its jitter adds up to the whole delay on top, past `archive_retry_max_secs`, where this one
+/// takes up to a quarter off.
 fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     let base = if permanent {
         max / 4
@@ -327,4 +332,31 @@ fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     // Spread retries of many tasks over time instead of retrying all at once.
     let jitter = fastrand::u64(..=capped.as_millis() as u64 / 4);
     capped - Duration::from_millis(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `archive_retry_max_secs` is a cap the jitter never exceeds, and permanent errors start
+    /// at a quarter of it.
+    #[test]
+    fn backoff_doubles_within_the_cap() {
+        let max = Duration::from_secs(300);
+        for permanent in [false, true] {
+            for failures in 1..40 {
+                let base = if permanent {
+                    max / 4
+                } else {
+                    Duration::from_secs(1)
+                };
+                let want = base.saturating_mul(1 << (failures - 1).min(16)).min(max);
+                let got = backoff(failures, permanent, max);
+                assert!(
+                    got <= want && got >= want * 3 / 4,
+                    "{failures} {permanent}: {got:?}"
+                );
+            }
+        }
+    }
 }
