@@ -4,7 +4,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use druid_log_agent::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use druid_log_agent::loadgen::{LineGen, encode_cri};
-use druid_log_agent::spool::{Packer, SpoolWriter};
+use druid_log_agent::spool::{Packer, SpoolFileOffset, SpoolWriter};
 use std::hint::black_box;
 
 /// About `bytes` of CRI records of Druid-style lines (long lines split into P/F records).
@@ -80,7 +80,7 @@ fn spool(c: &mut Criterion) {
         b.iter(|| {
             let path = dir.path().join("w.gz");
             let _ = std::fs::remove_file(&path);
-            let mut w = SpoolWriter::open(&path, 0).unwrap();
+            let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
             for block in text.chunks(64 << 10) {
                 w.append(|t| t.extend_from_slice(block));
                 w.seal(&mut packer).unwrap();
@@ -89,7 +89,7 @@ fn spool(c: &mut Criterion) {
         })
     });
     let path = dir.path().join("r.gz");
-    let mut w = SpoolWriter::open(&path, 0).unwrap();
+    let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
     let mut packer = Packer::new(1);
     for block in text.chunks(64 << 10) {
         w.append(|t| t.extend_from_slice(block));

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::UploadState;
 use crate::decode::{FileDecodeState, LineState};
+use crate::spool::{LogOffset, SpoolFileOffset};
+use crate::tail::SourceOffset;
 
 /// Name of the checkpoint in the state directory. Without it an agent starts from nothing:
 /// it removes the spools, then reads and archives every log on the node again.
@@ -92,7 +94,7 @@ pub struct DoneFile {
     pub key: FileKey,
     /// `None` in checkpoints of agents before it was recorded: such a file is never read again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub len: Option<u64>,
+    pub len: Option<SourceOffset>,
 }
 
 /// Where the lifecycle of a task stands.
@@ -122,7 +124,7 @@ pub struct SourceState {
     /// The file's identity; decides which file on disk this is.
     pub key: FileKey,
     /// Next byte to read; everything before it is in the spool's committed part.
-    pub offset: u64,
+    pub offset: SourceOffset,
     /// Where the file was last seen; only a hint, the key decides.
     pub path: PathBuf,
     /// Decoder state at `offset`: a record cut across two reads continues from here.
@@ -143,9 +145,9 @@ pub struct TaskState {
     /// restore: an id that is no valid [`crate::task::TaskId`] makes the task pending again.
     pub task_id: Option<String>,
     /// Committed length of the spool file (compressed bytes).
-    pub spool_file_len: u64,
+    pub spool_file_len: SpoolFileOffset,
     /// Bytes of log text in that committed part.
-    pub log_len: u64,
+    pub log_len: LogOffset,
     /// Where the lifecycle stands. A task that writes again after `Ended` or `Archived` is
     /// `Running` again, and is archived again, whole, when it ends.
     pub phase: Phase,
@@ -237,8 +239,8 @@ mod tests {
                 pod_dir: "druid_peon-1_abc".into(),
                 container: "main".into(),
                 task_id: Some("index_kafka_x".into()),
-                spool_file_len: 10,
-                log_len: 20,
+                spool_file_len: SpoolFileOffset::new(10),
+                log_len: LogOffset::new(20),
                 phase: Phase::Archived {
                     at_ms: 9,
                     archived_len: 20,
@@ -252,7 +254,7 @@ mod tests {
                         fp_len: 64,
                         fp: 3,
                     },
-                    len: Some(4096),
+                    len: Some(SourceOffset::new(4096)),
                 }],
                 last_restart: Some(0),
                 lines: Default::default(),
@@ -278,6 +280,29 @@ mod tests {
         let st = parse(old).unwrap();
         assert_eq!(st.tasks[0].done[0].len, None);
         assert_eq!(st.tasks[0].done[0].key.ino, 2);
+    }
+
+    /// Offsets are types of their own in the code (source, log text, spool file) but plain
+    /// numbers in the file: a checkpoint as agents before the types wrote it loads with every
+    /// offset in place and is written again byte for byte.
+    #[test]
+    fn offsets_are_plain_numbers_in_the_file() {
+        let old = concat!(
+            r#"{"version":"1","committed_at_ms":1,"tasks":[{"pod_dir":"a_b_c","container":"main","#,
+            r#""task_id":"t","spool_file_len":123,"log_len":456,"phase":{"phase":"running"},"#,
+            r#""sources":[{"restart":0,"key":{"dev":1,"ino":2,"born_ns":3,"fp_len":64,"fp":4},"#,
+            r#""offset":789,"path":"/x/0.log","decode":{"format":"cri","continuing":null}}],"#,
+            r#""done":[{"dev":1,"ino":5,"born_ns":0,"fp_len":64,"fp":6,"len":4096}],"#,
+            r#""last_restart":0,"lines":[{"len":0,"truncated":false},{"len":0,"truncated":false}],"#,
+            r#""upload":{"upload_id":null,"parts":[],"completing":false},"first_seen_ms":7}]}"#
+        );
+        let st = parse(old.as_bytes()).unwrap();
+        let t = &st.tasks[0];
+        assert_eq!(t.spool_file_len, SpoolFileOffset::new(123));
+        assert_eq!(t.log_len, LogOffset::new(456));
+        assert_eq!(t.sources[0].offset, SourceOffset::new(789));
+        assert_eq!(t.done[0].len, Some(SourceOffset::new(4096)));
+        assert_eq!(String::from_utf8(encode(&st)).unwrap(), old);
     }
 
     #[test]

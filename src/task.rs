@@ -55,7 +55,12 @@ impl fmt::Display for TaskId {
 
 /// A kubelet pod log directory, `<namespace>_<pod>_<uid>`. Kubernetes names and uids never
 /// contain `_`, so the split is exact.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The key of a task in the engine: only a name that parses is one, so every task, spool and
+/// checkpoint entry has a valid name. Compared, ordered and hashed by `name` alone (which
+/// determines the other fields), so that a map keyed by it is looked up with the `&str` of a
+/// directory entry or an event's path ([`Borrow<str>`](std::borrow::Borrow)).
+#[derive(Debug, Clone)]
 pub struct PodDir {
     /// The whole directory name: the task's key in the engine, the checkpoint and spool names.
     pub name: String,
@@ -89,6 +94,44 @@ impl PodDir {
             pod: pod.to_owned(),
             uid: uid.to_owned(),
         })
+    }
+}
+
+impl PartialEq for PodDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for PodDir {}
+
+impl PartialOrd for PodDir {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PodDir {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.name.cmp(&other.name)
+    }
+}
+
+impl std::hash::Hash for PodDir {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for PodDir {
+    fn borrow(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for PodDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
     }
 }
 

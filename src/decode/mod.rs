@@ -8,8 +8,16 @@
 //!
 //! Architecture invariant: the decoder never drops a byte silently. Malformed records are kept
 //! raw (and counted); bytes beyond the line cap are counted as truncated.
+//!
+//! One file per format: `cri` and `json` (Docker's json-file); this file holds the record loop
+//! both share, the line cap and the state kept across reads.
+
+mod cri;
+mod json;
 
 use serde::{Deserialize, Serialize};
+
+pub use cri::parse_cri;
 
 /// Appended once to a line cut at the cap, so a reader sees that something is missing.
 pub const TRUNCATION_MARKER: &[u8] = b" [druid-log-agent: line truncated]";
@@ -178,78 +186,8 @@ impl Decoder {
         pos
     }
 
-    fn cri_record(
-        &self,
-        file: &mut FileDecodeState,
-        lines: &mut [LineState; 2],
-        record: &[u8],
-        complete: bool,
-        out: &mut Vec<u8>,
-        stats: &mut DecodeStats,
-    ) {
-        match parse_cri(record) {
-            Some((stream, partial, msg)) => {
-                let s = stream as usize;
-                self.emit(lines, s, msg, out, stats);
-                if complete {
-                    if !partial {
-                        self.end_line(lines, s, out, stats);
-                    }
-                } else {
-                    file.continuing = Some(Continuation {
-                        stream: stream as u8,
-                        ends_line: !partial,
-                    });
-                }
-            }
-            None => self.raw_record(file, lines, record, complete, out, stats),
-        }
-    }
-
-    fn json_record(
-        &self,
-        file: &mut FileDecodeState,
-        lines: &mut [LineState; 2],
-        record: &[u8],
-        complete: bool,
-        out: &mut Vec<u8>,
-        stats: &mut DecodeStats,
-    ) {
-        #[derive(Deserialize)]
-        struct JsonRecord<'a> {
-            #[serde(borrow)]
-            log: std::borrow::Cow<'a, str>,
-            #[serde(default)]
-            stream: std::borrow::Cow<'a, str>,
-        }
-        // An incomplete JSON record cannot be parsed piecewise; it is kept raw instead.
-        let parsed = if complete {
-            serde_json::from_slice::<JsonRecord>(record).ok()
-        } else {
-            None
-        };
-        match parsed {
-            Some(r) => {
-                let s = if r.stream == "stderr" {
-                    Stream::Stderr
-                } else {
-                    Stream::Stdout
-                } as usize;
-                let text = r.log.as_bytes();
-                match text.strip_suffix(b"\n") {
-                    Some(line) => {
-                        self.emit(lines, s, line, out, stats);
-                        self.end_line(lines, s, out, stats);
-                    }
-                    None => self.emit(lines, s, text, out, stats),
-                }
-            }
-            None => self.raw_record(file, lines, record, complete, out, stats),
-        }
-    }
-
     /// A record that is not in the file's format: kept as it is, as a line of its own.
-    fn raw_record(
+    pub(super) fn raw_record(
         &self,
         file: &mut FileDecodeState,
         lines: &mut [LineState; 2],
@@ -272,7 +210,7 @@ impl Decoder {
     }
 
     #[inline]
-    fn emit(
+    pub(super) fn emit(
         &self,
         lines: &mut [LineState; 2],
         stream: usize,
@@ -298,7 +236,7 @@ impl Decoder {
     }
 
     #[inline]
-    fn end_line(
+    pub(super) fn end_line(
         &self,
         lines: &mut [LineState; 2],
         stream: usize,
@@ -309,37 +247,6 @@ impl Decoder {
         lines[stream & 1] = LineState::default();
         stats.lines += 1;
     }
-}
-
-/// Splits `<time> <stdout|stderr> <P|F>[:tags] <message>`; `None` if the record is not CRI.
-/// The timestamp is only checked for shape: parsing it would cost more than the rest of the
-/// record and the output does not include it.
-#[inline]
-pub fn parse_cri(record: &[u8]) -> Option<(Stream, bool, &[u8])> {
-    let sp = memchr::memchr(b' ', record)?;
-    if sp < 10 || !record[0].is_ascii_digit() {
-        return None;
-    }
-    let rest = &record[sp + 1..];
-    let (stream, rest) = if let Some(r) = rest.strip_prefix(b"stdout ") {
-        (Stream::Stdout, r)
-    } else if let Some(r) = rest.strip_prefix(b"stderr ") {
-        (Stream::Stderr, r)
-    } else {
-        return None;
-    };
-    let tag_end = memchr::memchr(b' ', rest).unwrap_or(rest.len());
-    let tags = &rest[..tag_end];
-    let partial = match tags.first() {
-        Some(b'P') => true,
-        Some(b'F') => false,
-        _ => return None,
-    };
-    if tags.len() > 1 && tags[1] != b':' {
-        return None;
-    }
-    let msg = rest.get(tag_end + 1..).unwrap_or(&[]);
-    Some((stream, partial, msg))
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use tracing::{debug, error, info};
 
 use crate::checkpoint::{self, SourceState, State, TaskState};
 use crate::metrics::Metrics;
-use crate::spool::Packer;
+use crate::spool::{LogOffset, Packer, SpoolFileOffset};
 use crate::tail::{self, FINGERPRINT_LEN};
+use crate::task::PodDir;
 
 use super::{Ingest, Source, Task, now_ms};
 
@@ -24,7 +25,7 @@ const SEAL_RETRY_MAX: Duration = Duration::from_secs(2);
 pub(super) struct InFlight {
     marks: Vec<Mark>,
     /// Tasks whose spools the job syncs.
-    synced: Vec<String>,
+    synced: Vec<PodDir>,
     spool_dir_synced: bool,
     commit_now: bool,
     checkpoint_dirty: bool,
@@ -32,10 +33,10 @@ pub(super) struct InFlight {
 
 /// A task's snapshot as the commit in flight records it.
 struct Mark {
-    pod_dir: String,
+    pod_dir: PodDir,
     snapshot_gen: u64,
-    log_len: u64,
-    file_len: u64,
+    log_len: LogOffset,
+    file_len: SpoolFileOffset,
 }
 
 /// The slow part of a commit: fsync the spools written since their last sync, then replace
@@ -300,8 +301,8 @@ pub(super) fn snapshot(t: &mut Task) -> TaskState {
             .unwrap_or_default()
             .to_owned(),
         task_id: t.task_id().map(|i| i.to_string()),
-        spool_file_len: t.writer.spool().file_len(),
-        log_len: t.writer.spool().len(),
+        spool_file_len: t.writer.file_len(),
+        log_len: t.writer.log_len(),
         phase: t.phase,
         sources: match &t.restoring {
             Some(states) => states.clone(),

@@ -10,8 +10,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use tracing::{debug, error, info, warn};
 
 use crate::decode::FileDecodeState;
-use crate::spool::SpoolWriter;
+use crate::spool::{SpoolFileOffset, SpoolWriter};
 use crate::tail;
+use crate::tail::SourceOffset;
 use crate::task::{Identity, PodDir};
 
 use super::{Ingest, Source, Task, held};
@@ -101,7 +102,7 @@ impl Ingest {
                 return;
             }
         }
-        let known: Vec<String> = self.tasks.keys().cloned().collect();
+        let known: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         for name in known.iter().filter(|n| !present.contains(*n)) {
             self.scan_pod(name);
         }
@@ -147,7 +148,7 @@ impl Ingest {
                 return;
             }
             let path = self.spool_path(name);
-            let writer = match SpoolWriter::open(&path, 0) {
+            let writer = match SpoolWriter::open(&path, SpoolFileOffset::ZERO) {
                 Ok(w) => w,
                 Err(e) => {
                     self.metrics.spool_errors.fetch_add(1, Relaxed);
@@ -159,10 +160,8 @@ impl Ingest {
             info!(pod_dir = name, identity = ?identity, "new pod log directory");
             self.metrics.tasks_started.fetch_add(1, Relaxed);
             let container_dir = pod_path.join(&self.s.container);
-            self.tasks.insert(
-                name.to_owned(),
-                Task::new(pod, identity, container_dir, writer),
-            );
+            self.tasks
+                .insert(pod.clone(), Task::new(pod, identity, container_dir, writer));
         }
         let Some(t) = self.tasks.get_mut(name) else {
             return;
@@ -247,7 +246,7 @@ impl Ingest {
                 let d = t.done[i];
                 let grown = d
                     .len
-                    .is_some_and(|len| file.metadata().is_ok_and(|m| m.len() > len));
+                    .is_some_and(|len| file.metadata().is_ok_and(|m| m.len() > len.get()));
                 if !grown {
                     continue;
                 }
@@ -255,7 +254,7 @@ impl Ingest {
                 // said the container had ended when it had not): read on from where reading
                 // stopped. It precedes every file still open, which were all found after it.
                 let offset = d.len.unwrap_or_default();
-                warn!(file = %f.path.display(), offset, "log file grew after it was read to its end and closed; reading on");
+                warn!(file = %f.path.display(), offset = offset.get(), "log file grew after it was read to its end and closed; reading on");
                 t.done.remove(i);
                 self.metrics.files_opened.fetch_add(1, Relaxed);
                 t.sources.push_front(Source {
@@ -288,7 +287,7 @@ impl Ingest {
                 key,
                 path: f.path,
                 file,
-                offset: 0,
+                offset: SourceOffset::ZERO,
                 decode: FileDecodeState::default(),
             });
         }

@@ -26,14 +26,14 @@ impl Ingest {
         if self.degraded {
             self.rescan_all = true;
         }
-        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         for name in &names {
             self.retry_reopen(name);
             self.dirty_read.insert(name.clone());
         }
         self.process(now);
         for name in &names {
-            let Some(t) = self.tasks.get_mut(name) else {
+            let Some(t) = self.tasks.get_mut(name.as_str()) else {
                 continue;
             };
             if t.task_id().is_none() {
@@ -145,14 +145,14 @@ impl Ingest {
                 t.dir_gone
                     && matches!(t.phase, Phase::Archived { at_ms, .. } if now.saturating_sub(at_ms) >= retention)
             })
-            .map(|(n, _)| n.clone())
+            .map(|(p, _)| p.name.clone())
             .collect();
         if self.aside_bytes > 0 {
             self.aside_bytes =
                 aside_bytes(&self.s.spool_dir, Some(Duration::from_millis(retention)));
         }
         for name in expired {
-            if let Some(t) = self.tasks.remove(&name) {
+            if let Some(t) = self.tasks.remove(name.as_str()) {
                 if let Some(id) = t.task_id() {
                     self.registry.remove(id, &name);
                 }
@@ -180,15 +180,15 @@ impl Ingest {
                 // The end is committed (not unsaved), so the committed lengths are the whole
                 // log; never the live lengths, which a crash could cut back.
                 Phase::Ended if !t.unsaved => JobKind::Finish {
-                    len: t.committed_len,
-                    file_len: t.committed_file_len,
+                    len: t.committed_len.get(),
+                    file_len: t.committed_file_len.get(),
                 },
                 Phase::Running => {
                     // Parts are cut from the text, or from the spool file for gzip output.
                     let have = if self.s.upload_gzip {
-                        t.committed_file_len
+                        t.committed_file_len.get()
                     } else {
-                        t.committed_len
+                        t.committed_len.get()
                     };
                     match self.s.part_sizes {
                         Some(sizes)
@@ -197,8 +197,8 @@ impl Ingest {
                                 .is_some_and(|end| have >= end) =>
                         {
                             JobKind::Parts {
-                                committed: t.committed_len,
-                                committed_file: t.committed_file_len,
+                                committed: t.committed_len.get(),
+                                committed_file: t.committed_file_len.get(),
                             }
                         }
                         _ => continue,
@@ -304,7 +304,7 @@ impl Ingest {
         // A file whose pod was deleted moments ago is still open here but gone for the next
         // agent: read everything there is (bounded) before the last checkpoint.
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
-        let names: Vec<String> = self.tasks.keys().cloned().collect();
+        let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         self.dirty_read.extend(names);
         while self.process(Instant::now()) && Instant::now() < deadline {}
         for t in self.tasks.values_mut() {
@@ -316,6 +316,11 @@ impl Ingest {
 
 /// Exponential backoff with jitter: 1 s doubling up to `max`; permanent errors (access denied,
 /// no such bucket) start at a quarter of `max`, since a person has to act first.
+///
+/// Not `backon`: a retry here is a deadline the ingest thread checks (`archive_retry_at`), not
+/// an async loop, so only its delay arithmetic would be used, as an iterator kept per task; and
+/// its jitter adds up to the whole delay on top, past `archive_retry_max_secs`, where this one
+/// takes up to a quarter off.
 fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     let base = if permanent {
         max / 4
@@ -327,4 +332,31 @@ fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     // Spread retries of many tasks over time instead of retrying all at once.
     let jitter = fastrand::u64(..=capped.as_millis() as u64 / 4);
     capped - Duration::from_millis(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `archive_retry_max_secs` is a cap the jitter never exceeds, and permanent errors start
+    /// at a quarter of it.
+    #[test]
+    fn backoff_doubles_within_the_cap() {
+        let max = Duration::from_secs(300);
+        for permanent in [false, true] {
+            for failures in 1..40 {
+                let base = if permanent {
+                    max / 4
+                } else {
+                    Duration::from_secs(1)
+                };
+                let want = base.saturating_mul(1 << (failures - 1).min(16)).min(max);
+                let got = backoff(failures, permanent, max);
+                assert!(
+                    got <= want && got >= want * 3 / 4,
+                    "{failures} {permanent}: {got:?}"
+                );
+            }
+        }
+    }
 }

@@ -35,7 +35,8 @@ use crate::config::Config;
 use crate::decode::{Decoder, FileDecodeState, LineState};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TaskEntry};
-use crate::spool::{Packer, SpoolWriter};
+use crate::spool::{LogOffset, Packer, SpoolFileOffset, SpoolWriter};
+use crate::tail::SourceOffset;
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 
 pub use crate::tail::{DirWatcher, NoWatch};
@@ -83,7 +84,7 @@ struct Source {
     /// Device and inode of the open fd: the key's, except for a file read back from its
     /// `.gz`, whose original inode is free for the kubelet's next file.
     held: (u64, u64),
-    offset: u64,
+    offset: SourceOffset,
     decode: FileDecodeState,
 }
 
@@ -132,9 +133,9 @@ struct Task {
     archive_error: Option<String>,
     upload: UploadState,
     /// Log bytes the last successful commit vouches for: only these may be archived.
-    committed_len: u64,
+    committed_len: LogOffset,
     /// The spool file length of that commit.
-    committed_file_len: u64,
+    committed_file_len: SpoolFileOffset,
     first_seen_ms: u64,
 }
 
@@ -169,8 +170,8 @@ impl Task {
             archived_to: None,
             archive_error: None,
             upload: UploadState::default(),
-            committed_len: 0,
-            committed_file_len: 0,
+            committed_len: LogOffset::ZERO,
+            committed_file_len: SpoolFileOffset::ZERO,
             first_seen_ms: now_ms(),
         }
     }
@@ -211,7 +212,8 @@ pub struct Ingest {
     identity: Box<dyn TaskIdentity>,
     watcher: Box<dyn DirWatcher>,
     metrics: Arc<Metrics>,
-    tasks: BTreeMap<String, Task>,
+    /// Keyed by pod directory: looked up by the `&str` names that events and listings give.
+    tasks: BTreeMap<PodDir, Task>,
     ignored: HashSet<String>,
     warned: HashSet<PathBuf>,
     buf: Vec<u8>,
@@ -343,7 +345,7 @@ impl Ingest {
                     s.file
                         .metadata()
                         .ok()
-                        .map(|m| m.len().saturating_sub(s.offset))
+                        .map(|m| m.len().saturating_sub(s.offset.get()))
                 })
                 .sum(),
         });

@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 use crate::checkpoint::{DoneFile, Phase};
 use crate::decode::{DecodeStats, Decoder, FileDecodeState, LineState, Tail};
 use crate::metrics::Metrics;
-use crate::tail::{self, FINGERPRINT_LEN};
+use crate::tail::{self, FINGERPRINT_LEN, SourceOffset};
+use crate::task::PodDir;
 
 use super::commit::seal;
 use super::{Ingest, Task};
@@ -48,7 +49,7 @@ impl Ingest {
             // and archive are what frees space, and their deleted files hold disk too. The
             // others keep their mark and are read once space is back; their bytes wait in
             // the source files meanwhile.
-            let gone = self.tasks.get(&name).is_some_and(|t| t.dir_gone);
+            let gone = self.tasks.get(name.as_str()).is_some_and(|t| t.dir_gone);
             if room == 0 && !gone {
                 self.dirty_read.insert(name);
                 continue;
@@ -73,7 +74,7 @@ impl Ingest {
         let Some(max) = self.s.spool_max_bytes else {
             return u64::MAX;
         };
-        let used = |tasks: &BTreeMap<String, Task>| -> u64 {
+        let used = |tasks: &BTreeMap<PodDir, Task>| -> u64 {
             tasks
                 .values()
                 .map(|t| t.writer.spool().file_len() + t.writer.tail_len() as u64)
@@ -236,7 +237,7 @@ fn read_step(
     let room = room.clamp(1, buf.len());
     let mut want = room.min(limit).max(1);
     let n = loop {
-        let n = match src.file.read_at(&mut buf[..want], src.offset) {
+        let n = match src.file.read_at(&mut buf[..want], src.offset.get()) {
             Ok(n) => n,
             Err(e) => {
                 warn!(file = %src.path.display(), error = %e, "read failed; retrying");
@@ -247,10 +248,19 @@ fn read_step(
             break n;
         }
         let input = &buf[..n];
-        let mut used = writer.append(|tail| {
-            reserve_tail(tail, n, block);
-            dec.decode(&mut src.decode, lines, input, Tail::Growing, tail, stats)
-        });
+        // Decoded straight into the spool's tail: the only copy of the text.
+        let mut used = {
+            let mut tail = writer.tail();
+            reserve_tail(&mut tail, n, block);
+            dec.decode(
+                &mut src.decode,
+                lines,
+                input,
+                Tail::Growing,
+                &mut tail,
+                stats,
+            )
+        };
         if used == 0 && n == want {
             if want < room {
                 // The record is longer than the read budget left: read up to the block.
@@ -267,9 +277,14 @@ fn read_step(
                 continue;
             }
             // One record larger than the buffer: take it piecewise rather than never.
-            used = writer.append(|tail| {
-                dec.decode(&mut src.decode, lines, input, Tail::Oversized, tail, stats)
-            });
+            used = dec.decode(
+                &mut src.decode,
+                lines,
+                input,
+                Tail::Oversized,
+                &mut writer.tail(),
+                stats,
+            );
         }
         if used > 0 {
             src.offset += used as u64;
@@ -282,10 +297,10 @@ fn read_step(
         Ok(md) => md,
         Err(_) => return Step::Wait,
     };
-    if md.len() < src.offset {
+    if md.len() < src.offset.get() {
         m.file_truncations.fetch_add(1, Relaxed);
-        warn!(file = %src.path.display(), was = src.offset, now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
-        src.offset = 0;
+        warn!(file = %src.path.display(), was = src.offset.get(), now = md.len(), "log file shrank (copytruncate?); reading it again from the start");
+        src.offset = SourceOffset::ZERO;
         src.decode = FileDecodeState::default();
         // The leading bytes the fingerprint covered are gone; it is taken again from the new
         // content at the next snapshot.
@@ -312,14 +327,20 @@ fn read_step(
     // The file was at its end when read, and cannot grow from now on; but bytes written
     // between that read and this decision (the runtime's last write, a write to a renamed
     // file until the runtime reopens) are there: read them before closing.
-    if md.len() > src.offset + n as u64 {
+    if md.len() > src.offset.get() + n as u64 {
         return Step::Read(0);
     }
     if n > 0 {
         // The file will not grow: its unterminated last record is final.
         let input = &buf[..n];
-        let used = writer
-            .append(|tail| dec.decode(&mut src.decode, lines, input, Tail::Final, tail, stats));
+        let used = dec.decode(
+            &mut src.decode,
+            lines,
+            input,
+            Tail::Final,
+            &mut writer.tail(),
+            stats,
+        );
         src.offset += used as u64;
         return Step::Read(used as u64);
     }
@@ -327,7 +348,7 @@ fn read_step(
     if let Some(c) = src.decode.continuing.take()
         && c.ends_line
     {
-        writer.append(|tail| tail.push(b'\n'));
+        writer.tail().push(b'\n');
         appended = 1;
         lines[c.stream as usize & 1] = LineState::default();
         // The decoder counts the lines it ends; this one ends here.
@@ -338,7 +359,7 @@ fn read_step(
         key.fp_len = len;
         key.fp = fp;
     }
-    debug!(file = %src.path.display(), bytes = src.offset, "log file drained; closed");
+    debug!(file = %src.path.display(), bytes = src.offset.get(), "log file drained; closed");
     let len = src.offset;
     sources.pop_front();
     m.files_closed.fetch_add(1, Relaxed);

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::archive::UploadState;
 use crate::checkpoint::{DoneFile, FileKey, Phase, TaskState};
-use crate::spool::SpoolWriter;
+use crate::spool::{SpoolFileOffset, SpoolWriter};
 use crate::tail;
 use crate::task::{Identity, PodDir, TaskId};
 
@@ -42,7 +42,7 @@ impl Ingest {
             return Ok(());
         }
         let bad = match SpoolWriter::open(&path, ts.spool_file_len) {
-            Ok(w) if w.spool().len() == ts.log_len => Ok(w),
+            Ok(w) if w.log_len() == ts.log_len => Ok(w),
             Ok(w) => Err(format!(
                 "holds {} bytes of text, checkpoint says {}",
                 w.spool().len(),
@@ -78,10 +78,10 @@ impl Ingest {
         task.first_seen_ms = ts.first_seen_ms;
         task.spool_lost = ts.spool_lost;
         self.reopen_sources(&mut task);
-        info!(pod_dir = %task.pod.name, log_bytes = ts.log_len, files = ts.sources.len(), "resumed task from checkpoint");
+        info!(pod_dir = %task.pod.name, log_bytes = ts.log_len.get(), files = ts.sources.len(), "resumed task from checkpoint");
         let name = task.pod.name.clone();
         self.dirty_read.insert(name.clone());
-        self.tasks.insert(name.clone(), task);
+        self.tasks.insert(task.pod.clone(), task);
         self.publish(&name);
         Ok(())
     }
@@ -106,7 +106,7 @@ impl Ingest {
                 Ok(Some((path, file, recovered))) => {
                     if recovered {
                         // Gzipped by the kubelet while the agent was down: read from the copy.
-                        info!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset,
+                        info!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset.get(),
                             "log file was gzipped while the agent was down; reading it from its .gz");
                     }
                     sources.push_back((
@@ -135,7 +135,7 @@ impl Ingest {
                     // The error does not clear: read the files that opened. This one is
                     // remembered as read up to its committed offset, so should it open later
                     // and be longer, it is read on from there (out of order, but once).
-                    error!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset, error = %e,
+                    error!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset.get(), error = %e,
                         "a log file the checkpoint names still cannot be reopened; reading the task's other files, this one once it can be opened");
                     unopened.push(DoneFile {
                         key: ss.key,
@@ -147,7 +147,7 @@ impl Ingest {
         for ss in lost {
             self.metrics.lost_sources.fetch_add(1, Relaxed);
             warn!(
-                pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset,
+                pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset.get(),
                 "log file was rotated away or deleted while the agent was down; \
                  its bytes after the committed offset cannot be read"
             );
@@ -181,7 +181,7 @@ impl Ingest {
             if self.reopen_sources(&mut t) {
                 self.dirty_pods.insert(name.to_owned());
             }
-            self.tasks.insert(name.to_owned(), t);
+            self.tasks.insert(t.pod.clone(), t);
         }
     }
 
@@ -218,11 +218,12 @@ impl Ingest {
     ) -> Result<(), PipelineError> {
         // Without a spool the task's state would be dropped, and an archived task's files
         // archived again over the complete object: better not to start.
-        let writer =
-            SpoolWriter::open(path, 0).map_err(|source| PipelineError::SpoolUnavailable {
+        let writer = SpoolWriter::open(path, SpoolFileOffset::ZERO).map_err(|source| {
+            PipelineError::SpoolUnavailable {
                 pod_dir: ts.pod_dir.clone(),
                 source,
-            })?;
+            }
+        })?;
         self.spool_dir_unsynced = true;
         let container_dir = self.s.log_root.join(&pod.name).join(&ts.container);
         let identity = restored_identity(&ts, &pod);
@@ -249,7 +250,7 @@ impl Ingest {
         task.unsaved = true;
         let name = task.pod.name.clone();
         self.dirty_pods.insert(name.clone());
-        self.tasks.insert(name.clone(), task);
+        self.tasks.insert(task.pod.clone(), task);
         self.publish(&name);
         Ok(())
     }

@@ -18,6 +18,53 @@ use crate::checkpoint::FileKey;
 mod watch;
 pub use watch::{DirWatcher, NoWatch};
 
+/// A byte position in a source log file (the runtime's CRI or json-file records): where
+/// reading resumes. A type of its own because it travels beside positions in the decoded text
+/// and in the spool file, which count other bytes; `#[serde(transparent)]` keeps the checkpoint
+/// a plain number.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct SourceOffset(u64);
+
+impl SourceOffset {
+    /// The start of a file.
+    pub const ZERO: SourceOffset = SourceOffset(0);
+
+    /// The offset `n` bytes into the file.
+    pub const fn new(n: u64) -> Self {
+        SourceOffset(n)
+    }
+
+    /// The offset as a byte count, for `pread`, comparisons with a file's size and messages.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::ops::AddAssign<u64> for SourceOffset {
+    fn add_assign(&mut self, n: u64) {
+        self.0 += n;
+    }
+}
+
+impl std::fmt::Display for SourceOffset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// How many leading bytes identify a file's content (CRI lines start with a nanosecond
 /// timestamp, so two log files differ well within this).
 pub const FINGERPRINT_LEN: u32 = 64;

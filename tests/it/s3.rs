@@ -14,7 +14,7 @@ use druid_log_agent::archive::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
 use druid_log_agent::serve::druid_start;
-use druid_log_agent::spool::{Spool, SpoolWriter};
+use druid_log_agent::spool::{Spool, SpoolFileOffset, SpoolWriter};
 use druid_log_agent::task::TaskId;
 use druid_log_agent_testkit::faultproxy::{FaultProxy, Mode};
 
@@ -54,7 +54,7 @@ fn text(bytes: usize, seed: u64) -> Vec<u8> {
 }
 
 fn spool_of(dir: &std::path::Path, content: &[u8]) -> Arc<Spool> {
-    let mut w = SpoolWriter::open(&dir.join("t.gz"), 0).unwrap();
+    let mut w = SpoolWriter::open(&dir.join("t.gz"), SpoolFileOffset::ZERO).unwrap();
     let mut p = druid_log_agent::spool::Packer::new(1);
     for chunk in content.chunks(64 << 10) {
         w.append(|t| t.extend_from_slice(chunk));
