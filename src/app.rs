@@ -138,10 +138,10 @@ impl Agent {
         ));
 
         let timing = Timing {
-            poll: Duration::from_millis(cfg.poll_interval_ms),
-            rescan: Duration::from_secs(cfg.rescan_interval_secs.max(1)),
-            commit: Duration::from_millis(cfg.commit_interval_ms),
-            shutdown_grace: Duration::from_secs(cfg.shutdown_timeout_secs),
+            poll: cfg.poll_interval,
+            rescan: cfg.rescan_interval.max(Duration::from_secs(1)),
+            commit: cfg.commit_interval,
+            shutdown_grace: cfg.shutdown_timeout,
         };
         // Commits run beside ingest: their fsyncs can take hundreds of milliseconds on a busy
         // disk, and reading must not stop for them (a line is visible once read).
@@ -521,7 +521,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<
         agent.metrics().clone(),
         serve::ServeOptions {
             token,
-            follow_max: std::time::Duration::from_secs(cfg.follow_max_secs),
+            follow_max: cfg.follow_max,
             max_connections: cfg.http_max_connections,
             state_dir: cfg.state_dir.clone(),
             pod_cache,

@@ -95,7 +95,7 @@ pub fn run(opts: &DemoOptions) -> Result<bool, DemoError> {
         archive: ArchiveConfig::Dir {
             dir: archive_dir.clone(),
         },
-        idle_timeout_secs: 0,
+        idle_timeout: std::time::Duration::ZERO,
         ..Config::default()
     };
     println!("demo tree:     {}", root.display());

@@ -19,3 +19,4 @@ pub mod serve;
 pub mod spool;
 pub mod tail;
 pub mod task;
+pub mod units;

@@ -105,7 +105,7 @@ impl World {
             archive: ArchiveConfig::Dir {
                 dir: archive_dir.clone(),
             },
-            idle_timeout_secs: 0,
+            idle_timeout: std::time::Duration::ZERO,
             ..Config::default()
         };
         let pod_dir = root.join(format!("druid_{TASK}_11111111-2222-3333-4444-555555555555"));

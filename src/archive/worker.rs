@@ -72,7 +72,8 @@ mod tests {
         Arc<Mutex<Vec<Outcome>>>,
         Job,
     ) {
-        let mut w = SpoolWriter::open(&dir.join("spool.gz"), 0).unwrap();
+        let mut w =
+            SpoolWriter::open(&dir.join("spool.gz"), crate::spool::SpoolFileOffset::ZERO).unwrap();
         w.append(|t| t.extend_from_slice(b"line\n"));
         w.seal(&mut Packer::new(1)).unwrap();
         let job = Job {

@@ -22,25 +22,35 @@ use tracing::{info, warn};
 use crate::metrics::Metrics;
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 
-/// `[kubernetes]` settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[kubernetes]` settings; also flags and `DLA_*` variables (see [`crate::config`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct KubeConfig {
-    /// Watch the API. Unset: on inside a cluster (`KUBERNETES_SERVICE_HOST` is set), off
-    /// elsewhere, where the task id is the pod name.
+    /// Map pods to task ids with a watch of this node's peon pods (needs NODE_NAME, and
+    /// in-cluster config or KUBECONFIG). Unset: on inside a cluster (KUBERNETES_SERVICE_HOST
+    /// is set), off elsewhere, where the task id is the pod name.
+    #[arg(long = "kubernetes")]
     pub enabled: Option<bool>,
     /// Label selector of peon pods.
+    #[arg(long = "peon-label-selector")]
     pub label_selector: String,
-    /// Annotation holding the exact task id.
+    /// Pod annotation holding the exact task id.
+    #[arg(long)]
     pub task_id_annotation: String,
+    /// Hold a log directory whose pod is unknown this long before deciding on it.
+    ///
     /// How long a log directory whose pod a current pod list has not shown is held before it
     /// is decided on: ignored if the pod directory is still there (the pod lives and is not a
     /// peon), archived under `_unmapped/` if it is gone (its metadata never arrived). Counted
     /// from the later of the directory's creation and the list; nothing is decided while the
     /// list is not current (API unreachable).
-    pub pending_timeout_secs: u64,
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    #[serde(with = "crate::units::duration")]
+    pub pending_timeout: Duration,
     /// How long the metadata of a deleted pod is kept so its log can finish.
-    pub deleted_retention_secs: u64,
+    #[arg(long = "deleted-pod-retention", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    #[serde(with = "crate::units::duration")]
+    pub deleted_retention: Duration,
 }
 
 impl KubeConfig {
@@ -58,8 +68,8 @@ impl Default for KubeConfig {
             enabled: None,
             label_selector: "druid.k8s.peons=true".into(),
             task_id_annotation: "task.id".into(),
-            pending_timeout_secs: 300,
-            deleted_retention_secs: 3600,
+            pending_timeout: Duration::from_secs(300),
+            deleted_retention: Duration::from_secs(3600),
         }
     }
 }
@@ -206,7 +216,7 @@ pub async fn watch_pods(
     let wc = watcher::Config::default()
         .fields(&format!("spec.nodeName={node}"))
         .labels(&cfg.label_selector);
-    let keep = Duration::from_secs(cfg.deleted_retention_secs);
+    let keep = cfg.deleted_retention;
     let mut retry = RETRY_FIRST;
     loop {
         let mut listed_at = None;
@@ -314,7 +324,7 @@ impl KubeIdentity {
     ) -> Self {
         KubeIdentity {
             cache,
-            pending_timeout: Duration::from_secs(cfg.pending_timeout_secs),
+            pending_timeout: cfg.pending_timeout,
             first_seen: HashMap::new(),
             warned_pending: HashSet::new(),
             metrics,

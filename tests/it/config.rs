@@ -87,6 +87,54 @@ const REFUSED: &[Case] = &[
         needle: "sse_kms_key_id",
     },
     Case {
+        name: "a duration without a unit",
+        file: "retention = 3600\n",
+        env: &[],
+        needle: "retention = 3600",
+    },
+    Case {
+        name: "a size that is no size, from the environment",
+        file: BASE,
+        env: &[("DLA_SPOOL_MAX_BYTES", "lots")],
+        needle: "--spool-max-bytes",
+    },
+    Case {
+        name: "a misspelt key",
+        file: "retentoin = \"1h\"\n",
+        env: &[],
+        needle: "unknown field `retentoin`",
+    },
+    Case {
+        name: "a misspelt key of the S3 section",
+        file: "[archive]\ntype = \"s3\"\nbucket = \"logs\"\npart_byts = \"8MiB\"\n",
+        env: &[],
+        needle: "unknown field `part_byts`",
+    },
+    Case {
+        name: "an S3 part size with an unknown unit",
+        file: "[archive]\ntype = \"s3\"\nbucket = \"logs\"\npart_bytes = \"8 parsecs\"\n",
+        env: &[],
+        needle: "part_bytes = \"8 parsecs\"",
+    },
+    Case {
+        name: "a setting under its old and its new name in the file",
+        file: "[kubernetes]\npending_timeout = \"1m\"\npending_timeout_secs = 60\n",
+        env: &[],
+        needle: "kubernetes.pending_timeout_secs",
+    },
+    Case {
+        name: "a setting under its old and its new name in the environment",
+        file: BASE,
+        env: &[("DLA_RETENTION", "1h"), ("DLA_RETENTION_SECS", "60")],
+        needle: "DLA_RETENTION_SECS",
+    },
+    Case {
+        name: "an old name with a unit",
+        file: "retention_secs = \"1h\"\n",
+        env: &[],
+        needle: "retention = \"1h\"",
+    },
+    Case {
         name: "an S3 archive without a bucket",
         file: "[archive]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\n",
         env: &[],
@@ -113,14 +161,21 @@ fn write_config(dir: &Path, case_file: &str) -> std::path::PathBuf {
 /// `druid-log-agent {sub} --config FILE ...` with the test's paths, the case's environment and
 /// nothing of the caller's environment that the agent reads.
 fn command(sub: &str, dir: &Path, config: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = bare_command(sub, config, env);
+    cmd.arg("--log-root")
+        .arg(dir.join("pods"))
+        .arg("--state-dir")
+        .arg(dir.join("state"));
+    cmd
+}
+
+/// `druid-log-agent {sub} --config FILE` with the case's environment and nothing of the
+/// caller's that the agent reads.
+fn bare_command(sub: &str, config: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_druid-log-agent"));
     cmd.arg(sub)
         .arg("--config")
         .arg(config)
-        .arg("--log-root")
-        .arg(dir.join("pods"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -198,7 +253,8 @@ fn check_config_prints_the_settings_run_uses() {
     assert_eq!(archive["prefix"].as_str(), Some("druid/indexing-logs"));
     assert_eq!(archive["endpoint"].as_str(), Some("http://127.0.0.1:9"));
     assert_eq!(archive["path_style"].as_bool(), Some(true));
-    assert_eq!(printed["idle_timeout_secs"].as_integer(), Some(5));
+    // DLA_IDLE_TIMEOUT_SECS is the old name of DLA_IDLE_TIMEOUT; printed under the new one.
+    assert_eq!(printed["idle_timeout"].as_str(), Some("5s"));
     let mut run = command("run", tmp.path(), &config, &env);
     run.stdout(Stdio::null());
     let agent = AgentProc::spawn(run)
@@ -227,4 +283,126 @@ fn check_config_accepts_the_pod_watch_with_a_node_and_a_kubeconfig() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
     assert_eq!(printed["node_name"].as_str(), Some("node-1"));
+}
+
+/// A config file, environment and flags of today, before units: every old name still means
+/// what it meant, in its unit; the new names take units in all three layers; check-config
+/// prints them all under the new names with units, and what it prints reads back the same.
+#[test]
+fn old_names_and_units_in_the_file_the_environment_and_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("pods")).unwrap();
+    let config = write_config(
+        tmp.path(),
+        "retention_secs = 7200\nblock_max_age_ms = 500\nblock_bytes = 65536\n\
+         line_max_bytes = \"64KiB\"\n[kubernetes]\npending_timeout_secs = 10\n\
+         deleted_retention = \"2h\"\n",
+    );
+    let env = [
+        ("DLA_SPOOL_MAX_BYTES", "1GiB"),
+        ("DLA_FOLLOW_MAX_SECS", "30"),
+        ("DLA_SHUTDOWN_TIMEOUT", "1m 30s"),
+    ];
+    let mut cmd = command("check-config", tmp.path(), &config, &env);
+    cmd.args(["--commit-interval-ms", "250", "--poll-interval", "100ms"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed_text = text(&out.stdout);
+    let printed: toml::Table = toml::from_str(&printed_text).unwrap();
+    let kube = printed["kubernetes"].as_table().unwrap();
+    for (got, want) in [
+        (&printed["retention"], "2h"),
+        (&printed["block_max_age"], "500ms"),
+        (&printed["block_bytes"], "64KiB"),
+        (&printed["line_max_bytes"], "64KiB"),
+        (&printed["spool_max_bytes"], "1GiB"),
+        (&printed["follow_max"], "30s"),
+        (&printed["shutdown_timeout"], "1m 30s"),
+        (&printed["commit_interval"], "250ms"),
+        (&printed["poll_interval"], "100ms"),
+        (&kube["pending_timeout"], "10s"),
+        (&kube["deleted_retention"], "2h"),
+    ] {
+        assert_eq!(got.as_str(), Some(want), "{printed_text}");
+    }
+    for old in ["retention_secs", "block_max_age_ms", "follow_max_secs"] {
+        assert!(!printed.contains_key(old), "{old} printed: {printed_text}");
+    }
+    // What check-config prints is a config file that means the same.
+    let again = tmp.path().join("printed.toml");
+    std::fs::write(&again, &printed_text).unwrap();
+    let out = check_config(tmp.path(), &again, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), printed_text);
+}
+
+/// `--help` shows every setting's default from the same definition check-config prints: the
+/// flag of each top-level setting shows exactly what check-config prints for it when nothing
+/// is set, and the sections' flags show theirs.
+#[test]
+fn help_shows_the_defaults_check_config_prints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    // Without the test's own paths: the defaults themselves (check-config opens neither).
+    let out = bare_command("check-config", &empty, &[]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let defaults: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_druid-log-agent"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = text(&help.stdout);
+    // clap prints a flag on one line and its help, default included, on the lines below, up
+    // to the next flag.
+    let shown = |flag: &str| -> String {
+        let start = help
+            .find(&format!("      {flag} <"))
+            .unwrap_or_else(|| panic!("--help has no {flag}: {help}"));
+        let rest = &help[start + flag.len()..];
+        let end = rest.find("\n      --").unwrap_or(rest.len());
+        rest[..end].to_owned()
+    };
+    let mut checked = 0;
+    for (key, value) in &defaults {
+        let value = match value {
+            toml::Value::Table(_) => continue,
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let flag = format!("--{}", key.replace('_', "-"));
+        let text = shown(&flag);
+        assert!(
+            text.contains(&format!("[default: {value}]")),
+            "{flag}: check-config prints {value}, --help shows: {text}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > 15,
+        "only {checked} settings printed: {defaults:?}"
+    );
+    for (flag, default) in [
+        ("--retention", "1h"),
+        ("--block-bytes", "64KiB"),
+        ("--pending-timeout", "5m"),
+        ("--peon-label-selector", "druid.k8s.peons=true"),
+        ("--archive-dir", "/var/lib/druid-log-agent/archive"),
+        ("--s3-prefix", "druid/indexing-logs"),
+        ("--s3-part-bytes", "8MiB"),
+    ] {
+        let text = shown(flag);
+        assert!(
+            text.contains(&format!("[default: {default}]")),
+            "{flag}: {text}"
+        );
+    }
+    // The old names work but are not offered; the new ones say what they replace.
+    assert!(!help.contains("--retention-secs <"), "{help}");
+    assert!(shown("--retention").contains("retention_secs"), "{help}");
+    assert!(
+        shown("--retention").contains("[env: DLA_RETENTION="),
+        "{help}"
+    );
 }

@@ -252,10 +252,11 @@ fn setting_str(path: &str) -> String {
         .to_owned()
 }
 
-fn setting_int(path: &str) -> i64 {
-    setting(effective_config(), path)
-        .as_integer()
-        .unwrap_or_else(|| panic!("{path} is not an integer"))
+/// A duration setting as check-config prints it ("25s"), read with the agent's own parser.
+fn setting_duration(path: &str) -> std::time::Duration {
+    let text = setting_str(path);
+    druid_log_agent::units::parse_duration(&text)
+        .unwrap_or_else(|e| panic!("{path} = {text:?} is not a duration: {e}"))
 }
 
 /// The port of `listen` ("0.0.0.0:8095", "[::]:8095", "host:8095").
@@ -486,13 +487,13 @@ fn daemonset_agrees_with_the_agent_config() {
         }
     }
 
-    // On SIGTERM the agent waits shutdown_timeout_secs for uploads, then commits: the kubelet
+    // On SIGTERM the agent waits shutdown_timeout for uploads, then commits: the kubelet
     // must not kill it before.
-    let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
-    let shutdown = setting_int("shutdown_timeout_secs");
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let shutdown = setting_duration("shutdown_timeout");
     assert!(
-        grace > shutdown,
-        "terminationGracePeriodSeconds {grace} must exceed shutdown_timeout_secs {shutdown}"
+        std::time::Duration::from_secs(grace) > shutdown,
+        "terminationGracePeriodSeconds {grace} must exceed shutdown_timeout {shutdown:?}"
     );
 
     // One node at a time.

@@ -71,12 +71,12 @@ fn shutdown_does_not_wait_for_jobs_never_handed_over() {
         archive: ArchiveConfig::Dir {
             dir: tmp.path().join("archive"),
         },
-        idle_timeout_secs: 0,
-        commit_interval_ms: 20,
-        poll_interval_ms: 20,
+        idle_timeout: Duration::ZERO,
+        commit_interval: Duration::from_millis(20),
+        poll_interval: Duration::from_millis(20),
         // Short, so that the failure on code that waits for it comes soon; the test waits
         // for no time, only for what the agent says.
-        shutdown_timeout_secs: 1,
+        shutdown_timeout: Duration::from_secs(1),
         ..Config::default()
     };
     let pod = pods.join("druid_index-kafka-never-sent_0a0b0c0d-1111-2222-3333-444455556666");

@@ -89,7 +89,7 @@ impl World {
                 dir: archive_dir.clone(),
             },
             block_bytes,
-            idle_timeout_secs: 0,
+            idle_timeout: std::time::Duration::ZERO,
             ..Config::default()
         };
         let task = TaskId::new("index-parallel-wiki-abc").unwrap();
@@ -367,7 +367,7 @@ fn watch_errors_fall_back_to_polling_rescans() {
 fn full_spools_pause_reading_until_space_is_freed() {
     let mut w = World::new(6, 4096);
     w.cfg.spool_max_bytes = 16 << 10;
-    w.cfg.retention_secs = 3600;
+    w.cfg.retention = std::time::Duration::from_secs(3600);
     let metrics = Arc::new(Metrics::default());
     w.ingest = Some(
         Ingest::open(

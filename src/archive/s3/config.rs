@@ -7,34 +7,48 @@ use crate::archive::s3::keys;
 use crate::archive::upload::{MAX_PART, MIN_PART};
 use crate::task::TaskId;
 
-/// `[archive] type = "s3"` settings. Every key has a default (the bucket's, empty, is refused
-/// by [`S3Config::validate`]), so a file may leave the bucket to `DLA_S3_BUCKET`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[archive] type = "s3"` settings; also the `--s3-*` flags and `DLA_S3_*` variables (see
+/// [`crate::config`]). Every key has a default (the bucket's, empty, is refused by
+/// [`S3Config::validate`]), so a file may leave the bucket to `DLA_S3_BUCKET`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
-    /// Druid's `druid.indexer.logs.s3Bucket`.
+    /// Archive to this S3 bucket instead of a directory (Druid's S3TaskLogs layout,
+    /// s3://{bucket}/{prefix}/{taskId}/log; druid.indexer.logs.s3Bucket). As a flag or
+    /// variable it replaces only the bucket of the config file's S3 section.
+    #[arg(long = "s3-bucket")]
     pub bucket: String,
-    /// Druid's `druid.indexer.logs.s3Prefix`; the key is `{prefix}/{taskId}/log`, exactly as
+    /// Druid's druid.indexer.logs.s3Prefix; the key is {prefix}/{taskId}/log, exactly as
     /// Druid builds it.
+    #[arg(long = "s3-prefix")]
     pub prefix: String,
-    /// AWS region; from the standard chain (`AWS_REGION`, profile) if unset.
+    /// AWS region; unset: from the AWS chain (AWS_REGION, profile), else us-east-1.
+    #[arg(long = "s3-region")]
     pub region: Option<String>,
-    /// An S3-compatible endpoint, e.g. `http://minio:9000`.
+    /// An S3-compatible endpoint URL, e.g. http://minio:9000; unset: AWS.
+    #[arg(long = "s3-endpoint")]
     pub endpoint: Option<String>,
-    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    /// Path-style addressing (endpoint/bucket/key), which most S3-compatible stores need.
+    #[arg(long = "s3-path-style", action = clap::ArgAction::Set)]
     pub path_style: bool,
-    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
+    /// Server-side encryption: AES256 (SSE-S3) or aws:kms (SSE-KMS); unset: none requested.
+    #[arg(long = "s3-sse")]
     pub sse: Option<String>,
-    /// KMS key id for `aws:kms`; the bucket's default key if unset.
+    /// KMS key id for aws:kms; unset: the bucket's default key.
+    #[arg(long = "s3-sse-kms-key-id")]
     pub sse_kms_key_id: Option<String>,
-    /// Do not send the `bucket-owner-full-control` ACL (Druid's `disableAcl`).
+    /// Do not send the bucket-owner-full-control ACL (Druid's disableAcl).
+    #[arg(long = "s3-disable-acl", action = clap::ArgAction::Set)]
     pub disable_acl: bool,
-    /// Size of the parts stored while a task runs, at least 5 MiB and at most 5 GiB: of the
-    /// first 1,000; later parts grow (see [`crate::archive::upload::PartSizes`]).
+    /// Size of the parts stored while a task runs, 5MiB to 5GiB: of the first 1,000; later
+    /// parts double every 500 parts up to 5GiB, so a log up to S3's 5TiB fits.
+    #[arg(long = "s3-part-bytes", value_name = "SIZE", value_parser = crate::units::parse_size::<u64>)]
+    #[serde(with = "crate::units::size")]
     pub part_bytes: u64,
-    /// Store the log gzip-compressed at `{prefix}/{taskId}/log.gz` (`Content-Type:
-    /// application/gzip`, no `Content-Encoding`) for consumers other than Druid, which reads
-    /// only the plain `log`.
+    /// Store logs gzip-compressed at {prefix}/{taskId}/log.gz (Content-Type:
+    /// application/gzip, no Content-Encoding) for consumers other than Druid, which reads only
+    /// the plain log.
+    #[arg(long = "s3-gzip", action = clap::ArgAction::Set)]
     pub gzip: bool,
 }
 
