@@ -381,7 +381,6 @@ impl Config {
             }
         };
         let mut doc = toml::de::DeTable::parse(text).map_err(parse_error)?;
-        doc.get_mut().make_owned();
         let line = |span: std::ops::Range<usize>| text[..span.start].matches('\n').count() + 1;
         for o in OLD_NAMES {
             let table = match o.section {
