@@ -12,7 +12,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
@@ -292,20 +291,20 @@ impl Target {
     }
 }
 
-/// Runs jobs, up to `parallel` at once, until the job channel closes. After `stop` is set,
-/// jobs not yet started are answered with `Skipped`.
+/// Runs jobs, up to `parallel` at once, until the job channel closes. After `stop` is
+/// cancelled, jobs not yet started are answered with `Skipped`; the ones running finish.
 pub async fn run_worker(
     target: Arc<Target>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     parallel: usize,
-    stop: Arc<AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
     report: impl Fn(Outcome) + Send + Sync + 'static,
 ) {
     let report = Arc::new(report);
     let slots = Arc::new(Semaphore::new(parallel.max(1)));
     let mut running = Vec::new();
     while let Some(job) = jobs.recv().await {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             report(Outcome::Skipped {
                 pod_dir: job.pod_dir,
             });

@@ -51,8 +51,6 @@ const SEAL_RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a restored task waits for the files of its checkpoint to open again (EMFILE,
 /// EACCES) before it reads the ones that did: long enough for a transient cause to pass.
 const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
-/// How long a shutdown may spend reading what is left in open files before its last commit.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// Why [`Ingest::open`] could not restore the last state. The agent does not start rather
 /// than lose or repeat logs; each message says what to do.
@@ -1578,11 +1576,11 @@ impl Ingest {
     }
 
     /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
-    /// re-read.
-    pub fn shutdown(&mut self) -> bool {
+    /// re-read. Reads what is left in open files first, for at most `read_for`.
+    pub fn shutdown(&mut self, read_for: Duration) -> bool {
         // A file whose pod was deleted moments ago is still open here but gone for the next
         // agent: read everything there is (bounded) before the last checkpoint.
-        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let deadline = Instant::now() + read_for;
         let names: Vec<String> = self.tasks.keys().cloned().collect();
         self.dirty_read.extend(names);
         while self.process(Instant::now()) && Instant::now() < deadline {}

@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -190,17 +191,21 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// A watch that ran this long after its list was healthy: its failure starts the backoff over.
 const WATCH_STABLE: Duration = Duration::from_secs(60);
 
-/// Runs the list+watch until the process ends. After any error (API down, answering 503,
+/// Runs the list+watch until told to stop. After any error (API down, answering 503,
 /// watch cut, 410 Gone) the watch is started again from a fresh list, with backoff: the cache
 /// is "current" again only once a list completed after the error (kube's watcher would resume
 /// from its last resourceVersion without a new list, and say nothing when it succeeds, leaving
 /// no moment from which the cache is known to be current).
+///
+/// Ends when `stop` is cancelled (the last step of the shutdown), closing its connection to
+/// the API.
 pub async fn watch_pods(
     client: Client,
     cfg: KubeConfig,
     node: String,
     container: String,
     cache: Arc<PodCache>,
+    stop: CancellationToken,
 ) {
     let api: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default()
@@ -217,6 +222,11 @@ pub async fn watch_pods(
             tokio::time::interval(keep.clamp(Duration::from_secs(1), Duration::from_secs(60)));
         let error = loop {
             let ev = tokio::select! {
+                _ = stop.cancelled() => {
+                    drop(stream);
+                    info!("pod watch stopped");
+                    return;
+                }
                 ev = stream.next() => ev,
                 _ = prune.tick() => {
                     let mut pods = cache.pods.write().unwrap_or_else(|e| e.into_inner());
@@ -280,7 +290,13 @@ pub async fn watch_pods(
         }
         warn!(error = %error, retry_in_ms = retry.as_millis() as u64,
             "pod watch failed; known tasks keep flowing, new pod directories wait until the pod list is current again");
-        tokio::time::sleep(retry).await;
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = stop.cancelled() => {
+                info!("pod watch stopped");
+                return;
+            }
+        }
         retry = (retry * 2).min(RETRY_MAX);
     }
 }

@@ -25,9 +25,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
@@ -62,6 +64,9 @@ pub struct ServeOptions {
     pub state_dir: PathBuf,
     /// Checked by `/readyz` when the Kubernetes watch is on: must be synced.
     pub pod_cache: Option<Arc<crate::kube::PodCache>>,
+    /// Cancelled at the follow streams' turn of the shutdown: a `follow=true` response then
+    /// sends what is left and ends its body properly instead of being cut.
+    pub follow_end: CancellationToken,
 }
 
 /// What the handlers share.
@@ -133,15 +138,18 @@ pub fn router(http: Arc<Http>) -> Router {
         .with_state(http)
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true, with per-connection limits:
+/// Serves `router` on `listener` until `stop` is cancelled, with per-connection limits:
 /// headers must arrive within 10 s and fit in 16 KiB, and at most `max_connections` at once.
-pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::Receiver<bool>) {
+/// Then stops accepting and returns once every connection has finished the response it was
+/// sending (idle kept-alive connections are closed at once).
+pub async fn serve(listener: TcpListener, http: Arc<Http>, stop: CancellationToken) {
     let app = router(http.clone());
     let slots = Arc::new(Semaphore::new(http.opts.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            _ = stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -161,18 +169,21 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, mut shutdown: watch::
         // waits for the client's delayed ACK (40 ms) on a kept-alive connection.
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_buf_size(16 << 10)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(16 << 10)
-                .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Binds the first of `addr` (the `listen` setting, resolved when the settings were checked)
@@ -325,6 +336,7 @@ async fn task_log(
         start,
         len,
         follow,
+        http.opts.follow_end.clone(),
         tx,
     ));
     let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -337,16 +349,21 @@ async fn task_log(
 }
 
 /// Sends the log from `pos` in chunks; with `follow`, keeps sending what is appended until
-/// the task's log ends, the deadline passes or the client goes away.
+/// the task's log ends, the deadline passes, the client goes away or `end` is cancelled (the
+/// agent stops: what it read is sent first).
 async fn stream_log(
     registry: Registry,
     mut entry: Arc<TaskEntry>,
     mut pos: u64,
     snapshot_len: u64,
     follow: Option<Instant>,
+    end_follow: CancellationToken,
     tx: mpsc::Sender<Result<Bytes, io::Error>>,
 ) {
     loop {
+        // Looked at before the length is: ingest has stopped by the time `end_follow` is
+        // cancelled, so the length read after it is the last one.
+        let ending = end_follow.is_cancelled();
         let end = if follow.is_some() {
             entry.spool.len()
         } else {
@@ -371,7 +388,7 @@ async fn stream_log(
             }
         }
         let Some(deadline) = follow else { return };
-        if !entry.is_running() && pos >= entry.spool.len() {
+        if ending || (!entry.is_running() && pos >= entry.spool.len()) {
             return;
         }
         if Instant::now() >= deadline {
@@ -379,6 +396,7 @@ async fn stream_log(
         }
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            _ = end_follow.cancelled() => {}
             _ = tx.closed() => return,
         }
         // The phase may have changed (the task ended); the spool handle stays the same.
