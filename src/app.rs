@@ -1,5 +1,7 @@
-//! Wires the stages into a running agent: the inotify watcher, the ingest thread that drives
-//! [`Ingest`], and the archive worker on the async runtime.
+//! Starts the stages: the inotify watcher, the ingest thread that drives [`Ingest`], and the
+//! archive worker on the async runtime ([`Agent`]); and, in [`run`], the pod watch and HTTP
+//! around them. Stopping them is [`crate::shutdown`]'s: `run` waits for the stop signal and
+//! hands every stage it started to [`Shutdown::drain`].
 //!
 //! Ingest runs on a thread of its own rather than on the async runtime: it does blocking file
 //! I/O and CPU-bound compression, and owning its state outright keeps the hot path free of
@@ -7,13 +9,13 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use notify::Watcher;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::archive::DirArchive;
@@ -24,9 +26,9 @@ use crate::config::{ArchiveConfig, LogFormat};
 use crate::ingest::{CommitDone, CommitJob, DirWatcher, Ingest, PipelineError};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::shutdown::{self, Running, Shutdown};
 use crate::task::{DirNameIdentity, TaskIdentity};
 use crate::{kube, serve};
-use anyhow::Context;
 
 /// Everything the ingest thread reacts to.
 pub enum Msg {
@@ -36,8 +38,8 @@ pub enum Msg {
     Archive(Outcome),
     /// The commit thread finished a commit job.
     Committed(CommitDone),
-    /// Stop reading, wait (up to the grace period) for archives in flight, seal, commit, and end
-    /// the thread.
+    /// Stop reading, seal, commit, wait (up to the grace period) for archives in flight, commit
+    /// their outcomes, and end the thread.
     Shutdown,
 }
 
@@ -76,7 +78,9 @@ pub struct Agent {
     registry: Registry,
     tx: Sender<Msg>,
     ingest: JoinHandle<()>,
-    worker: tokio::task::JoinHandle<()>,
+    /// Disconnected once the archive worker has ended (or its runtime dropped it).
+    worker_done: Receiver<()>,
+    shutdown_grace: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -122,20 +126,26 @@ impl Agent {
         let registry = ingest.registry().clone();
 
         let (jobs_tx, jobs_rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-        let stop = Arc::new(AtomicBool::new(false));
+        // Cancelled by the ingest thread when it stops reading: the worker starts no new job.
+        let stop_jobs = CancellationToken::new();
         let done_tx = std::sync::Mutex::new(tx.clone());
-        let worker = rt.spawn(archive::run_worker(
+        let (worker_alive, worker_done) = mpsc::channel::<()>();
+        let worker = archive::run_worker(
             Arc::new(target),
             jobs_rx,
             cfg.archive_parallel,
-            stop.clone(),
+            stop_jobs.clone(),
             move |o| {
                 let _ = done_tx
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .send(Msg::Archive(o));
             },
-        ));
+        );
+        rt.spawn(async move {
+            worker.await;
+            drop(worker_alive);
+        });
 
         let timing = Timing {
             poll: cfg.poll_interval,
@@ -143,6 +153,7 @@ impl Agent {
             commit: cfg.commit_interval,
             shutdown_grace: cfg.shutdown_timeout,
         };
+        let shutdown_grace = timing.shutdown_grace;
         // Commits run beside ingest: their fsyncs can take hundreds of milliseconds on a busy
         // disk, and reading must not stop for them (a line is visible once read).
         let (commit_tx, commit_rx) = mpsc::channel::<CommitJob>();
@@ -161,7 +172,7 @@ impl Agent {
             .name("ingest".into())
             .spawn(move || {
                 run_loop(
-                    ingest, rx, queued, jobs_tx, commit_tx, stop, timing, observer,
+                    ingest, rx, queued, jobs_tx, commit_tx, stop_jobs, timing, observer,
                 );
                 // The ingest thread writes the last checkpoint: the directory is free after it.
                 drop(state_lock);
@@ -171,7 +182,8 @@ impl Agent {
             registry,
             tx,
             ingest,
-            worker,
+            worker_done,
+            shutdown_grace,
             metrics,
         })
     }
@@ -186,17 +198,25 @@ impl Agent {
         &self.registry
     }
 
-    /// Stops reading, waits (up to the grace period) for the archives in flight, seals and
-    /// commits, and returns once everything is durable.
+    /// Steps 1 and 2 of the drain (see [`crate::shutdown`]): stops reading, seals and commits,
+    /// waits (up to the grace period) for the archives in flight and commits their outcomes,
+    /// then lets the archive worker finish. Returns once everything is durable.
     pub fn shutdown(self) {
+        let deadline = Instant::now() + self.shutdown_grace;
         let _ = self.tx.send(Msg::Shutdown);
         drop(self.tx);
         if self.ingest.join().is_err() {
             error!("ingest thread panicked");
         }
-        // The ingest loop has waited for what was in flight; anything left is redone by the
-        // next agent from the checkpoint.
-        self.worker.abort();
+        // The ingest thread has waited for every job the worker got and closed its queue, so
+        // the worker ends at once, unless the grace period ran out with uploads running: those
+        // stop with the runtime, and the next agent redoes them from the checkpoint.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(RecvTimeoutError::Timeout) = self.worker_done.recv_timeout(left) {
+            warn!(
+                "archive worker still running at the end of the grace period; its uploads stop with the agent"
+            );
+        }
     }
 }
 
@@ -285,7 +305,7 @@ fn run_loop(
     queued: Arc<Mutex<HashSet<PathBuf>>>,
     jobs_tx: tokio::sync::mpsc::UnboundedSender<Job>,
     commit_tx: Sender<CommitJob>,
-    stop: Arc<AtomicBool>,
+    stop_jobs: CancellationToken,
     t: Timing,
     observer: Option<Sender<AgentEvent>>,
 ) {
@@ -370,12 +390,29 @@ fn run_loop(
         }
     }
     info!(in_flight, "shutting down: sealing spools and committing");
-    stop.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    stop_jobs.cancel();
     drop(jobs_tx);
-    let deadline = Instant::now() + t.shutdown_grace;
+    // The last commits must not race one still in flight over the checkpoint file.
+    let commit_deadline = stopped + t.shutdown_grace.max(COMMIT_WAIT);
+    while ingest.commit_in_flight() {
+        match rx.recv_timeout(commit_deadline.saturating_duration_since(Instant::now())) {
+            Ok(msg) => on_msg(&mut ingest, msg, &mut in_flight, &mut stopping),
+            Err(_) => break,
+        }
+    }
+    drop(commit_tx);
+    // Sealed and committed before the uploads are waited for: a SIGKILL during that wait
+    // (the kubelet's grace period ran out) loses nothing that was read.
+    let mut committed = ingest.shutdown(shutdown::READ_DRAIN);
+    let deadline = stopped + t.shutdown_grace;
+    let mut outcomes = 0usize;
     while in_flight > 0 {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(msg) => on_msg(&mut ingest, msg, &mut in_flight, &mut stopping),
+            Ok(msg) => {
+                outcomes += usize::from(matches!(msg, Msg::Archive(_)));
+                on_msg(&mut ingest, msg, &mut in_flight, &mut stopping)
+            }
             Err(_) => {
                 warn!(
                     in_flight,
@@ -385,19 +422,18 @@ fn run_loop(
             }
         }
     }
-    // The last commit must not race one still in flight over the checkpoint file.
-    let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
-    while ingest.commit_in_flight() {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(msg) => on_msg(&mut ingest, msg, &mut in_flight, &mut stopping),
-            Err(_) => break,
-        }
+    if outcomes > 0 {
+        // What was archived must not be archived again by the next agent.
+        committed = ingest.commit(Instant::now());
     }
-    drop(commit_tx);
-    if !ingest.shutdown() {
+    if !committed {
         error!("final checkpoint failed; the next agent re-reads from the previous one");
     }
 }
+
+/// The least the shutdown waits for a commit in flight before its own (the grace period if
+/// longer).
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything `run` checks before it touches the state directory, and what those checks
 /// produced. `check-config` goes through the same function, so it refuses exactly what the
@@ -413,41 +449,96 @@ pub struct Startup {
     pub kube: Option<(::kube::Client, String)>,
 }
 
+/// Why the agent refused to start or stopped with an error; each message says what to fix.
+/// `main` prints the message and then each source not already in it.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// `listen` is not a socket address and does not resolve.
+    #[error(
+        "listen {listen:?} is not an address to listen on, such as 0.0.0.0:8095 or [::]:8095: {source}"
+    )]
+    ListenAddress {
+        /// The setting.
+        listen: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// `listen` resolves, to nothing.
+    #[error("listen {listen:?} resolves to no address")]
+    ListenNothing {
+        /// The setting.
+        listen: String,
+    },
+    /// The token file cannot be read.
+    #[error("cannot read auth_token_file {}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The token file holds only white space: every request would be refused.
+    #[error("auth_token_file {} is empty", path.display())]
+    TokenEmpty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The watch is on and no node name was given: it would watch every node's pods.
+    #[error(
+        "the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name"
+    )]
+    NoNodeName,
+    /// Neither an in-cluster config nor a kubeconfig could be used.
+    #[error("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")]
+    KubeClient(#[source] ::kube::Error),
+    /// The async runtime or the signal handlers could not be set up (out of threads or fds).
+    #[error("{0}")]
+    Runtime(std::io::Error),
+    /// The state directory, the checkpoint or inotify refused (see [`StartError`]).
+    #[error("cannot start the agent")]
+    Start(#[source] StartError),
+    /// The `listen` address cannot be bound (in use, or a privileged port).
+    #[error("cannot listen on {listen}")]
+    Listen {
+        /// The setting.
+        listen: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
 /// Builds the settings and checks them against the environment. Must run on the runtime that
 /// will run the pod watch: the Kubernetes client starts a task on it.
-pub async fn startup(cfg: Config) -> anyhow::Result<Startup> {
+pub async fn startup(cfg: Config) -> Result<Startup, RunError> {
     let listen: Vec<_> = tokio::net::lookup_host(cfg.listen.as_str())
         .await
         .map(Iterator::collect)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "listen {:?} is not an address to listen on, such as 0.0.0.0:8095 or [::]:8095: {e}",
-                cfg.listen
-            )
+        .map_err(|source| RunError::ListenAddress {
+            listen: cfg.listen.clone(),
+            source,
         })?;
-    anyhow::ensure!(
-        !listen.is_empty(),
-        "listen {:?} resolves to no address",
-        cfg.listen
-    );
+    if listen.is_empty() {
+        return Err(RunError::ListenNothing {
+            listen: cfg.listen.clone(),
+        });
+    }
     let token = match &cfg.auth_token_file {
         Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read auth_token_file {}", p.display()))?;
+            let t = std::fs::read_to_string(p).map_err(|source| RunError::TokenFile {
+                path: p.clone(),
+                source,
+            })?;
             let t = t.trim().to_owned();
-            anyhow::ensure!(!t.is_empty(), "auth_token_file {} is empty", p.display());
+            if t.is_empty() {
+                return Err(RunError::TokenEmpty { path: p.clone() });
+            }
             Some(t)
         }
         None => None,
     };
     let kube = if cfg.kubernetes.is_enabled() {
-        let node = cfg
-            .node_name
-            .clone()
-            .context("the Kubernetes pod watch needs this node's name: set NODE_NAME (downward API) or --node-name")?;
-        let client = kube::client()
-            .await
-            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        let node = cfg.node_name.clone().ok_or(RunError::NoNodeName)?;
+        let client = kube::client().await.map_err(RunError::KubeClient)?;
         Some((client, node))
     } else {
         None
@@ -460,9 +551,10 @@ pub async fn startup(cfg: Config) -> anyhow::Result<Startup> {
     })
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains it. `init_logging` is called once the
-/// settings passed the start-up checks, so a refused setting is printed plainly.
-pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then drains it (see [`crate::shutdown`]).
+/// `init_logging` is called once the settings passed the start-up checks, so a refused setting
+/// is printed plainly.
+pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunError> {
     // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
     // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
     // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
@@ -470,17 +562,10 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<
         .worker_threads(2)
         .max_blocking_threads(4)
         .enable_all()
-        .build()?;
-    // Before anything else: a SIGTERM that came while the agent started (or right after it
-    // announced its address) would otherwise kill it by the default action, not stop it.
-    let mut signals = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _rt = rt.enter();
-        (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
-    };
+        .build()
+        .map_err(RunError::Runtime)?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals(&rt).map_err(RunError::Runtime)?;
     let Startup {
         cfg,
         token,
@@ -493,17 +578,19 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
         ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
     };
-    let metrics = std::sync::Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::default());
+    let mut watch = None;
     let (identity, pod_cache): (Box<dyn TaskIdentity>, _) =
         if let Some((client, node)) = kube_client {
-            let cache = std::sync::Arc::new(kube::PodCache::default());
-            rt.spawn(kube::watch_pods(
+            let cache = Arc::new(kube::PodCache::default());
+            watch = Some(rt.spawn(kube::watch_pods(
                 client,
                 cfg.kubernetes.clone(),
                 node,
                 cfg.container.clone(),
                 cache.clone(),
-            ));
+                shutdown.watch_turn(),
+            )));
             let identity = kube::KubeIdentity::new(
                 cache.clone(),
                 &cfg.kubernetes,
@@ -515,7 +602,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<
             (Box::new(DirNameIdentity), None)
         };
     let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
-        .context("cannot start the agent")?;
+        .map_err(RunError::Start)?;
     let http = serve::Http::new(
         agent.registry().clone(),
         agent.metrics().clone(),
@@ -525,24 +612,32 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> anyhow::Result<
             max_connections: cfg.http_max_connections,
             state_dir: cfg.state_dir.clone(),
             pod_cache,
+            follow_end: shutdown.follow_turn(),
         },
     );
-    rt.block_on(async {
-        let (listener, addr) = serve::bind(&listen[..])
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let server = rt.block_on(async {
+        let (listener, addr) =
+            serve::bind(&listen[..])
+                .await
+                .map_err(|source| RunError::Listen {
+                    listen: cfg.listen.clone(),
+                    source,
+                })?;
         tracing::info!(%addr, "listening");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve::serve(listener, http, stop_rx));
-        let (term, int) = &mut signals;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-        let _ = stop_tx.send(true);
-        let _ = server.await;
-        anyhow::Ok(())
+        Ok::<_, RunError>(tokio::spawn(serve::serve(
+            listener,
+            http,
+            shutdown.http_turn(),
+        )))
     })?;
-    agent.shutdown();
+    rt.block_on(shutdown.requested().cancelled());
+    shutdown.drain(
+        &rt,
+        Running {
+            agent,
+            http: Some(server),
+            watch,
+        },
+    );
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod registry;
 pub mod serve;
+pub mod shutdown;
 pub mod spool;
 pub mod tail;
 pub mod task;

@@ -5,7 +5,6 @@
 //! ones it started and returns. That is how it drains at shutdown (see [`run_worker`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Semaphore, mpsc};
 
@@ -14,23 +13,23 @@ use crate::archive::target::Target;
 
 /// Runs jobs, up to `parallel` at once, until the job channel closes, then waits for the jobs
 /// it started and returns: every started job is answered through `report` before the future
-/// completes. After `stop` is set, jobs taken from the channel are not started but answered
+/// completes. After `stop` is cancelled, jobs taken from the channel are not started but answered
 /// with [`Outcome::Skipped`] (the next agent redoes them from the checkpoint).
 ///
-/// To drain it: set `stop`, drop the job sender, and await the spawned task (bounded by a
+/// To drain it: cancel `stop`, drop the job sender, and await the spawned task (bounded by a
 /// timeout if the grace period is; aborting it after that loses nothing the checkpoint has).
 pub async fn run_worker(
     target: Arc<Target>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     parallel: usize,
-    stop: Arc<AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
     report: impl Fn(Outcome) + Send + Sync + 'static,
 ) {
     let report = Arc::new(report);
     let slots = Arc::new(Semaphore::new(parallel.max(1)));
     let mut running = Vec::new();
     while let Some(job) = jobs.recv().await {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             report(Outcome::Skipped {
                 pod_dir: job.pod_dir,
             });
@@ -65,7 +64,7 @@ mod tests {
     /// A worker on a directory, its job sender, what it reported, and a job for a 5-byte log.
     fn setup(
         dir: &std::path::Path,
-        stop: &Arc<AtomicBool>,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> (
         impl Future<Output = ()>,
         mpsc::UnboundedSender<Job>,
@@ -103,7 +102,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_channel_lets_started_jobs_finish() {
         let dir = tempfile::tempdir().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = tokio_util::sync::CancellationToken::new();
         let (worker, tx, seen, job) = setup(dir.path(), &stop);
         tx.send(job).unwrap();
         drop(tx);
@@ -121,7 +120,8 @@ mod tests {
     #[tokio::test]
     async fn after_stop_jobs_are_skipped_unstarted() {
         let dir = tempfile::tempdir().unwrap();
-        let stop = Arc::new(AtomicBool::new(true));
+        let stop = tokio_util::sync::CancellationToken::new();
+        stop.cancel();
         let (worker, tx, seen, job) = setup(dir.path(), &stop);
         tx.send(job).unwrap();
         drop(tx);

@@ -16,9 +16,6 @@ use super::commit::{seal, snapshot};
 use super::restore::aside_bytes;
 use super::{Ingest, now_ms};
 
-/// How long a shutdown may spend reading what is left in open files before its last commit.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
-
 impl Ingest {
     /// The periodic pass: reads every task (in case an event was missed), seals tails that are
     /// old enough, ends idle tasks, retries archives and drops expired spools.
@@ -299,11 +296,11 @@ impl Ingest {
     }
 
     /// Seals every tail and commits: called on SIGTERM so the next agent resumes with little to
-    /// re-read.
-    pub fn shutdown(&mut self) -> bool {
+    /// re-read. Reads what is left in open files first, for at most `read_for`.
+    pub fn shutdown(&mut self, read_for: Duration) -> bool {
         // A file whose pod was deleted moments ago is still open here but gone for the next
         // agent: read everything there is (bounded) before the last checkpoint.
-        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let deadline = Instant::now() + read_for;
         let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         self.dirty_read.extend(names);
         while self.process(Instant::now()) && Instant::now() < deadline {}

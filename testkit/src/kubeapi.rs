@@ -88,6 +88,24 @@ struct Shared {
     listening: Signal<bool>,
     /// The newest resourceVersion a list or watch response has handed to a connection.
     delivered: Signal<u64>,
+    /// Watches being streamed: a watch counts until its client is gone or it timed out.
+    open_watches: Signal<usize>,
+}
+
+/// Counts a watch in [`Shared::open_watches`] while it lives.
+struct OpenWatch(Arc<Shared>);
+
+impl OpenWatch {
+    fn new(shared: Arc<Shared>) -> OpenWatch {
+        shared.open_watches.update(|n| *n += 1);
+        OpenWatch(shared)
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.open_watches.update(|n| *n -= 1);
+    }
 }
 
 impl Shared {
@@ -213,6 +231,7 @@ impl FakeApi {
             listen,
             listening: Signal::new(true),
             delivered: Signal::new(0),
+            open_watches: Signal::new(0),
         });
         runtime.spawn(accept_loop(listener, addr, shared.clone()));
         FakeApi {
@@ -387,6 +406,15 @@ preferences: {{}}
     /// [`FakeApi::wait_delivered`]): a change newer than this has reached no client yet.
     pub fn delivered(&self) -> u64 {
         self.shared.delivered.get()
+    }
+
+    /// Waits until `done` holds for the number of open watches (a watch is open until its
+    /// client closed the connection or the watch timed out); `false` if not within `timeout`.
+    /// Tells whether a client really let go of its watch, not only stopped reading it.
+    pub fn wait_open_watches(&self, timeout: Duration, done: impl Fn(usize) -> bool) -> bool {
+        self.shared
+            .open_watches
+            .wait_until(timeout, |open| done(*open))
     }
 
     /// Request targets (`path?query`, as sent, percent-encoded) seen so far, in order.
@@ -1452,7 +1480,9 @@ fn start_watch(
 
     let (lines, body) = mpsc::channel(64);
     let pump_shared = shared.clone();
+    let open = OpenWatch::new(shared.clone());
     tokio::spawn(async move {
+        let _open = open;
         for line in initial {
             if lines.send(line).await.is_err() {
                 return;

@@ -703,3 +703,69 @@ fn pending_directory_gone_across_a_restart_is_decided() {
     );
     assert!(agent.terminate().success());
 }
+
+/// The pod watch ends when its turn of the shutdown comes, and lets go of its watch: the API
+/// sees the connection closed while the client and its runtime live on (a watch that only
+/// stopped being read would stay open on the API server).
+#[test]
+fn pod_watch_stops_when_told_and_closes_its_watch() {
+    use druid_log_agent::kube::{KubeConfig, PodCache, watch_pods};
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        let kubeconfig = Kubeconfig::read_from(api.write_kubeconfig(dir.path())).unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .unwrap();
+        kube::Client::try_from(config).unwrap()
+    });
+    let cache = Arc::new(PodCache::default());
+    let stop = CancellationToken::new();
+    let watch = rt.spawn(watch_pods(
+        client.clone(),
+        KubeConfig::default(),
+        "node-a".into(),
+        "main".into(),
+        cache.clone(),
+        stop.clone(),
+    ));
+    assert!(
+        api.wait_open_watches(LONG, |open| open == 1),
+        "the pod watch never started"
+    );
+    stop.cancel();
+    rt.block_on(async { tokio::time::timeout(LONG, watch).await })
+        .expect("the pod watch did not end when told to")
+        .unwrap();
+    assert!(
+        api.wait_open_watches(LONG, |open| open == 0),
+        "the pod watch ended but its connection to the API stays open"
+    );
+    drop(client);
+}
+
+/// SIGTERM stops the pod watch as the last step of the drain, and the agent exits 0.
+#[test]
+fn sigterm_stops_the_pod_watch() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start(&node, &api, &[]);
+    wait_ready(&agent);
+    assert!(api.wait_open_watches(LONG, |open| open == 1));
+    unsafe {
+        libc::kill(agent.child.id() as i32, libc::SIGTERM);
+    }
+    agent.wait_for_line("pod watch stopped", LONG);
+    let mut agent = agent;
+    assert!(agent.child.wait().unwrap().success());
+}

@@ -1,5 +1,6 @@
-//! How the agent stops, seen from a program that embeds it (the binary's own SIGTERM path
-//! is in tests/it/e2e.rs): the agent's log lines are captured to see why it stops when it does.
+//! How the agent stops: seen from a program that embeds it (the agent's log lines are captured
+//! to see why it stops when it does), and the binary's drain as an HTTP client sees it (more
+//! of the binary's SIGTERM path is in tests/it/e2e.rs, the pod watch's in tests/it/kube.rs).
 
 use std::io::Write;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -109,4 +110,67 @@ fn shutdown_does_not_wait_for_jobs_never_handed_over() {
         !seen.iter().any(|l| l.contains("archives still running")),
         "shutdown waited for a job the worker never got: {seen:#?}"
     );
+}
+
+/// A `follow=true` response open when SIGTERM comes is not cut: the agent reads what is left
+/// in the file, sends it, and ends the chunked body with its last chunk. The client has the
+/// whole log, lines written just before the signal included, in a complete response, and the
+/// agent exits 0.
+#[test]
+fn follow_stream_open_at_sigterm_ends_with_a_complete_body() {
+    use crate::common::{AgentProc, Node, http, wait_for_bytes, write_log};
+    use druid_log_agent::loadgen::LineGen;
+    use std::io::Read;
+
+    let node = Node::new();
+    let task = "index-kafka-follow-at-stop";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let mut lines = LineGen::new(21);
+    write_log(&mut w, &mut lines, 64 << 10, None);
+    let agent = AgentProc::start(&node, &["--idle-timeout-secs", "0"]);
+    let addr = agent.http_addr();
+    wait_for_bytes(&addr, task, w.expected.len(), LONG);
+
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /druid/indexer/v1/task/{task}/log?follow=true HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // The response has begun: the stream is open.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the agent closed the connection before answering");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    // Read on while the agent stops, so its writes never wait for this test.
+    let reader = std::thread::spawn(move || {
+        let got = s.read_to_end(&mut raw);
+        (got, raw)
+    });
+    // Not read yet when the signal comes, most likely: the drain reads it.
+    write_log(&mut w, &mut lines, 16 << 10, None);
+    let mut agent = agent;
+    unsafe {
+        libc::kill(agent.child.id() as i32, libc::SIGTERM);
+    }
+    let (got, raw) = reader.join().unwrap();
+    got.expect("the follow stream was cut (connection reset), not ended");
+    assert!(
+        raw.ends_with(b"\r\n0\r\n\r\n"),
+        "the chunked body has no last chunk: the stream was cut ({} bytes, ending {:?})",
+        raw.len(),
+        String::from_utf8_lossy(&raw[raw.len().saturating_sub(40)..])
+    );
+    let reply = http::parse(&raw).expect("a whole response");
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.body == w.expected,
+        "the follower got {} of {} bytes",
+        reply.body.len(),
+        w.expected.len()
+    );
+    assert!(agent.child.wait().unwrap().success());
 }

@@ -227,7 +227,8 @@ impl World {
                 self.start();
             }
             Op::Stop => {
-                self.ingest().shutdown();
+                self.ingest()
+                    .shutdown(druid_log_agent::shutdown::READ_DRAIN);
                 self.ingest = None;
                 self.start();
             }
