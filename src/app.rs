@@ -634,7 +634,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunE
     shutdown.drain(
         &rt,
         Running {
-            agent,
+            ingest: Box::new(move || agent.shutdown()),
             http: Some(server),
             watch,
         },

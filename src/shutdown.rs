@@ -24,8 +24,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::Agent;
-
 /// How long the final drain may read what is left in open files before the last commit: a file
 /// whose pod was deleted moments ago is still open here but gone for the next agent.
 pub const READ_DRAIN: Duration = Duration::from_secs(3);
@@ -100,7 +98,7 @@ impl Shutdown {
     pub fn drain(&self, rt: &Runtime, running: Running) {
         info!("stopping: draining ingest and the uploads in flight");
         // Steps 1 and 2: the ingest thread and the archive worker, bounded by the grace period.
-        running.agent.shutdown();
+        (running.ingest)();
         rt.block_on(async {
             info!("stopping: ending follow streams and closing HTTP");
             self.follow.cancel();
@@ -122,10 +120,13 @@ impl Shutdown {
     }
 }
 
-/// The stages [`Shutdown::drain`] stops: what `app::run` started.
+/// The stages [`Shutdown::drain`] stops: what `app::run` started. Ingest comes as the call that
+/// stops it, so this module needs nothing of the stages it orders (`app` uses it, not the other
+/// way round).
 pub struct Running {
-    /// Ingest and the archive worker.
-    pub agent: Agent,
+    /// Stops ingest and the archive worker (steps 1 and 2) and returns once they stopped:
+    /// `Agent::shutdown`.
+    pub ingest: Box<dyn FnOnce() + Send>,
     /// The HTTP server; it ends once its turn came and its connections closed.
     pub http: Option<JoinHandle<()>>,
     /// The pod watch, when the Kubernetes side is on.
