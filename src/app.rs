@@ -639,5 +639,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunE
             watch,
         },
     );
+    // Dropping the runtime would wait without bound for blocking work still running.
+    rt.shutdown_timeout(shutdown::RUNTIME_STOP);
     Ok(())
 }

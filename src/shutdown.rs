@@ -7,12 +7,15 @@
 //! 1. ingest stops reading new events, reads what is left in open files (at most
 //!    [`READ_DRAIN`]), seals every tail and commits: from here a SIGKILL loses nothing;
 //! 2. the archive worker takes no new job; the uploads in flight finish (until
-//!    `shutdown_timeout_secs` after the stop) and their outcomes are committed;
-//! 3. `follow=true` responses send what is left and end their body properly: the last lines
-//!    were read in step 1, so a follower has the whole log as it was at the stop;
-//! 4. HTTP stops accepting and closes each connection once its response is complete (at most
-//!    [`HTTP_CLOSE`]): until then Druid can still read logs;
-//! 5. the pod watch stops, last: ingest asks the pod cache about every pod until step 1 ends.
+//!    `shutdown_timeout` after the stop) and their outcomes are committed;
+//! 3. together (a follow stream's end is what lets its connection close): `follow=true`
+//!    responses send what is left and end their body properly (the last lines were read in
+//!    step 1, so a follower has the whole log as it was at the stop), and HTTP stops accepting
+//!    and closes each connection once its response is complete (at most [`HTTP_CLOSE`]): until
+//!    then Druid can still read logs;
+//! 4. the pod watch stops, last (at most [`WATCH_STOP`]): ingest asks the pod cache about
+//!    every pod until step 1 ends;
+//! 5. `app::run` stops the runtime, waiting at most [`RUNTIME_STOP`] for blocking work.
 //!
 //! Each later stage waits on a token of its own ("its turn"), cancelled only by the drain: a
 //! stage never decides by itself when to stop, so the order is written once, here.
@@ -31,6 +34,14 @@ pub const READ_DRAIN: Duration = Duration::from_secs(3);
 /// How long closing HTTP waits for responses in flight (a large log to a slow client) before
 /// their connections are cut.
 pub const HTTP_CLOSE: Duration = Duration::from_secs(5);
+
+/// How long the pod watch may take to drop its stream once told (it answers at once; the bound
+/// only keeps "every step is bounded" true).
+pub const WATCH_STOP: Duration = Duration::from_secs(2);
+
+/// How long the runtime's blocking threads (a spool read for a response, a directory archive
+/// write to a slow volume) may hold the exit once every stage has stopped.
+pub const RUNTIME_STOP: Duration = Duration::from_secs(2);
 
 /// The stop signal and each later stage's turn.
 #[derive(Debug, Clone, Default)]
@@ -112,8 +123,10 @@ impl Shutdown {
                 );
             }
             self.watch.cancel();
-            if let Some(watch) = running.watch {
-                let _ = watch.await;
+            if let Some(watch) = running.watch
+                && tokio::time::timeout(WATCH_STOP, watch).await.is_err()
+            {
+                warn!("the pod watch did not stop in time; leaving it");
             }
         });
         info!("stopped");
