@@ -16,6 +16,10 @@ use crate::decode::{FileDecodeState, LineState};
 use crate::spool::{LogOffset, SpoolFileOffset};
 use crate::tail::SourceOffset;
 
+/// A file's identity, defined where files are followed and re-exported here: its fields are
+/// part of the checkpoint format.
+pub use crate::tail::FileKey;
+
 /// Name of the checkpoint in the state directory. Without it an agent starts from nothing:
 /// it removes the spools, then reads and archives every log on the node again.
 pub const FILE_NAME: &str = "checkpoint.json";
@@ -64,24 +68,6 @@ pub struct State {
     /// One entry per task the agent still tracks, each a snapshot taken right after a seal (see
     /// [`crate::ingest`]), so its spool length and source offsets describe the same bytes.
     pub tasks: Vec<TaskState>,
-}
-
-/// Identifies a file across renames and guards against inode reuse: the inode alone may be
-/// handed to a new file once the old one is deleted, the first bytes of a log differ.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-pub struct FileKey {
-    /// Device number: inode numbers are unique per file system only.
-    pub dev: u64,
-    /// Inode number: follows the file through the kubelet's rotation rename.
-    pub ino: u64,
-    /// Birth time in nanoseconds (statx), 0 where the filesystem does not record it. Tells a
-    /// reused inode number apart even when the file is empty and has no fingerprint yet.
-    #[serde(default)]
-    pub born_ns: u64,
-    /// How many leading bytes `fp` covers (up to 64; fewer while the file was shorter).
-    pub fp_len: u32,
-    /// CRC-32 of those bytes.
-    pub fp: u32,
 }
 
 /// A file read to its end and closed, and how long it was then: a rescan never reads it again

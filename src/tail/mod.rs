@@ -13,10 +13,29 @@ use std::path::{Path, PathBuf};
 
 use flate2::Crc;
 
-use crate::checkpoint::FileKey;
-
 mod watch;
 pub use watch::{DirWatcher, NoWatch};
+
+/// Identifies a file across renames and guards against inode reuse: the inode alone may be
+/// handed to a new file once the old one is deleted, the first bytes of a log differ.
+///
+/// Part of the checkpoint format (as [`crate::checkpoint::FileKey`]): a field added later
+/// must be `#[serde(default)]`.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    /// Device number: inode numbers are unique per file system only.
+    pub dev: u64,
+    /// Inode number: follows the file through the kubelet's rotation rename.
+    pub ino: u64,
+    /// Birth time in nanoseconds (statx), 0 where the filesystem does not record it. Tells a
+    /// reused inode number apart even when the file is empty and has no fingerprint yet.
+    #[serde(default)]
+    pub born_ns: u64,
+    /// How many leading bytes `fp` covers (up to 64; fewer while the file was shorter).
+    pub fp_len: u32,
+    /// CRC-32 of those bytes.
+    pub fp: u32,
+}
 
 /// A byte position in a source log file (the runtime's CRI or json-file records): where
 /// reading resumes. A type of its own because it travels beside positions in the decoded text
