@@ -97,7 +97,7 @@ pub enum Phase {
         /// the pod is gone) counts from it.
         at_ms: u64,
         /// Bytes of log text the archive holds.
-        archived_len: u64,
+        archived_len: LogOffset,
     },
 }
 
@@ -229,7 +229,7 @@ mod tests {
                 log_len: LogOffset::new(20),
                 phase: Phase::Archived {
                     at_ms: 9,
-                    archived_len: 20,
+                    archived_len: LogOffset::new(20),
                 },
                 sources: vec![],
                 done: vec![DoneFile {

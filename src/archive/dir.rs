@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use crate::archive::job::{Job, JobKind, Outcome, placeholder};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{LogOffset, Spool, SpoolError};
 use crate::task::TaskId;
 
 /// Why a directory archive failed. It reaches ingest as text in [`Outcome::Failed`]; the spool
@@ -94,7 +94,7 @@ impl DirArchive {
 
     /// Stores the first `len` bytes of `spool` as the complete log of `task`, replacing any
     /// earlier copy, visible only once whole (temp file, fsync, rename, fsync the directory).
-    pub fn put(&self, task: &TaskId, spool: &Spool, len: u64) -> Result<String, DirError> {
+    pub fn put(&self, task: &TaskId, spool: &Spool, len: LogOffset) -> Result<String, DirError> {
         let dest = self.path_of(task);
         let parent = dest.parent().unwrap_or(&self.dir).to_owned();
         let io = |op, source| DirError::Io {
@@ -107,12 +107,12 @@ impl DirArchive {
         crate::durable::replace(
             &dest,
             |out| {
-                if len == 0 {
+                if len == LogOffset::ZERO {
                     out.write_all(placeholder(task).as_bytes())
                         .map_err(|e| io("write", e))
                 } else {
                     spool
-                        .read_range(0, len, &mut |chunk| out.write_all(chunk))
+                        .read_range(0, len.get(), &mut |chunk| out.write_all(chunk))
                         .map_err(|source| DirError::Spool {
                             task: task.to_string(),
                             source,

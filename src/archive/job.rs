@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use crate::archive::upload::UploadState;
-use crate::spool::Spool;
-use crate::task::TaskId;
+use crate::spool::{LogOffset, Spool, SpoolFileOffset};
+use crate::task::{PodDir, TaskId};
 
 /// What Druid's overlord writes when a peon left no log, so that Druid's reader (which breaks on
 /// an empty object) and users see why.
@@ -36,7 +36,7 @@ pub struct Origin {
 #[derive(Debug, Clone)]
 pub struct Job {
     /// The task's key in ingest (`<namespace>_<pod>_<uid>`); the outcome carries it back.
-    pub pod_dir: String,
+    pub pod_dir: PodDir,
     /// The archive name: the object key or file name is derived from it.
     pub task: TaskId,
     /// Where the bytes come from; only the committed prefix named by `kind` may be read.
@@ -57,17 +57,17 @@ pub enum JobKind {
     /// (`committed_file` bytes of the spool file).
     Parts {
         /// Committed bytes of log text.
-        committed: u64,
+        committed: LogOffset,
         /// Committed bytes of the spool file, at the same point.
-        committed_file: u64,
+        committed_file: SpoolFileOffset,
     },
     /// The log is complete at `len` bytes of text (`file_len` bytes of spool file): store
     /// the rest and make the archive visible.
     Finish {
         /// Bytes of log text, as committed at the end.
-        len: u64,
+        len: LogOffset,
         /// Bytes of the spool file at the same point.
-        file_len: u64,
+        file_len: SpoolFileOffset,
     },
 }
 
@@ -78,26 +78,26 @@ pub enum Outcome {
     /// Parts were stored (or an upload was started); the state to checkpoint.
     Progress {
         /// The task's key in ingest.
-        pod_dir: String,
+        pod_dir: PodDir,
         /// The new upload state, to checkpoint.
         state: UploadState,
     },
     /// The archive is complete and visible at `location`.
     Done {
         /// The task's key in ingest.
-        pod_dir: String,
+        pod_dir: PodDir,
         /// The archive name.
         task: TaskId,
         /// Bytes of log text archived. The task counts as archived only if its spool still
         /// holds exactly this much; if it wrote meanwhile, it is archived again.
-        len: u64,
+        len: LogOffset,
         /// Where the log went (a file path or an `s3://` URL), shown by `/tasks`.
         location: String,
     },
     /// The attempt failed; ingest keeps the spool and retries with backoff.
     Failed {
         /// The task's key in ingest.
-        pod_dir: String,
+        pod_dir: PodDir,
         /// The archive name.
         task: TaskId,
         /// The error as text, for the log and `/tasks`.
@@ -112,14 +112,14 @@ pub enum Outcome {
     /// Dropped unstarted because the agent is stopping; the next agent redoes it.
     Skipped {
         /// The task's key in ingest.
-        pod_dir: String,
+        pod_dir: PodDir,
     },
 }
 
 impl Outcome {
     /// The task the outcome is about, whatever the variant, so ingest can always find it and
     /// clear its job in flight.
-    pub fn pod_dir(&self) -> &str {
+    pub fn pod_dir(&self) -> &PodDir {
         match self {
             Outcome::Progress { pod_dir, .. }
             | Outcome::Done { pod_dir, .. }

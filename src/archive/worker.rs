@@ -76,14 +76,14 @@ mod tests {
         w.append(|t| t.extend_from_slice(b"line\n"));
         w.seal(&mut Packer::new(1)).unwrap();
         let job = Job {
-            pod_dir: "ns_pod_uid".into(),
+            pod_dir: crate::task::PodDir::parse("ns_pod_uid").unwrap(),
             task: TaskId::new("index_kafka_t").unwrap(),
             spool: w.spool().clone(),
             state: Default::default(),
             origin: Origin::default(),
             kind: JobKind::Finish {
-                len: 5,
-                file_len: w.spool().file_len(),
+                len: crate::spool::LogOffset::new(5),
+                file_len: w.file_len(),
             },
         };
         let target = Arc::new(Target::Dir(DirArchive::new(dir.join("archive"))));
@@ -109,7 +109,7 @@ mod tests {
         worker.await;
         let seen = seen.lock().unwrap();
         assert!(
-            matches!(seen.as_slice(), [Outcome::Done { len: 5, .. }]),
+            matches!(seen.as_slice(), [Outcome::Done { len, .. }] if len.get() == 5),
             "{seen:?}"
         );
         let log = std::fs::read(dir.path().join("archive/index_kafka_t.log")).unwrap();
@@ -128,7 +128,7 @@ mod tests {
         worker.await;
         let seen = seen.lock().unwrap();
         assert!(
-            matches!(seen.as_slice(), [Outcome::Skipped { pod_dir }] if pod_dir == "ns_pod_uid"),
+            matches!(seen.as_slice(), [Outcome::Skipped { pod_dir }] if pod_dir.name == "ns_pod_uid"),
             "{seen:?}"
         );
         assert!(!dir.path().join("archive").exists());

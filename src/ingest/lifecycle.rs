@@ -177,8 +177,8 @@ impl Ingest {
                 // The end is committed (not unsaved), so the committed lengths are the whole
                 // log; never the live lengths, which a crash could cut back.
                 Phase::Ended if !t.unsaved => JobKind::Finish {
-                    len: t.committed_len.get(),
-                    file_len: t.committed_file_len.get(),
+                    len: t.committed_len,
+                    file_len: t.committed_file_len,
                 },
                 Phase::Running => {
                     // Parts are cut from the text, or from the spool file for gzip output.
@@ -194,8 +194,8 @@ impl Ingest {
                                 .is_some_and(|end| have >= end) =>
                         {
                             JobKind::Parts {
-                                committed: t.committed_len.get(),
-                                committed_file: t.committed_file_len.get(),
+                                committed: t.committed_len,
+                                committed_file: t.committed_file_len,
                             }
                         }
                         _ => continue,
@@ -205,7 +205,7 @@ impl Ingest {
             };
             t.job_in_flight = true;
             self.jobs.push(Job {
-                pod_dir: t.pod.name.clone(),
+                pod_dir: t.pod.clone(),
                 task,
                 spool: t.writer.spool().clone(),
                 state: t.upload.clone(),
@@ -254,14 +254,14 @@ impl Ingest {
                 ..
             } => {
                 self.metrics.archives.fetch_add(1, Relaxed);
-                info!(task = %task, location = %location, bytes = len, "log archived");
+                info!(task = %task, location = %location, bytes = len.get(), "log archived");
                 t.archive_retry_at = None;
                 t.archive_failures = 0;
                 t.archive_error = None;
                 t.archived_to = Some(location.clone());
                 // A later end (the task wrote again) starts a new archive that replaces this.
                 t.upload = UploadState::default();
-                if t.phase == Phase::Ended && t.writer.spool().len() == *len {
+                if t.phase == Phase::Ended && t.writer.spool().len() == len.get() {
                     t.phase = Phase::Archived {
                         at_ms: now_ms(),
                         archived_len: *len,
@@ -291,7 +291,7 @@ impl Ingest {
         }
         t.unsaved = true;
         t.snapshot_gen += 1;
-        let name = o.pod_dir().to_owned();
+        let name = o.pod_dir().name.clone();
         self.publish(&name);
     }
 

@@ -14,7 +14,7 @@ use druid_log_agent::archive::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
 use druid_log_agent::serve::druid_start;
-use druid_log_agent::spool::{Spool, SpoolFileOffset, SpoolWriter};
+use druid_log_agent::spool::{LogOffset, Spool, SpoolFileOffset, SpoolWriter};
 use druid_log_agent::task::TaskId;
 use druid_log_agent_testkit::faultproxy::{FaultProxy, Mode};
 
@@ -63,9 +63,17 @@ fn spool_of(dir: &std::path::Path, content: &[u8]) -> Arc<Spool> {
     w.spool().clone()
 }
 
+/// A `Finish` job's kind from plain byte counts (text, spool file).
+fn finish(len: u64, file_len: u64) -> JobKind {
+    JobKind::Finish {
+        len: LogOffset::new(len),
+        file_len: SpoolFileOffset::new(file_len),
+    }
+}
+
 fn job(task: &TaskId, spool: &Arc<Spool>, state: UploadState, kind: JobKind) -> Job {
     Job {
-        pod_dir: "druid_peon_uid".into(),
+        pod_dir: druid_log_agent::task::PodDir::parse("druid_peon_uid").unwrap(),
         task: task.clone(),
         spool: spool.clone(),
         state,
@@ -133,8 +141,8 @@ async fn keys_content_and_druid_ranges() {
                 &spool,
                 UploadState::default(),
                 JobKind::Finish {
-                    len,
-                    file_len: spool.file_len(),
+                    len: LogOffset::new(len),
+                    file_len: SpoolFileOffset::new(spool.file_len()),
                 },
             ))
             .await;
@@ -192,8 +200,8 @@ async fn parts_while_running_then_one_last_part() {
             &spool,
             UploadState::default(),
             JobKind::Parts {
-                committed: 11 * MIB,
-                committed_file: 0,
+                committed: LogOffset::new(11 * MIB),
+                committed_file: SpoolFileOffset::ZERO,
             },
         ))
         .await;
@@ -220,8 +228,8 @@ async fn parts_while_running_then_one_last_part() {
             &spool,
             state,
             JobKind::Finish {
-                len,
-                file_len: spool.file_len(),
+                len: LogOffset::new(len),
+                file_len: SpoolFileOffset::new(spool.file_len()),
             },
         ))
         .await;
@@ -245,8 +253,8 @@ async fn parts_grow_with_the_log() {
     let (len, file_len) = (content.len() as u64, spool.file_len());
     let task = TaskId::new("index_kafka_growing").unwrap();
     let parts = |committed| JobKind::Parts {
-        committed,
-        committed_file: 0,
+        committed: LogOffset::new(committed),
+        committed_file: SpoolFileOffset::ZERO,
     };
     let out = target
         .run(job(&task, &spool, UploadState::default(), parts(len)))
@@ -279,7 +287,7 @@ async fn parts_grow_with_the_log() {
     let stored: Vec<i64> = listed.parts().iter().filter_map(|p| p.size()).collect();
     assert_eq!(stored, [5 * MIB as i64, 10 * MIB as i64]);
     let out = target
-        .run(job(&task, &spool, again, JobKind::Finish { len, file_len }))
+        .run(job(&task, &spool, again, finish(len, file_len)))
         .await;
     assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
     let key = "druid/indexing-logs/index_kafka_growing/log";
@@ -308,8 +316,8 @@ async fn no_part_after_the_last_part_number() {
     };
     let committed = state.uploaded() + 5 * MIB;
     let kind = JobKind::Parts {
-        committed,
-        committed_file: 0,
+        committed: LogOffset::new(committed),
+        committed_file: SpoolFileOffset::ZERO,
     };
     let out = target.run(job(&task, &spool, state, kind)).await;
     let Outcome::Failed {
@@ -341,8 +349,8 @@ async fn empty_log_gets_the_placeholder() {
             &spool,
             UploadState::default(),
             JobKind::Finish {
-                len: 0,
-                file_len: 0,
+                len: LogOffset::ZERO,
+                file_len: SpoolFileOffset::ZERO,
             },
         ))
         .await;
@@ -480,15 +488,15 @@ async fn completion_check_without_list_bucket_permission() {
     let content = text(12 * MIB as usize, 21);
     let spool = spool_of(tmp.path(), &content);
     let (len, file_len) = (content.len() as u64, spool.file_len());
-    let finish = JobKind::Finish { len, file_len };
+    let finish = finish(len, file_len);
     // Parts stored and CompleteMultipartUpload sent (the checkpoint says so), then a crash.
     let sent_completion = |id: &'static str| {
         let (target, spool) = (&target, &spool);
         let task = TaskId::new(id).unwrap();
         async move {
             let parts = JobKind::Parts {
-                committed: len,
-                committed_file: file_len,
+                committed: LogOffset::new(len),
+                committed_file: SpoolFileOffset::new(file_len),
             };
             let out = target
                 .run(job(&task, spool, UploadState::default(), parts))
@@ -614,8 +622,8 @@ async fn gzip_output_for_other_consumers() {
     assert!(file_len > 5 * MIB, "the spool must need parts: {file_len}");
     let task = TaskId::new("index_kafka_gz").unwrap();
     let parts = JobKind::Parts {
-        committed: len,
-        committed_file: file_len,
+        committed: LogOffset::new(len),
+        committed_file: SpoolFileOffset::new(file_len),
     };
     let out = target
         .run(job(&task, &spool, UploadState::default(), parts))
@@ -625,7 +633,7 @@ async fn gzip_output_for_other_consumers() {
     };
     assert!(!state.parts.is_empty());
     let out = target
-        .run(job(&task, &spool, state, JobKind::Finish { len, file_len }))
+        .run(job(&task, &spool, state, finish(len, file_len)))
         .await;
     assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
     let key = "druid/indexing-logs/index_kafka_gz/log.gz";

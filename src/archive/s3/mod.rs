@@ -31,6 +31,7 @@ use tracing::warn;
 
 use crate::archive::job::{Job, JobKind, Outcome};
 use crate::archive::upload::UploadState;
+use crate::spool::{LogOffset, SpoolFileOffset};
 
 pub use crate::archive::upload::{MAX_OBJECT, MAX_PART, MIN_PART, PartNumber, PartSizes};
 pub use body::BodyError;
@@ -94,7 +95,13 @@ impl S3Target {
         let key = self.bucket.cfg.key(&job.task);
         let mut state = job.state.clone();
         // The uploaded stream is the text, or for gzip output the spool file.
-        let pick = |text: u64, file: u64| if self.bucket.cfg.gzip { file } else { text };
+        let pick = |text: LogOffset, file: SpoolFileOffset| {
+            if self.bucket.cfg.gzip {
+                file.get()
+            } else {
+                text.get()
+            }
+        };
         let at = Attempt {
             bucket: &self.bucket,
             sizes: self.sizes,
@@ -108,9 +115,11 @@ impl S3Target {
             } => store_parts(&at, &mut state, pick(committed, committed_file), false)
                 .await
                 .map(|()| None),
-            JobKind::Finish { len, file_len } => finish(&at, &mut state, pick(len, file_len), len)
-                .await
-                .map(Some),
+            JobKind::Finish { len, file_len } => {
+                finish(&at, &mut state, pick(len, file_len), len.get())
+                    .await
+                    .map(Some)
+            }
         };
         match result {
             Ok(None) => Outcome::Progress {
