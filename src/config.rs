@@ -355,8 +355,16 @@ pub enum ConfigError {
     #[error("settings from flags and environment: {0}")]
     Flags(Box<clap::Error>),
     /// Parsed, but a value is out of range; the message names the setting and its range.
+    #[error("config: {setting} must be {expected}")]
+    OutOfRange {
+        /// The setting (or settings) refused.
+        setting: &'static str,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// The S3 section is incomplete or inconsistent.
     #[error("config: {0}")]
-    Invalid(String),
+    S3(#[from] crate::archive::s3::S3ConfigError),
 }
 
 impl Config {
@@ -449,25 +457,24 @@ impl Config {
 
     /// Rejects settings that would make the agent misbehave rather than fail loudly later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let bad = |setting, expected| Err(ConfigError::OutOfRange { setting, expected });
         if self.container.is_empty() || self.container.contains('/') {
-            return bad("container must be a plain container name such as \"main\"");
+            return bad("container", "a plain container name such as \"main\"");
         }
         if self.line_max_bytes < 1024 {
-            return bad("line_max_bytes must be at least 1KiB (1024)");
+            return bad("line_max_bytes", "at least 1KiB (1024)");
         }
         if !(4096..=(64 << 20)).contains(&self.block_bytes) {
-            return bad("block_bytes must be between 4KiB (4096) and 64MiB (67108864)");
+            return bad("block_bytes", "between 4KiB (4096) and 64MiB (67108864)");
         }
         if self.compression_level > 9 {
-            return bad("compression_level must be 0 to 9");
+            return bad("compression_level", "0 to 9");
         }
         if self.commit_interval.is_zero() || self.poll_interval.is_zero() {
-            return bad("commit_interval and poll_interval must be positive");
+            return bad("commit_interval and poll_interval", "positive");
         }
         if let ArchiveConfig::S3(s) = &self.archive {
-            s.validate()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            s.validate()?;
         }
         Ok(())
     }

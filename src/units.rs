@@ -17,10 +17,29 @@ pub const SIZE_HELP: &str =
 /// What a duration setting accepts, for error messages and `--help`.
 pub const DURATION_HELP: &str = "a duration with a unit, such as 500ms, 2s, 60s, 10m or 1h";
 
+/// A size or duration setting that does not parse; the message says what is accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UnitError {
+    /// Not a number of bytes, nor a number with a size unit.
+    #[error("{0:?} is not a size: expected {help}", help = SIZE_HELP)]
+    NotASize(String),
+    /// A size beyond what the setting's type holds.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+    /// Not a duration with a unit.
+    #[error("{given:?} is not a duration ({reason}): expected {help}", help = DURATION_HELP)]
+    NotADuration {
+        /// The text given.
+        given: String,
+        /// humantime's reason.
+        reason: humantime::DurationError,
+    },
+}
+
 /// Parses a size: a plain number of bytes (what every size setting took before units), or a
 /// number with a unit. Binary (`KiB`, `MiB`, `GiB`, `Ki`) and decimal (`kB`, `MB`, `k`, `M`)
 /// units mean what they say, as in Kubernetes quantities.
-pub fn parse_size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+pub fn parse_size<T: TryFrom<u64>>(s: &str) -> Result<T, UnitError> {
     let t = s.trim();
     // A sign or an empty string would otherwise reach bytesize's float parse.
     let n = if t.starts_with(|c: char| c.is_ascii_digit()) {
@@ -28,8 +47,8 @@ pub fn parse_size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
     } else {
         None
     };
-    let n = n.ok_or_else(|| format!("{s:?} is not a size: expected {SIZE_HELP}"))?;
-    T::try_from(n).map_err(|_| format!("{s:?} is too large"))
+    let n = n.ok_or_else(|| UnitError::NotASize(s.to_owned()))?;
+    T::try_from(n).map_err(|_| UnitError::TooLarge(s.to_owned()))
 }
 
 /// Prints a size exactly, in the largest binary unit that divides it (`65536` is `64KiB`), so
@@ -54,9 +73,11 @@ pub fn format_size(n: u64) -> String {
 /// Parses a duration with a unit (`500ms`, `2s`, `1m 30s`, `1h`); `0` alone is zero. A bare
 /// number is refused: `2000` could be seconds or milliseconds, which is why the old settings
 /// named their unit (`block_max_age_ms`), and those names still take a bare number.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}): expected {DURATION_HELP}"))
+pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
+    humantime::parse_duration(s.trim()).map_err(|reason| UnitError::NotADuration {
+        given: s.to_owned(),
+        reason,
+    })
 }
 
 /// Prints a duration as [`parse_duration`] reads it back (`2s`, `1h`, `1m 30s`, `500ms`).

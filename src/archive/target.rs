@@ -9,7 +9,6 @@
 use crate::archive::dir::DirArchive;
 use crate::archive::job::{Job, Outcome};
 use crate::archive::s3::S3Target;
-use crate::archive::upload::PartSizes;
 
 /// Where archives go.
 pub enum Target {
@@ -20,15 +19,6 @@ pub enum Target {
 }
 
 impl Target {
-    /// Whether this target stores a log in parts while the task runs (then ingest sends
-    /// `Parts` jobs), with the part sizes.
-    pub fn part_sizes(&self) -> Option<PartSizes> {
-        match self {
-            Target::Dir(_) => None,
-            Target::S3(s) => Some(s.part_sizes()),
-        }
-    }
-
     /// Does one job; every failure is an [`Outcome::Failed`], so every job is answered.
     pub async fn run(&self, job: Job) -> Outcome {
         match self {

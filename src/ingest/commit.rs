@@ -235,7 +235,7 @@ impl Ingest {
                     }
                 }
                 self.spool_dir_unsynced |= f.spool_dir_synced;
-                // Retried after commit_interval_ms, not at once: a full disk must not turn
+                // Retried after commit_interval, not at once: a full disk must not turn
                 // the ingest loop into a stream of failing commits.
                 self.checkpoint_dirty |= f.checkpoint_dirty || f.commit_now;
                 false

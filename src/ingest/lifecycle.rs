@@ -56,7 +56,7 @@ impl Ingest {
             if t.phase == Phase::Running && idle && t.restoring.is_none() {
                 info!(
                     pod_dir = name,
-                    "no new log lines for idle_timeout_secs; ending the task"
+                    "no new log lines for idle_timeout; ending the task"
                 );
                 self.end_task(name);
             }
@@ -316,7 +316,7 @@ impl Ingest {
 ///
 /// Not `backon`: a retry here is a deadline the ingest thread checks (`archive_retry_at`), not
 /// an async loop, so only its delay arithmetic would be used, as an iterator kept per task; and
-/// its jitter adds up to the whole delay on top, past `archive_retry_max_secs`, where this one
+/// its jitter adds up to the whole delay on top, past `archive_retry_max`, where this one
 /// takes up to a quarter off.
 fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
     let base = if permanent {
@@ -335,7 +335,7 @@ fn backoff(failures: u32, permanent: bool, max: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    /// `archive_retry_max_secs` is a cap the jitter never exceeds, and permanent errors start
+    /// `archive_retry_max` is a cap the jitter never exceeds, and permanent errors start
     /// at a quarter of it.
     #[test]
     fn backoff_doubles_within_the_cap() {

@@ -186,7 +186,7 @@ impl Ingest {
     }
 
     /// Moves a spool that does not match the checkpoint out of the way (kept for a look,
-    /// counted in `spool_max_bytes`, removed after `retention_secs`, or first when the spools
+    /// counted in `spool_max_bytes`, removed after `retention`, or first when the spools
     /// are full).
     fn set_aside(&mut self, path: &Path, why: &str) {
         let aside = path.with_extension(format!("{ASIDE}{}", now_ms()));
@@ -311,7 +311,7 @@ pub(super) fn aside_bytes(dir: &Path, older_than: Option<Duration>) -> u64 {
                 .is_some_and(|elapsed| elapsed >= age)
         });
         if old && fs::remove_file(e.path()).is_ok() {
-            info!(file = %e.path().display(), "spool set aside longer than retention_secs; removed");
+            info!(file = %e.path().display(), "spool set aside longer than retention; removed");
             continue;
         }
         total += md.len();

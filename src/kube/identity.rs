@@ -85,7 +85,7 @@ impl TaskIdentity for KubeIdentity {
             if now.duration_since(born) >= self.pending_timeout
                 && self.warned_pending.insert(PodUid::from(pod.uid.as_str()))
             {
-                warn!(pod_dir = %pod.name, "pod log directory still unknown after pending_timeout_secs and the pod list is not current (API unreachable?); its files are held unread until the API answers");
+                warn!(pod_dir = %pod.name, "pod log directory still unknown after pending_timeout and the pod list is not current (API unreachable?); its files are held unread until the API answers");
             }
             return Identity::Pending;
         };

@@ -51,7 +51,7 @@ pub struct KubeConfig {
     #[serde(with = "crate::units::duration")]
     pub pending_timeout: Duration,
     /// How long the metadata of a deleted pod is kept so its log can finish.
-    #[arg(long = "deleted-pod-retention", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    #[arg(long = "deleted-retention", value_name = "DURATION", value_parser = crate::units::parse_duration)]
     #[serde(with = "crate::units::duration")]
     pub deleted_retention: Duration,
 }
