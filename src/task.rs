@@ -53,6 +53,45 @@ impl fmt::Display for TaskId {
     }
 }
 
+/// A pod's `metadata.uid`: what the cache is keyed by, and the last part of the pod's log
+/// directory name (`<namespace>_<pod>_<uid>`). Unlike the name, it is never reused: a pod
+/// created again under the same name is another pod, with another log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct PodUid(String);
+
+impl PodUid {
+    /// The uid as the API and the directory name spell it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for PodUid {
+    fn from(uid: String) -> PodUid {
+        PodUid(uid)
+    }
+}
+
+impl From<&str> for PodUid {
+    fn from(uid: &str) -> PodUid {
+        PodUid(uid.to_owned())
+    }
+}
+
+/// Lets the cache and the pending maps be asked with the uid of a `PodDir` as it is.
+impl std::borrow::Borrow<str> for PodUid {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A kubelet pod log directory, `<namespace>_<pod>_<uid>`. Kubernetes names and uids never
 /// contain `_`, so the split is exact.
 ///
@@ -69,7 +108,7 @@ pub struct PodDir {
     /// Pod name; Druid derives it from the task id lossily, so it is no substitute for the id.
     pub pod: String,
     /// Pod uid: tells apart pods of one name over time; the key of the Kubernetes pod cache.
-    pub uid: String,
+    pub uid: PodUid,
 }
 
 impl PodDir {
@@ -92,7 +131,7 @@ impl PodDir {
             name: name.to_owned(),
             namespace: ns.to_owned(),
             pod: pod.to_owned(),
-            uid: uid.to_owned(),
+            uid: PodUid::from(uid),
         })
     }
 }

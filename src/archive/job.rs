@@ -25,7 +25,7 @@ pub struct Origin {
     /// read back from it.
     pub pod: String,
     /// Pod uid (`pod-uid` metadata): tells apart pods of one name over time.
-    pub pod_uid: String,
+    pub pod_uid: crate::task::PodUid,
     /// This node's name (`node` metadata), when configured.
     pub node: Option<String>,
     /// When the agent first saw the task, ms since the epoch (`first-seen-ms` metadata).

@@ -1,50 +1,12 @@
 //! The pod cache: what the watch has learned of this node's peon pods, keyed by pod uid, and
 //! whether it is current. The watch writes it; the ingest thread and the HTTP side read it.
 
-use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::fmt;
+
+pub use crate::task::PodUid;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-/// A pod's `metadata.uid`: what the cache is keyed by, and the last part of the pod's log
-/// directory name (`<namespace>_<pod>_<uid>`). Unlike the name, it is never reused: a pod
-/// created again under the same name is another pod, with another log.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodUid(String);
-
-impl PodUid {
-    /// The uid as the API and the directory name spell it.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for PodUid {
-    fn from(uid: String) -> PodUid {
-        PodUid(uid)
-    }
-}
-
-impl From<&str> for PodUid {
-    fn from(uid: &str) -> PodUid {
-        PodUid(uid.to_owned())
-    }
-}
-
-/// Lets the cache and the pending maps be asked with the uid of a `PodDir` as it is.
-impl Borrow<str> for PodUid {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for PodUid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// What the watch knows of one pod.
 #[derive(Debug, Clone)]

@@ -53,7 +53,7 @@ impl KubeIdentity {
 
 impl TaskIdentity for KubeIdentity {
     fn identify(&mut self, pod: &PodDir) -> Identity {
-        if let Some(info) = self.cache.get(&pod.uid) {
+        if let Some(info) = self.cache.get(pod.uid.as_str()) {
             self.first_seen.remove(pod.uid.as_str());
             self.warned_pending.remove(pod.uid.as_str());
             return match info.task_id.as_deref().map(TaskId::new) {
@@ -76,14 +76,14 @@ impl TaskIdentity for KubeIdentity {
         let now = Instant::now();
         let (born_at, first_looked) = *self
             .first_seen
-            .entry(PodUid::from(pod.uid.as_str()))
+            .entry(pod.uid.clone())
             .or_insert_with(|| (created(&dir), now));
         let born = born_at.unwrap_or(first_looked);
         let Some(current) = self.cache.current_since() else {
             // Without a current pod list nothing can be concluded, however long that takes:
             // the pod may be a peon that started while the API was unreachable.
             if now.duration_since(born) >= self.pending_timeout
-                && self.warned_pending.insert(PodUid::from(pod.uid.as_str()))
+                && self.warned_pending.insert(pod.uid.clone())
             {
                 warn!(pod_dir = %pod.name, "pod log directory still unknown after pending_timeout and the pod list is not current (API unreachable?); its files are held unread until the API answers");
             }
@@ -122,11 +122,12 @@ impl TaskIdentity for KubeIdentity {
     }
 
     fn is_peon(&mut self, pod: &PodDir) -> bool {
-        self.cache.peek(&pod.uid, |i| i.is_some())
+        self.cache.peek(pod.uid.as_str(), |i| i.is_some())
     }
 
     fn container_finished(&mut self, pod: &PodDir) -> bool {
-        self.cache.peek(&pod.uid, |i| i.is_some_and(|i| i.finished))
+        self.cache
+            .peek(pod.uid.as_str(), |i| i.is_some_and(|i| i.finished))
     }
 }
 

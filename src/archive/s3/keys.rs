@@ -31,7 +31,7 @@ pub fn metadata(task: &TaskId, origin: &Origin, len: u64) -> HashMap<String, Str
     m.insert("task-id".into(), task.to_string());
     m.insert("namespace".into(), origin.namespace.clone());
     m.insert("pod".into(), origin.pod.clone());
-    m.insert("pod-uid".into(), origin.pod_uid.clone());
+    m.insert("pod-uid".into(), origin.pod_uid.to_string());
     if let Some(n) = &origin.node {
         m.insert("node".into(), n.clone());
     }
