@@ -611,6 +611,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunE
             follow_max: cfg.follow_max,
             max_connections: cfg.http_max_connections,
             state_dir: cfg.state_dir.clone(),
+            spool_max_bytes: (cfg.spool_max_bytes > 0).then_some(cfg.spool_max_bytes),
             pod_cache,
             follow_end: shutdown.follow_turn(),
         },

@@ -158,6 +158,15 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
         "Compressed bytes in spools on disk.",
         sum(&|t| t.spool.file_len()),
     );
+    if let Some(max) = http.opts.spool_max_bytes {
+        single(
+            out,
+            "druid_log_agent_spool_max_bytes",
+            "gauge",
+            "The spool_max_bytes setting: at it, reading pauses until archives free space.",
+            max,
+        );
+    }
     single(
         out,
         "druid_log_agent_log_bytes",

@@ -53,6 +53,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Checked by `/readyz`: must be writable.
     pub state_dir: PathBuf,
+    /// `spool_max_bytes` (`None` without a limit), exposed beside the spools' size so an alert
+    /// can compare the two.
+    pub spool_max_bytes: Option<u64>,
     /// Checked by `/readyz` when the Kubernetes watch is on: must be synced.
     pub pod_cache: Option<Arc<crate::kube::PodCache>>,
     /// Cancelled at the follow streams' turn of the shutdown: a `follow=true` response then
