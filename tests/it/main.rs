@@ -15,6 +15,7 @@ mod http;
 mod kube;
 mod kubeapi_harness;
 mod manifests;
+mod monitoring;
 mod s3;
 mod shutdown;
 mod soak;

@@ -22,19 +22,19 @@ use serde_json::{Value, json};
 
 /// The Kubernetes version validated against: the API version the agent's client is built for
 /// (`k8s-openapi` feature `v1_33` in Cargo.toml).
-const KUBERNETES_VERSION: &str = "1.33";
-const NAMESPACE: &str = "druid-log-agent";
-const VALIDATE_HINT: &str = "the PyPI package kubernetes-validate is needed, with the PyYAML it brings \
+pub(crate) const KUBERNETES_VERSION: &str = "1.33";
+pub(crate) const NAMESPACE: &str = "druid-log-agent";
+pub(crate) const VALIDATE_HINT: &str = "the PyPI package kubernetes-validate is needed, with the PyYAML it brings \
      along; .ci/run installs it: python3 -m pip install kubernetes-validate==1.37.0";
-const KUBECTL_HINT: &str = "kubectl (client only) is needed for `kubectl kustomize`; it is \
+pub(crate) const KUBECTL_HINT: &str = "kubectl (client only) is needed for `kubectl kustomize`; it is \
      part of the development and CI machines (/usr/bin/kubectl); set KUBECTL to use another";
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Runs a command to completion, feeding `input`; panics with `hint` if it cannot start.
-fn run(cmd: &mut Command, input: &[u8], hint: &str) -> Output {
+pub(crate) fn run(cmd: &mut Command, input: &[u8], hint: &str) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -52,57 +52,62 @@ fn run(cmd: &mut Command, input: &[u8], hint: &str) -> Output {
     out
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `kubectl kustomize manifests/`, rendered once per test binary.
 fn rendered() -> &'static str {
     static R: OnceLock<String> = OnceLock::new();
-    R.get_or_init(|| {
-        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-        let out = run(
-            Command::new(kubectl)
-                .arg("kustomize")
-                .arg(repo().join("manifests")),
-            b"",
-            KUBECTL_HINT,
-        );
-        assert!(
-            out.status.success(),
-            "kubectl kustomize manifests/ failed: {}",
-            text(&out.stderr)
-        );
-        let yaml = text(&out.stdout);
-        assert!(yaml.contains("kind:"), "kustomize rendered nothing");
-        yaml
-    })
+    R.get_or_init(|| kustomize(&repo().join("manifests")))
+}
+
+/// `kubectl kustomize DIR`: the rendered YAML.
+pub(crate) fn kustomize(dir: &Path) -> String {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let out = run(
+        Command::new(kubectl).arg("kustomize").arg(dir),
+        b"",
+        KUBECTL_HINT,
+    );
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        text(&out.stderr)
+    );
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("kind:"), "kustomize rendered nothing");
+    yaml
 }
 
 /// The rendered documents as JSON (PyYAML, which kubernetes-validate depends on).
 fn documents() -> &'static [Value] {
     static D: OnceLock<Vec<Value>> = OnceLock::new();
-    D.get_or_init(|| {
-        let script = "import json, sys, yaml\n\
-                      json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)";
-        let out = run(
-            Command::new("python3").args(["-c", script]),
-            rendered().as_bytes(),
-            VALIDATE_HINT,
-        );
-        assert!(
-            out.status.success(),
-            "cannot convert the rendered YAML to JSON ({VALIDATE_HINT}): {}",
-            text(&out.stderr)
-        );
-        match serde_json::from_slice(&out.stdout).unwrap() {
-            Value::Array(docs) => docs,
-            other => panic!("expected a list of documents, got {other}"),
-        }
-    })
+    D.get_or_init(|| yaml_documents(rendered()))
 }
 
-fn kind_of(d: &Value) -> &str {
+/// YAML documents as JSON (PyYAML, which kubernetes-validate depends on).
+pub(crate) fn yaml_documents(yaml: &str) -> Vec<Value> {
+    let script = "import json, sys, yaml\n\
+                  json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)";
+    let out = run(
+        Command::new("python3").args(["-c", script]),
+        yaml.as_bytes(),
+        VALIDATE_HINT,
+    );
+    assert!(
+        out.status.success(),
+        "cannot convert the rendered YAML to JSON ({VALIDATE_HINT}): {}",
+        text(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).unwrap() {
+        Value::Array(docs) => docs,
+        other => panic!("expected a list of documents, got {other}"),
+    }
+}
+
+pub(crate) fn kind_of(d: &Value) -> &str {
     d["kind"].as_str().unwrap_or("")
 }
 
@@ -313,7 +318,7 @@ fn manifests_render_with_kustomize() {
 }
 
 /// Runs kubernetes-validate (strict: unknown fields are errors) on a file of documents.
-fn kubernetes_validate(file: &Path) -> Output {
+pub(crate) fn kubernetes_validate(file: &Path) -> Output {
     let out = run(
         Command::new("python3")
             .args(["-m", "kubernetes_validate", "--strict", "-k"])
@@ -612,7 +617,7 @@ fn source_text() -> String {
 }
 
 /// Every `druid_log_agent_<name>` in a text (names ending in `_` are wildcards and skipped).
-fn metric_names(text: &str) -> BTreeSet<String> {
+pub(crate) fn metric_names(text: &str) -> BTreeSet<String> {
     let prefix = "druid_log_agent_";
     text.match_indices(prefix)
         .map(|(i, _)| {
