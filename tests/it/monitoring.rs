@@ -16,7 +16,7 @@ use crate::manifests::{
 };
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
@@ -30,9 +30,8 @@ const OPERATOR_KINDS: [&str; 2] = ["PodMonitor", "PrometheusRule"];
 /// job the alerts select.
 const JOB: &str = "druid-log-agent";
 
-fn component() -> &'static Path {
-    static D: OnceLock<std::path::PathBuf> = OnceLock::new();
-    D.get_or_init(|| repo().join("manifests/monitoring"))
+fn component() -> PathBuf {
+    repo().join("manifests/monitoring")
 }
 
 /// Copies the regular files of `from` into `to`, folders included.
