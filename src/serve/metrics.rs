@@ -1,5 +1,6 @@
 //! Prometheus exposition of `/metrics`, and the HTTP side's own figures (requests by route
-//! and status, latency histograms, refused connections).
+//! and status, latency histograms, refused connections); the process figures are in
+//! `process.rs`.
 //!
 //! Written by hand rather than with `prometheus-client`: that crate encodes only OpenMetrics
 //! text (`# TYPE x counter` for a sample named `x_total`, a `# EOF` line, another content
@@ -249,6 +250,7 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
             "druid_log_agent_http_request_duration_seconds_count{{route=\"{route}\"}} {count}"
         );
     }
+    super::process::write(out);
     Ok((
         [(
             header::CONTENT_TYPE,

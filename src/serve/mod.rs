@@ -14,6 +14,7 @@ mod auth;
 mod handlers;
 mod metrics;
 mod offset;
+mod process;
 mod stream;
 
 use std::io;

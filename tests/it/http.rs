@@ -331,3 +331,63 @@ fn streaming_a_large_log_keeps_memory_bounded() {
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
     assert!(agent.terminate().success());
 }
+
+/// `/metrics` carries the standard process figures of the agent itself (what dashboards for
+/// any Prometheus target show) and its version: values checked against /proc of the agent's
+/// own pid, so a figure of another process or a unit slip fails.
+#[test]
+fn metrics_include_the_process_and_the_build() {
+    let node = Node::new();
+    let agent = AgentProc::start(&node, &[]);
+    let addr = agent.http_addr();
+    let text = String::from_utf8(http_get(&addr, "/metrics", &[]).body).unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let pid = agent.child.id();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    // Resident memory moves between the scrape and this read: same order of magnitude.
+    let rss = value("process_resident_memory_bytes");
+    assert!(
+        rss > kib("VmRSS:") * 1024.0 / 2.0 && rss < kib("VmRSS:") * 1024.0 * 2.0,
+        "{rss}"
+    );
+    assert!(value("process_virtual_memory_bytes") >= rss);
+    let fds = value("process_open_fds");
+    assert!(fds >= 3.0 && fds <= value("process_max_fds"), "{fds}");
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    // The agent was started by this test: after the test binary itself, and not in the future.
+    let test_started = {
+        let me = fs::metadata(format!("/proc/{}", std::process::id())).unwrap();
+        me.modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert!(started <= now + 1.0, "{started} vs now {now}");
+    assert!(
+        started + 2.0 >= test_started,
+        "{started} vs test {test_started}"
+    );
+    let version = format!(
+        "druid_log_agent_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.lines().any(|l| l == version), "{text}");
+    assert!(agent.terminate().success());
+}
