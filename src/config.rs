@@ -546,7 +546,7 @@ impl clap::Args for Overrides {
 const ARCHIVE_DIR: &str = "archive_dir";
 
 /// The variable of a flag: `--s3-part-bytes` reads `DLA_S3_PART_BYTES`.
-fn env_name(long: &str) -> String {
+pub(crate) fn env_name(long: &str) -> String {
     format!("DLA_{}", long.replace('-', "_").to_ascii_uppercase())
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod durable;
+pub mod gateway;
 pub mod ingest;
 pub mod kube;
 pub mod loadgen;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use druid_log_agent::config::{Config, LogFormat, Overrides};
-use druid_log_agent::{app, demo};
+use druid_log_agent::gateway::{GatewayConfig, GatewayOverrides};
+use druid_log_agent::{app, demo, gateway};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,9 @@ enum Command {
         #[command(flatten)]
         settings: Box<RunArgs>,
     },
+    /// Run the cluster gateway: Druid's task-log API for every task of the cluster, answered
+    /// from the archive the agents write, then the overlord (docs/gateway.md).
+    Gateway(Box<GatewayArgs>),
     /// Run the pipeline on a synthetic node in a temporary directory and check the archives
     /// byte for byte against what the synthetic peons wrote. Needs no cluster and no cloud.
     Demo {
@@ -62,6 +66,20 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Overrides,
+}
+
+/// The gateway's settings: its config file, then environment variables, then flags.
+#[derive(Args)]
+struct GatewayArgs {
+    /// TOML config file; every key is optional, the archive is the agent's [archive] section.
+    #[arg(long, env = "DLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the settings the gateway would use and print them as TOML, defaults filled in;
+    /// exits non-zero with the reason for anything it would refuse at start. Binds nothing.
+    #[arg(long)]
+    check_config: bool,
+    #[command(flatten)]
+    settings: GatewayOverrides,
 }
 
 impl RunArgs {
@@ -94,6 +112,7 @@ fn main() -> ExitCode {
             }
             check_config(&settings)
         }
+        Command::Gateway(args) => run_gateway(*args),
         Command::Demo {
             dir,
             keep,
@@ -153,5 +172,20 @@ fn check_config(args: &RunArgs) -> anyhow::Result<ExitCode> {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config()?;
     app::run(cfg, init_logging)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let cfg = GatewayConfig::load(args.config.as_deref(), &args.settings)?;
+    if args.check_config {
+        cfg.check()?;
+        print!(
+            "{}",
+            toml::to_string(&cfg).context("cannot print the settings")?
+        );
+        eprintln!("valid");
+        return Ok(ExitCode::SUCCESS);
+    }
+    gateway::run(cfg, init_logging)?;
     Ok(ExitCode::SUCCESS)
 }

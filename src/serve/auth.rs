@@ -5,8 +5,9 @@ use axum::extract::Request;
 use axum::http::header;
 use subtle::ConstantTimeEq;
 
-/// Whether `req` carries `token` as its bearer credentials.
-pub(super) fn authorized(req: &Request, token: &str) -> bool {
+/// Whether `req` carries `token` as its bearer credentials (the gateway's `authorize =
+/// "token"` is this same check).
+pub fn authorized(req: &Request, token: &str) -> bool {
     let Some(got) = req
         .headers()
         .get(header::AUTHORIZATION)

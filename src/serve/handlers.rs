@@ -15,7 +15,8 @@ use super::stream;
 /// Druid's own text for an unknown task (`OverlordResource.getTaskLog`).
 pub const NO_LOG: &str =
     "No log was found for this task. The task may not exist, or it may not have begun running yet.";
-const TEXT: &str = "text/plain; charset=UTF-8";
+/// Druid's content type of a task log (`OverlordResource.getTaskLog`).
+pub const TEXT: &str = "text/plain; charset=UTF-8";
 /// A snapshot this small (Druid's own `offset=-8192` reads, the common request) is read in
 /// the handler and sent whole: it spans at most two blocks (tens of microseconds), and a
 /// response task, a channel and a hop to the blocking pool would cost more than the read.

@@ -40,7 +40,8 @@ use tracing::{debug, warn};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-pub use handlers::NO_LOG;
+pub use auth::authorized;
+pub use handlers::{NO_LOG, TEXT};
 pub use offset::druid_start;
 
 /// Settings of the HTTP endpoint, taken from [`crate::config::Config`].

@@ -10,4 +10,5 @@ pub mod faultproxy;
 pub mod http;
 pub mod kubeapi;
 pub mod moto;
+pub mod overlord;
 pub mod soak;

@@ -11,6 +11,7 @@ mod architecture;
 mod config;
 mod e2e;
 mod fuzz_regressions;
+mod gateway;
 mod http;
 mod kube;
 mod kubeapi_harness;

@@ -38,7 +38,8 @@ pub use body::BodyError;
 pub use config::{S3Config, S3ConfigError};
 pub use error::S3Error;
 
-use client::{Attempt, Bucket};
+use client::Attempt;
+pub use client::Bucket;
 use complete::finish;
 use parts::store_parts;
 

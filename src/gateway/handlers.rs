@@ -1,0 +1,319 @@
+//! The gateway's routes and the order of answers for a task's log: authorization first,
+//! then the archive, then the overlord when configured, then Druid's 404
+//! (docs/gateway.md, "The order of answers").
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tracing::warn;
+
+use super::archive_read::ArchiveReader;
+use super::authz::{Decision, DruidAuthz};
+use super::upstream::Upstream;
+use super::{Authorize, GatewayConfig};
+use crate::serve::{NO_LOG, TEXT};
+use crate::task::TaskId;
+
+/// Who answered a request, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Archive,
+    Overlord,
+    /// The gateway itself: a 404, a refusal, a bad request, a probe.
+    None,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Archive => "archive",
+            Source::Overlord => "overlord",
+            Source::None => "none",
+        }
+    }
+}
+
+/// Counters of `/metrics`: requests by route, answering source and status; upstream errors
+/// by source and kind.
+#[derive(Default)]
+struct Stats {
+    requests: Mutex<BTreeMap<(&'static str, Source, u16), u64>>,
+    upstream_errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl Stats {
+    fn request(&self, route: &'static str, source: Source, status: StatusCode) {
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((route, source, status.as_u16()))
+            .or_default() += 1;
+    }
+
+    fn upstream_error(&self, source: &'static str, kind: &'static str) {
+        *self
+            .upstream_errors
+            .lock()
+            .unwrap()
+            .entry((source, kind))
+            .or_default() += 1;
+    }
+
+    /// The Prometheus text format, as the agent's `/metrics` writes it.
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        out.push_str("# HELP druid_log_gateway_requests_total HTTP requests by route, answering source and status.\n");
+        out.push_str("# TYPE druid_log_gateway_requests_total counter\n");
+        for ((route, source, code), n) in self.requests.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "druid_log_gateway_requests_total{{route=\"{route}\",source=\"{}\",code=\"{code}\"}} {n}",
+                source.label()
+            );
+        }
+        out.push_str("# HELP druid_log_gateway_upstream_errors_total Upstream calls that gave no usable answer, by source and kind.\n");
+        out.push_str("# TYPE druid_log_gateway_upstream_errors_total counter\n");
+        for ((source, kind), n) in self.upstream_errors.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "druid_log_gateway_upstream_errors_total{{source=\"{source}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+        out
+    }
+}
+
+/// What every request of the gateway shares.
+pub struct Gateway {
+    archive: Option<ArchiveReader>,
+    overlord: Option<(Upstream, String)>,
+    authorize: Authorize,
+    authz: Option<DruidAuthz>,
+    token: Option<String>,
+    stats: Stats,
+}
+
+impl Gateway {
+    /// The gateway of `cfg`, with the token read from `auth_token_file` for `authorize =
+    /// "token"`.
+    pub async fn new(cfg: &GatewayConfig, token: Option<String>) -> Gateway {
+        let upstream = Upstream::new(
+            cfg.upstream_connect_timeout,
+            cfg.upstream_first_byte_timeout,
+        );
+        let archive = match &cfg.archive {
+            Some(a) => Some(
+                ArchiveReader::new(
+                    a,
+                    cfg.upstream_connect_timeout,
+                    cfg.upstream_first_byte_timeout,
+                )
+                .await,
+            ),
+            None => None,
+        };
+        let overlord = cfg
+            .overlord_url
+            .as_deref()
+            .map(|u| (upstream.clone(), u.trim_end_matches('/').to_owned()));
+        let authz = match (cfg.authorize, &cfg.overlord_url) {
+            (Authorize::Druid, Some(u)) => Some(DruidAuthz::new(
+                upstream.clone(),
+                u,
+                cfg.auth_cache,
+                cfg.auth_cache_max,
+            )),
+            _ => None,
+        };
+        Gateway {
+            archive,
+            overlord,
+            authorize: cfg.authorize,
+            authz,
+            token,
+            stats: Stats::default(),
+        }
+    }
+}
+
+/// The routes: Druid's task-log path and the probes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/druid/indexer/v1/task/{task_id}/log", get(task_log))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(gw)
+}
+
+/// `task` as one URL path segment: characters outside the unreserved set and `:` are
+/// percent-encoded, so no id can add a path segment or a query to an upstream URL.
+pub(super) fn path_segment(task: &TaskId) -> String {
+    let mut out = String::new();
+    for b in task.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Druid's `offset` query parameter (0 when absent), as the agent reads it.
+fn offset_of(q: Option<&str>) -> Result<i64, String> {
+    for pair in q.unwrap_or("").split('&') {
+        if let Some(v) = pair.strip_prefix("offset=") {
+            return v
+                .parse()
+                .map_err(|_| format!("offset must be a whole number of bytes, got {v:?}\n"));
+        }
+    }
+    Ok(0)
+}
+
+fn no_log() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, TEXT)],
+        NO_LOG,
+    )
+        .into_response()
+}
+
+/// `GET /druid/indexer/v1/task/{task_id}/log`: Druid's route, answers and offset rules.
+async fn task_log(
+    State(gw): State<Arc<Gateway>>,
+    Path(task_id): Path<String>,
+    RawQuery(q): RawQuery,
+    req: Request,
+) -> Response {
+    let (source, resp) = answer(&gw, task_id, q, req).await;
+    gw.stats.request("log", source, resp.status());
+    resp
+}
+
+async fn answer(
+    gw: &Gateway,
+    task_id: String,
+    q: Option<String>,
+    req: Request,
+) -> (Source, Response) {
+    if let Some(refused) = check_token(gw, &req) {
+        return (Source::None, refused);
+    }
+    // A checked id, before it goes into any key, file name or URL.
+    let Ok(task) = TaskId::new(task_id) else {
+        return (Source::None, no_log());
+    };
+    let offset = match offset_of(q.as_deref()) {
+        Ok(o) => o,
+        Err(e) => return (Source::None, (StatusCode::BAD_REQUEST, e).into_response()),
+    };
+    if let Some(authz) = &gw.authz {
+        match authz.decide(&task, req.headers()).await {
+            Ok(Decision::Allow) => {}
+            Ok(Decision::Deny(status)) => {
+                return (
+                    Source::None,
+                    (status, "not authorized for this task\n").into_response(),
+                );
+            }
+            Err(e) => {
+                warn!(task = %task, error = %e, "cannot authorize: refusing (fail closed)");
+                gw.stats.upstream_error("overlord", "authorize");
+                return (
+                    Source::None,
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the overlord cannot be asked who may read this log; try again\n",
+                    )
+                        .into_response(),
+                );
+            }
+        }
+    }
+    if let Some(archive) = &gw.archive {
+        match archive.open(&task, offset).await {
+            Ok(Some(found)) => {
+                let mut resp = Response::new(found.body);
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT));
+                return (Source::Archive, resp);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(task = %task, error = %e, "archive read failed; trying the next source");
+                gw.stats.upstream_error("archive", "error");
+            }
+        }
+    }
+    if let Some((upstream, base)) = &gw.overlord {
+        let mut url = format!("{base}/druid/indexer/v1/task/{}/log", path_segment(&task));
+        if let Some(q) = &q {
+            url.push('?');
+            url.push_str(q);
+        }
+        match upstream.get(&url, req.headers()).await {
+            Ok(resp) => {
+                // The overlord's answer is the answer, its 404 included, streamed through.
+                let (parts, body) = resp.into_parts();
+                let mut out = Response::new(Body::new(body));
+                *out.status_mut() = parts.status;
+                if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+                    out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+                }
+                return (Source::Overlord, out);
+            }
+            Err(e) => {
+                warn!(task = %task, error = %e, "overlord unreachable for a log");
+                gw.stats.upstream_error("overlord", e.kind());
+            }
+        }
+    }
+    (Source::None, no_log())
+}
+
+/// With `authorize = "token"`, the refusal of a request without the token.
+fn check_token(gw: &Gateway, req: &Request) -> Option<Response> {
+    match (&gw.authorize, &gw.token) {
+        (Authorize::Token, Some(token)) if !crate::serve::authorized(req, token) => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token\n",
+            )
+                .into_response(),
+        ),
+        _ => None,
+    }
+}
+
+/// `/healthz` and `/readyz`: the gateway holds no state to wait for in this increment (the
+/// watches come with the routing table), so serving means ready.
+async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.stats.request("probe", Source::None, StatusCode::OK);
+    "ok\n".into_response()
+}
+
+/// `/metrics`, guarded by the token in `authorize = "token"` like the agent's.
+async fn metrics(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    if let Some(refused) = check_token(&gw, &req) {
+        gw.stats.request("metrics", Source::None, refused.status());
+        return refused;
+    }
+    gw.stats.request("metrics", Source::None, StatusCode::OK);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gw.stats.render(),
+    )
+        .into_response()
+}
