@@ -66,7 +66,11 @@ impl DruidAuthz {
     pub async fn decide(&self, task: &TaskId, headers: &HeaderMap) -> Result<Decision, AuthzError> {
         let key = (credentials_digest(headers), task.clone());
         let now = Instant::now();
-        if let Some((d, at)) = self.cache.lock().unwrap().get(&key)
+        if let Some((d, at)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
             && now.duration_since(*at) < self.ttl
         {
             return Ok(*d);
@@ -88,7 +92,7 @@ impl DruidAuthz {
             return Err(AuthzError::Status(status));
         };
         if !self.ttl.is_zero() {
-            let mut cache = self.cache.lock().unwrap();
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() >= self.max {
                 cache.retain(|_, (_, at)| now.duration_since(*at) < self.ttl);
             }

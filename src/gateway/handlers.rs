@@ -52,7 +52,7 @@ impl Stats {
         *self
             .requests
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .entry((route, source, status.as_u16()))
             .or_default() += 1;
     }
@@ -61,7 +61,7 @@ impl Stats {
         *self
             .upstream_errors
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .entry((source, kind))
             .or_default() += 1;
     }
@@ -72,7 +72,12 @@ impl Stats {
         let mut out = String::new();
         out.push_str("# HELP druid_log_gateway_requests_total HTTP requests by route, answering source and status.\n");
         out.push_str("# TYPE druid_log_gateway_requests_total counter\n");
-        for ((route, source, code), n) in self.requests.lock().unwrap().iter() {
+        for ((route, source, code), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 out,
                 "druid_log_gateway_requests_total{{route=\"{route}\",source=\"{}\",code=\"{code}\"}} {n}",
@@ -81,7 +86,12 @@ impl Stats {
         }
         out.push_str("# HELP druid_log_gateway_upstream_errors_total Upstream calls that gave no usable answer, by source and kind.\n");
         out.push_str("# TYPE druid_log_gateway_upstream_errors_total counter\n");
-        for ((source, kind), n) in self.upstream_errors.lock().unwrap().iter() {
+        for ((source, kind), n) in self
+            .upstream_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 out,
                 "druid_log_gateway_upstream_errors_total{{source=\"{source}\",kind=\"{kind}\"}} {n}"
