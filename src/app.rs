@@ -554,7 +554,7 @@ pub async fn startup(cfg: Config) -> Result<Startup, RunError> {
 /// Runs the agent until SIGTERM or SIGINT, then drains it (see [`crate::shutdown`]).
 /// `init_logging` is called once the settings passed the start-up checks, so a refused setting
 /// is printed plainly.
-pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunError> {
+pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat, &str)) -> Result<(), RunError> {
     // Two workers: the HTTP side and the uploads must go on while ingest keeps a core busy.
     // Blocking threads read spools for responses and uploads; a few suffice on a node agent,
     // and each thread that ever ran keeps its own malloc arena: more would only cost memory.
@@ -572,7 +572,7 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat)) -> Result<(), RunE
         listen,
         kube: kube_client,
     } = rt.block_on(startup(cfg))?;
-    init_logging(cfg.log_format);
+    init_logging(cfg.log_format, &cfg.log_level);
     tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
     let target = match &cfg.archive {
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),

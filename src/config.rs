@@ -127,6 +127,11 @@ pub struct Config {
     /// Format of the agent's own log lines, on stderr.
     #[arg(long, value_enum)]
     pub log_format: LogFormat,
+    /// Which of the agent's own log lines are printed: a level (error, warn, info, debug,
+    /// trace) or tracing directives such as "info,druid_log_agent::kube=debug". RUST_LOG, when
+    /// set, wins (what a developer sets for one run overrides the deployed setting).
+    #[arg(long)]
+    pub log_level: String,
 }
 
 /// Where finished logs go: `type = "dir"` or `type = "s3"` under `[archive]`.
@@ -201,6 +206,7 @@ impl Default for Config {
             http_max_connections: 256,
             archive: ArchiveConfig::default(),
             log_format: LogFormat::Text,
+            log_level: "info".into(),
         }
     }
 }
@@ -469,6 +475,22 @@ impl Config {
         }
         if self.compression_level > 9 {
             return bad("compression_level", "0 to 9");
+        }
+        // A bare word parses as a directive for a target of that name: "inf" would switch all
+        // logging off without a word. A single word must be a level.
+        let plain = !self.log_level.contains(['=', ',', ':']);
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err()
+            || (plain
+                && self
+                    .log_level
+                    .trim()
+                    .parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err())
+        {
+            return bad(
+                "log_level",
+                "a level (error, warn, info, debug, trace) or tracing directives such as \"info,druid_log_agent::kube=debug\"",
+            );
         }
         if self.commit_interval.is_zero() || self.poll_interval.is_zero() {
             return bad("commit_interval and poll_interval", "positive");

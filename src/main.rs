@@ -88,8 +88,11 @@ impl RunArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// `RUST_LOG` when set, else `level` (the `log_level` setting, checked by the settings). JSON
+/// lines carry the message and the fields at the top level, where log pipelines look.
+fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
@@ -97,7 +100,12 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => b.json().init(),
+        LogFormat::Json => b
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
         LogFormat::Text => b.init(),
     }
 }
@@ -119,7 +127,7 @@ fn main() -> ExitCode {
             peons,
             bytes_per_peon,
         } => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             demo::run(&demo::DemoOptions {
                 dir,
                 keep,
@@ -186,6 +194,6 @@ fn run_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         eprintln!("valid");
         return Ok(ExitCode::SUCCESS);
     }
-    gateway::run(cfg, init_logging)?;
+    gateway::run(cfg, |format| init_logging(format, "info"))?;
     Ok(ExitCode::SUCCESS)
 }

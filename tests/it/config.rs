@@ -42,6 +42,12 @@ const REFUSED: &[Case] = &[
         needle: "block_bytes",
     },
     Case {
+        name: "a log level that is no level",
+        file: "log_level = \"inf\"\n",
+        env: &[],
+        needle: "log_level",
+    },
+    Case {
         name: "a token file that is not there",
         file: "auth_token_file = \"{tmp}/no-such-token\"\n",
         env: &[],
@@ -405,4 +411,50 @@ fn help_shows_the_defaults_check_config_prints() {
         shown("--retention").contains("[env: DLA_RETENTION="),
         "{help}"
     );
+}
+
+/// `--log-format json` puts the message and the fields at the top level of each line, where
+/// log pipelines look; `log_level` decides what is printed (a debug line appears only at
+/// debug), and `RUST_LOG`, when set, wins over it.
+#[test]
+fn json_lines_and_the_log_level() {
+    use druid_log_agent::loadgen::PeonWriter;
+    use std::time::Duration;
+
+    let node = common::Node::new();
+    let main = node.pod_dir("index-kafka-logs").join("main");
+    // A restart: 0.log is drained at once (a later start exists), which logs at debug.
+    let restarted = |main: &Path| {
+        let mut w = PeonWriter::create(main, 0).unwrap();
+        w.write_line("stdout", b"first start").unwrap();
+        w.restart().unwrap();
+        w.write_line("stdout", b"second start").unwrap();
+    };
+    restarted(&main);
+    let drained = "log file drained";
+
+    let mut cmd = AgentProc::command(&node, &["--log-format", "json", "--log-level", "debug"]);
+    cmd.env_remove("RUST_LOG");
+    let agent = AgentProc::spawn(cmd);
+    let line = agent.wait_for_line("listening", Duration::from_secs(60));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for key in ["timestamp", "level", "target", "message", "addr"] {
+        assert!(v.get(key).is_some(), "no top-level {key:?} in {line}");
+    }
+    assert_eq!(v["message"], "listening", "{line}");
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert!(v.get("fields").is_none(), "{line}");
+    let line = agent.wait_for_line(drained, Duration::from_secs(60));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "DEBUG", "{line}");
+    assert!(agent.terminate().success());
+
+    // RUST_LOG over log_level: debug for the ingest engine only, although log_level says info.
+    let node = common::Node::new();
+    restarted(&node.pod_dir("index-kafka-logs").join("main"));
+    let mut cmd = AgentProc::command(&node, &["--log-level", "info"]);
+    cmd.env("RUST_LOG", "info,druid_log_agent::ingest=debug");
+    let agent = AgentProc::spawn(cmd);
+    agent.wait_for_line(drained, Duration::from_secs(60));
+    assert!(agent.terminate().success());
 }
