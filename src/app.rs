@@ -573,7 +573,6 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat, &str)) -> Result<()
         kube: kube_client,
     } = rt.block_on(startup(cfg))?;
     init_logging(cfg.log_format, &cfg.log_level);
-    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
     let target = match &cfg.archive {
         ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
         ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
@@ -603,6 +602,9 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat, &str)) -> Result<()
         };
     let agent = Agent::start(&cfg, identity, target, None, rt.handle(), metrics)
         .map_err(RunError::Start)?;
+    // Only once the state directory is locked and the checkpoint restored: a refused start
+    // must not read as a started agent.
+    tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
     let http = serve::Http::new(
         agent.registry().clone(),
         agent.metrics().clone(),

@@ -115,7 +115,19 @@ impl Ingest {
     fn watch_failed(&mut self, dir: &Path, err: &notify::Error) {
         self.metrics.watch_errors.fetch_add(1, Relaxed);
         if !self.degraded {
-            warn!(dir = %dir.display(), error = %err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
+            let missing = match &err.kind {
+                notify::ErrorKind::PathNotFound => true,
+                notify::ErrorKind::Io(e) => e.kind() == std::io::ErrorKind::NotFound,
+                _ => false,
+            };
+            if missing {
+                // At the log root this is a setting to check, not a limit to raise.
+                warn!(dir = %dir.display(), "cannot watch directory: it does not exist (check log_root); polling rescans until it appears");
+            } else if matches!(err.kind, notify::ErrorKind::MaxFilesWatch) {
+                warn!(dir = %dir.display(), error = %err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
+            } else {
+                warn!(dir = %dir.display(), error = %err, "cannot watch directory; falling back to polling rescans");
+            }
         }
         self.degraded = true;
     }

@@ -246,3 +246,36 @@ fn second_agent_on_a_state_directory_is_refused() {
         .unwrap_or_else(|(status, log)| panic!("the directory stayed locked ({status}): {log}"));
     assert!(third.terminate().success());
 }
+
+/// A log root that does not exist is named as such (not as an inotify limit), and once it
+/// appears its pods are read: the rescans look again.
+#[test]
+fn a_missing_log_root_is_named_and_read_once_it_appears() {
+    let node = Node::new();
+    fs::remove_dir(&node.pods).unwrap();
+    let agent = AgentProc::start(&node, &["--rescan-interval", "1s"]);
+    // The warning and the address come in either order (ingest and HTTP start side by side).
+    let (mut addr, mut warning) = (None, None);
+    while addr.is_none() || warning.is_none() {
+        let l = agent.wait_for_any(&["listening", "check log_root", "cannot watch"], LONG);
+        if l.contains("listening") {
+            addr = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_owned);
+        } else {
+            warning = Some(l);
+        }
+    }
+    let (addr, warning) = (addr.unwrap(), warning.unwrap());
+    assert!(
+        warning.contains("it does not exist (check log_root)"),
+        "{warning}"
+    );
+    let task = "index-kafka-late-root";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let mut lines = LineGen::new(5);
+    write_log(&mut w, &mut lines, 16 << 10, None);
+    common::wait_for_bytes(&addr, task, w.expected.len(), LONG);
+    assert!(agent.terminate().success());
+}
