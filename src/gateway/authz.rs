@@ -3,8 +3,8 @@
 //!
 //! Druid guards the log endpoint with READ on the task's datasource; the task status endpoint
 //! has the same guard, and is cheap. Its answer decides: 2xx serves, 401 and 403 are passed on
-//! with no log byte, anything else (refused, timeout, 5xx, another status) is 503: fail
-//! closed. Decisions are cached per (SHA-256 of the credentials, task id) for `auth_cache`, so
+//! with no log byte, 400 or 404 (a task Druid does not know) is Druid's 404 with no log byte,
+//! anything else (refused, timeout, 5xx, another status) is 503: fail closed. Decisions are cached per (SHA-256 of the credentials, task id) for `auth_cache`, so
 //! a console polling a log does not ask the overlord each time; the credentials themselves
 //! are never kept.
 
@@ -25,6 +25,10 @@ pub enum Decision {
     Allow,
     /// 401 or 403: this status to the caller, no log byte.
     Deny(StatusCode),
+    /// The overlord does not know the task (Druid's `TaskResourceFilter` answers 400
+    /// "Cannot find any task with id"; older versions 404): no one can be granted READ on
+    /// it, so nothing is served, and it is Druid's "no log", not an outage.
+    Unknown,
 }
 
 /// The overlord could not decide (unreachable, timeout, 5xx): the caller gets 503.
@@ -88,6 +92,8 @@ impl DruidAuthz {
             Decision::Allow
         } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             Decision::Deny(status)
+        } else if status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND {
+            Decision::Unknown
         } else {
             return Err(AuthzError::Status(status));
         };

@@ -231,6 +231,9 @@ async fn answer(
     if let Some(authz) = &gw.authz {
         match authz.decide(&task, req.headers()).await {
             Ok(Decision::Allow) => {}
+            // Druid does not know the task: its datasource, and so who may read it, is
+            // unknown; an archived log of it stays unserved.
+            Ok(Decision::Unknown) => return (Source::None, no_log()),
             Ok(Decision::Deny(status)) => {
                 return (
                     Source::None,

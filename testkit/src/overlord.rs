@@ -1,6 +1,10 @@
-//! A fake Druid overlord for the gateway's tests: the two endpoints the gateway calls, with
-//! Druid's authorization behaviour (a caller without READ on the task's datasource gets 403
-//! from both), on a loopback port; it can be stopped, after which connections are refused.
+//! A fake Druid overlord for the gateway's tests: the two endpoints the gateway calls, on a
+//! loopback port; it can be stopped, after which connections are refused.
+//!
+//! The answers follow Druid's order for `/druid/indexer/v1/task/{id}/...` (its authenticator
+//! chain, then `TaskResourceFilter`): no credentials is 401; a task the overlord does not know
+//! is 400 "Cannot find any task with id: [id]" whoever asks (the filter looks the task up
+//! before it checks the caller's READ on its datasource); a known task without READ is 403.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,9 +27,10 @@ pub struct FakeOverlord {
 }
 
 impl FakeOverlord {
-    /// Serves on a free loopback port; only callers whose `Authorization` header is exactly
-    /// `allowed` are let through, as Druid's authorizer would.
-    pub fn start(allowed: &str) -> FakeOverlord {
+    /// Serves on a free loopback port, knowing `tasks`; only callers whose `Authorization`
+    /// header is exactly `allowed` have READ on them.
+    pub fn start(allowed: &str, tasks: &[&str]) -> FakeOverlord {
+        let tasks: Arc<Vec<String>> = Arc::new(tasks.iter().map(|t| t.to_string()).collect());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let stop = Arc::new(AtomicBool::new(false));
@@ -37,8 +42,8 @@ impl FakeOverlord {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (calls, allowed) = (calls.clone(), allowed.clone());
-                std::thread::spawn(move || serve(conn, &allowed, &calls));
+                let (calls, allowed, tasks) = (calls.clone(), allowed.clone(), tasks.clone());
+                std::thread::spawn(move || serve(conn, &allowed, &tasks, &calls));
             }
             // The listener is dropped here: from now on connections are refused.
         });
@@ -72,7 +77,7 @@ impl Drop for FakeOverlord {
     }
 }
 
-fn serve(conn: TcpStream, allowed: &str, status_calls: &AtomicU64) {
+fn serve(conn: TcpStream, allowed: &str, tasks: &[String], status_calls: &AtomicU64) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
@@ -91,27 +96,36 @@ fn serve(conn: TcpStream, allowed: &str, status_calls: &AtomicU64) {
             authorization = Some(v.trim().to_owned());
         }
     }
-    let ok = authorization.as_deref() == Some(allowed);
+
     let path = path.split('?').next().unwrap_or("");
     let task = path
         .strip_prefix("/druid/indexer/v1/task/")
         .and_then(|r| r.rsplit_once('/'));
+    if let Some((_, "status")) = task {
+        status_calls.fetch_add(1, Ordering::SeqCst);
+    }
     let (status, ctype, body) = match task {
-        Some((task, "status")) => {
-            status_calls.fetch_add(1, Ordering::SeqCst);
-            match ok {
-                true => (
+        Some((task, what @ ("status" | "log"))) => {
+            if authorization.is_none() {
+                ("401 Unauthorized", "text/plain", "Unauthorized\n".into())
+            } else if !tasks.iter().any(|t| t == task) {
+                (
+                    "400 Bad Request",
+                    "text/plain",
+                    format!("Cannot find any task with id: [{task}]"),
+                )
+            } else if authorization.as_deref() != Some(allowed) {
+                forbidden()
+            } else if what == "status" {
+                (
                     "200 OK",
                     "application/json",
                     format!("{{\"task\":\"{task}\",\"status\":{{\"status\":\"SUCCESS\"}}}}"),
-                ),
-                false => forbidden(),
+                )
+            } else {
+                ("200 OK", "text/plain; charset=UTF-8", log_of(task))
             }
         }
-        Some((task, "log")) => match ok {
-            true => ("200 OK", "text/plain; charset=UTF-8", log_of(task)),
-            false => forbidden(),
-        },
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
     let mut conn = conn;

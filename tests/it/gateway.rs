@@ -182,8 +182,12 @@ fn druid_gateway(moto: &Moto, overlord: &FakeOverlord) -> Gateway {
 fn druid_authorization_and_overlord_fallback() {
     let moto = Moto::start();
     create_bucket_now(&moto, "logs");
-    let overlord = FakeOverlord::start(ALLOWED.strip_prefix("Authorization: ").unwrap());
     let task = "index_kafka_auth_1";
+    let other = "index_hadoop_on_a_middle_manager";
+    let overlord = FakeOverlord::start(
+        ALLOWED.strip_prefix("Authorization: ").unwrap(),
+        &[task, other],
+    );
     let log = content(3, 50 << 10);
     put_archived(&moto, task, &log);
     let gw = druid_gateway(&moto, &overlord);
@@ -195,18 +199,27 @@ fn druid_authorization_and_overlord_fallback() {
         "a refused caller got log bytes"
     );
     let no_creds = http_get(&gw.addr, &log_path(task, 0), &[]);
-    assert_eq!(no_creds.status, 403);
+    assert_eq!(no_creds.status, 401);
 
     assert_every_offset(&gw.addr, task, &log, &[ALLOWED]);
 
     // Not archived: the overlord's answer, passed through.
-    let other = "index_hadoop_on_a_middle_manager";
     let r = http_get(&gw.addr, &log_path(other, 0), &[ALLOWED]);
     assert_eq!(r.status, 200);
     assert_eq!(r.body, log_of(other).as_bytes());
     let r = http_get(&gw.addr, &log_path(other, 0), &[REFUSED]);
     assert_eq!(r.status, 403);
     assert!(!contains(&r.body, log_of(other).as_bytes()));
+
+    // A task Druid does not know (its metadata is gone): the overlord answers 400, so no
+    // one may be granted its log, archived or not: Druid's 404, no byte, and not a 503.
+    let forgotten = "index_kafka_forgotten_1";
+    let old = content(5, 10 << 10);
+    put_archived(&moto, forgotten, &old);
+    for t in [forgotten, "never_existed"] {
+        let r = http_get(&gw.addr, &log_path(t, 0), &[ALLOWED]);
+        assert_no_log(&r);
+    }
 }
 
 /// Overlord down: authorization cannot be asked, so no log is served (503), archived or not.
@@ -214,8 +227,9 @@ fn druid_authorization_and_overlord_fallback() {
 fn druid_authorization_fails_closed_when_the_overlord_is_down() {
     let moto = Moto::start();
     create_bucket_now(&moto, "logs");
-    let mut overlord = FakeOverlord::start(ALLOWED.strip_prefix("Authorization: ").unwrap());
     let task = "index_kafka_down_1";
+    let mut overlord =
+        FakeOverlord::start(ALLOWED.strip_prefix("Authorization: ").unwrap(), &[task]);
     let log = content(4, 20 << 10);
     put_archived(&moto, task, &log);
     let gw = druid_gateway(&moto, &overlord);
