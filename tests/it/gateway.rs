@@ -271,3 +271,27 @@ fn check_config_refuses_druid_without_overlord() {
         "{err}"
     );
 }
+
+/// Without `s3:ListBucket`, AWS answers HEAD of a missing key with 403, not 404: the gateway
+/// must take that as "not archived" (Druid's 404), not as an error, and still serve what is
+/// archived.
+#[test]
+fn archive_without_list_bucket_a_missing_key_is_still_druids_404() {
+    let moto = Moto::start();
+    create_bucket_now(&moto, "logs");
+    let aws = common::no_list_bucket::NoListBucket::start(&moto.endpoint);
+    let task = "index_kafka_no_list_1";
+    let log = content(6, 40 << 10);
+    put_archived(&moto, task, &log);
+    let gw = gateway(&format!("authorize = \"none\"\n{}", s3_section(&aws.url())));
+    let r = http_get(&gw.addr, &log_path(task, -100), &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, &log[log.len() - 100..]);
+    assert_no_log(&http_get(&gw.addr, &log_path("not_archived", 0), &[]));
+    // Answered as "not archived", not as a failed read that happened to end in a 404.
+    let metrics = String::from_utf8(http_get(&gw.addr, "/metrics", &[]).body).unwrap();
+    assert!(
+        !metrics.contains("druid_log_gateway_upstream_errors_total{source=\"archive\""),
+        "{metrics}"
+    );
+}
