@@ -335,17 +335,24 @@ pub(crate) fn kubernetes_validate(file: &Path) -> Output {
     out
 }
 
-#[test]
-fn every_document_validates_against_the_kubernetes_schemas() {
+/// Runs kubernetes-validate (strict) on `rendered` YAML, requires it to pass, and returns its
+/// report (what passed, what it had no schema for).
+pub(crate) fn validated(rendered: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, rendered()).unwrap();
+    std::fs::write(&file, rendered).unwrap();
     let out = kubernetes_validate(&file);
     let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
         out.status.success(),
         "the rendered manifests do not validate against Kubernetes {KUBERNETES_VERSION}:\n{report}"
     );
+    report
+}
+
+#[test]
+fn every_document_validates_against_the_kubernetes_schemas() {
+    let report = validated(&rendered());
     let passed = report.matches(" passed for resource ").count();
     assert_eq!(
         passed,
@@ -356,6 +363,7 @@ fn every_document_validates_against_the_kubernetes_schemas() {
     // The validator really is strict: a misspelt field fails.
     let mut broken = daemonset().clone();
     broken["spec"]["template"]["spec"]["terminationGracePeriod"] = json!(60);
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.json");
     std::fs::write(&file, broken.to_string()).unwrap();
     let out = kubernetes_validate(&file);

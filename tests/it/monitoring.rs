@@ -11,8 +11,7 @@
 
 use crate::common::{AgentProc, Node, http_get};
 use crate::manifests::{
-    KUBERNETES_VERSION, NAMESPACE, kind_of, kubernetes_validate, kustomize, metric_names, repo,
-    run, text, yaml_documents,
+    NAMESPACE, kind_of, kustomize, metric_names, repo, run, text, validated, yaml_documents,
 };
 
 use std::collections::BTreeSet;
@@ -159,15 +158,7 @@ fn component_renders_beside_the_agent() {
 /// fields of their CRDs that the component uses (and promtool checks the rules themselves).
 #[test]
 fn documents_validate_and_operator_kinds_are_checked_by_hand() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, rendered()).unwrap();
-    let out = kubernetes_validate(&file);
-    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(
-        out.status.success(),
-        "the rendered manifests do not validate against Kubernetes {KUBERNETES_VERSION}:\n{report}"
-    );
+    let report = validated(&rendered());
     let builtin = documents()
         .iter()
         .filter(|d| !OPERATOR_KINDS.contains(&kind_of(d)))

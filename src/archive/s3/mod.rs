@@ -85,11 +85,6 @@ impl S3Target {
         &self.bucket.cfg
     }
 
-    /// The part sizes this target cuts.
-    pub fn part_sizes(&self) -> PartSizes {
-        self.sizes
-    }
-
     /// Does one job and answers with its outcome: S3 errors become [`Outcome::Failed`] with the
     /// parts already stored kept, and an upload S3 no longer knows is started over.
     pub async fn run(&self, job: Job) -> Outcome {

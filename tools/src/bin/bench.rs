@@ -103,6 +103,8 @@ const HEADLINE: &[&str] = &[
     "/end_to_end_cpu_s_per_gib",
     "/agent_cpu_s/ingest/system",
     "/peak_rss_mib",
+    "/idle_rss_anon_mib",
+    "/idle_rss_file_mib",
     "/task_end_to_archive_ms/p50",
     "/whole_log_stream_mib_s",
     "/snapshot_offset_-8192_ms/p99",
@@ -626,6 +628,10 @@ fn main() {
     let pid = agent_pid(child.id()).expect("agent process");
     let agent = Agent { child, addr, pid };
     let idle_rss_kib = proc_field(pid, "status", "VmRSS:");
+    // Pages the agent allocated vs pages of its binary and libraries: a change in the second
+    // is code touched, not memory used.
+    let idle_anon_kib = proc_field(pid, "status", "RssAnon:");
+    let idle_file_kib = proc_field(pid, "status", "RssFile:");
     let mut peaks = serde_json::Map::new();
     let text_total: u64;
     loop {
@@ -829,6 +835,8 @@ fn main() {
         "live_phase_cpu_s_incl_serving": live_cpu,
         "total_cpu_s": total_cpu,
         "idle_rss_mib": idle_rss_kib as f64 / 1024.0,
+        "idle_rss_anon_mib": idle_anon_kib as f64 / 1024.0,
+        "idle_rss_file_mib": idle_file_kib as f64 / 1024.0,
         "peak_rss_mib": peak_rss_mib,
         "peak_rss_mib_by_phase": peaks,
         "keep_alive": args.keep_alive || args.async_clients,
