@@ -352,7 +352,7 @@ pub(crate) fn validated(rendered: &str) -> String {
 
 #[test]
 fn every_document_validates_against_the_kubernetes_schemas() {
-    let report = validated(&rendered());
+    let report = validated(rendered());
     let passed = report.matches(" passed for resource ").count();
     assert_eq!(
         passed,
