@@ -158,7 +158,7 @@ fn component_renders_beside_the_agent() {
 /// fields of their CRDs that the component uses (and promtool checks the rules themselves).
 #[test]
 fn documents_validate_and_operator_kinds_are_checked_by_hand() {
-    let report = validated(&rendered());
+    let report = validated(rendered());
     let builtin = documents()
         .iter()
         .filter(|d| !OPERATOR_KINDS.contains(&kind_of(d)))
