@@ -1,9 +1,10 @@
 //! The gateway's routes and the order of answers for a task's log: authorization first,
-//! then the archive, then the overlord when configured, then Druid's 404
-//! (docs/gateway.md, "The order of answers").
+//! then the agent on the task's node, then the archive, then the overlord when configured,
+//! then Druid's 404 (docs/gateway.md, "The order of answers").
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -11,18 +12,22 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use http_body_util::BodyExt;
 use tracing::warn;
 
 use super::archive_read::ArchiveReader;
 use super::authz::{Decision, DruidAuthz};
+use super::routes::Routes;
 use super::upstream::Upstream;
 use super::{Authorize, GatewayConfig};
-use crate::serve::{NO_LOG, TEXT};
+use crate::metrics::Histogram;
+use crate::serve::{LogQuery, NO_LOG, TEXT, parse_query};
 use crate::task::TaskId;
 
 /// Who answered a request, as the metrics label it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
+    Agent,
     Archive,
     Overlord,
     /// The gateway itself: a 404, a refusal, a bad request, a probe.
@@ -32,6 +37,7 @@ enum Source {
 impl Source {
     fn label(self) -> &'static str {
         match self {
+            Source::Agent => "agent",
             Source::Archive => "archive",
             Source::Overlord => "overlord",
             Source::None => "none",
@@ -39,16 +45,23 @@ impl Source {
     }
 }
 
-/// Counters of `/metrics`: requests by route, answering source and status; upstream errors
-/// by source and kind.
+/// Counters of `/metrics`: requests by route, answering source and status, with the time to
+/// the response head; upstream errors by source and kind.
 #[derive(Default)]
 struct Stats {
     requests: Mutex<BTreeMap<(&'static str, Source, u16), u64>>,
+    latency: Mutex<BTreeMap<(&'static str, Source), Arc<Histogram>>>,
     upstream_errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl Stats {
-    fn request(&self, route: &'static str, source: Source, status: StatusCode) {
+    fn request(&self, route: &'static str, source: Source, status: StatusCode, took: Duration) {
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route, source))
+            .or_default()
+            .observe(took);
         *self
             .requests
             .lock()
@@ -84,6 +97,20 @@ impl Stats {
                 source.label()
             );
         }
+        out.push_str("# HELP druid_log_gateway_request_duration_seconds Time to the response head, by route and answering source.\n");
+        out.push_str("# TYPE druid_log_gateway_request_duration_seconds histogram\n");
+        for ((route, source), h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            h.write(
+                &mut out,
+                "druid_log_gateway_request_duration_seconds",
+                &format!("route=\"{route}\",source=\"{}\"", source.label()),
+            );
+        }
         out.push_str("# HELP druid_log_gateway_upstream_errors_total Upstream calls that gave no usable answer, by source and kind.\n");
         out.push_str("# TYPE druid_log_gateway_upstream_errors_total counter\n");
         for ((source, kind), n) in self
@@ -103,18 +130,27 @@ impl Stats {
 
 /// What every request of the gateway shares.
 pub struct Gateway {
+    /// The routing table, when routing to the agents (`kubernetes`).
+    routes: Option<Arc<Routes>>,
+    agents: Upstream,
+    agent_token: Option<String>,
     archive: Option<ArchiveReader>,
     overlord: Option<(Upstream, String)>,
     authorize: Authorize,
     authz: Option<DruidAuthz>,
     token: Option<String>,
-    stats: Stats,
+    stats: Arc<Stats>,
 }
 
 impl Gateway {
     /// The gateway of `cfg`, with the token read from `auth_token_file` for `authorize =
-    /// "token"`.
-    pub async fn new(cfg: &GatewayConfig, token: Option<String>) -> Gateway {
+    /// "token"`, the agents' token, and the routing table the watches fill.
+    pub async fn new(
+        cfg: &GatewayConfig,
+        token: Option<String>,
+        agent_token: Option<String>,
+        routes: Option<Arc<Routes>>,
+    ) -> Gateway {
         let upstream = Upstream::new(
             cfg.upstream_connect_timeout,
             cfg.upstream_first_byte_timeout,
@@ -144,12 +180,15 @@ impl Gateway {
             _ => None,
         };
         Gateway {
+            routes,
+            agents: upstream.clone(),
+            agent_token,
             archive,
             overlord,
             authorize: cfg.authorize,
             authz,
             token,
-            stats: Stats::default(),
+            stats: Arc::default(),
         }
     }
 }
@@ -159,7 +198,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/druid/indexer/v1/task/{task_id}/log", get(task_log))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(gw)
 }
@@ -178,18 +217,6 @@ pub(super) fn path_segment(task: &TaskId) -> String {
     out
 }
 
-/// Druid's `offset` query parameter (0 when absent), as the agent reads it.
-fn offset_of(q: Option<&str>) -> Result<i64, String> {
-    for pair in q.unwrap_or("").split('&') {
-        if let Some(v) = pair.strip_prefix("offset=") {
-            return v
-                .parse()
-                .map_err(|_| format!("offset must be a whole number of bytes, got {v:?}\n"));
-        }
-    }
-    Ok(0)
-}
-
 fn no_log() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -206,8 +233,10 @@ async fn task_log(
     RawQuery(q): RawQuery,
     req: Request,
 ) -> Response {
+    let started = Instant::now();
     let (source, resp) = answer(&gw, task_id, q, req).await;
-    gw.stats.request("log", source, resp.status());
+    gw.stats
+        .request("log", source, resp.status(), started.elapsed());
     resp
 }
 
@@ -224,9 +253,14 @@ async fn answer(
     let Ok(task) = TaskId::new(task_id) else {
         return (Source::None, no_log());
     };
-    let offset = match offset_of(q.as_deref()) {
-        Ok(o) => o,
-        Err(e) => return (Source::None, (StatusCode::BAD_REQUEST, e).into_response()),
+    let LogQuery { offset, follow } = match parse_query(q.as_deref()) {
+        Ok(q) => q,
+        Err(e) => {
+            return (
+                Source::None,
+                (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+            );
+        }
     };
     if let Some(authz) = &gw.authz {
         match authz.decide(&task, req.headers()).await {
@@ -253,6 +287,9 @@ async fn answer(
                 );
             }
         }
+    }
+    if let Some(resp) = from_agent(gw, &task, offset, follow).await {
+        return (Source::Agent, resp);
     }
     if let Some(archive) = &gw.archive {
         match archive.open(&task, offset).await {
@@ -295,6 +332,55 @@ async fn answer(
     (Source::None, no_log())
 }
 
+/// The log from the agent on the task's node, streamed through as it arrives; `None` when
+/// the table has no agent for the task or the agent has no answer (404, an error status,
+/// refused, a timeout): the next source is asked. Once the head is passed on, an upstream
+/// failure cuts the body (resuming elsewhere could double bytes) and is counted.
+async fn from_agent(gw: &Gateway, task: &TaskId, offset: i64, follow: bool) -> Option<Response> {
+    let route = gw.routes.as_ref()?.agent_for(task)?;
+    let mut url = format!(
+        "http://{}/druid/indexer/v1/task/{}/log?offset={offset}",
+        route.addr,
+        path_segment(task)
+    );
+    if follow {
+        url.push_str("&follow=true");
+    }
+    let resp = match gw.agents.get_agent(&url, gw.agent_token.as_deref()).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(task = %task, node = %route.node, error = %e,
+                "node agent unreachable; trying the next source");
+            gw.stats.upstream_error("agent", e.kind());
+            return None;
+        }
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        return None;
+    }
+    if !status.is_success() {
+        warn!(task = %task, node = %route.node, status = status.as_u16(),
+            "node agent answered with an error; trying the next source");
+        gw.stats.upstream_error("agent", "status");
+        return None;
+    }
+    let (parts, body) = resp.into_parts();
+    let stats = gw.stats.clone();
+    let body = body.map_err(move |e| {
+        stats.upstream_error("agent", "body");
+        e
+    });
+    let mut out = Response::new(Body::new(body));
+    let ct = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(TEXT));
+    out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    Some(out)
+}
+
 /// With `authorize = "token"`, the refusal of a request without the token.
 fn check_token(gw: &Gateway, req: &Request) -> Option<Response> {
     match (&gw.authorize, &gw.token) {
@@ -310,23 +396,56 @@ fn check_token(gw: &Gateway, req: &Request) -> Option<Response> {
     }
 }
 
-/// `/healthz` and `/readyz`: the gateway holds no state to wait for in this increment (the
-/// watches come with the routing table), so serving means ready.
+/// `/healthz`: the process serves.
 async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
-    gw.stats.request("probe", Source::None, StatusCode::OK);
+    gw.stats
+        .request("probe", Source::None, StatusCode::OK, Duration::ZERO);
     "ok\n".into_response()
+}
+
+/// `/readyz`: serving, and, when routing to the agents, both pod watches have listed once
+/// (before that a running task would be missed and answered from the archive or not at all).
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let resp = match &gw.routes {
+        Some(r) if !r.synced() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pod watches have not listed the peon and agent pods yet\n",
+        )
+            .into_response(),
+        _ => "ready\n".into_response(),
+    };
+    gw.stats
+        .request("probe", Source::None, resp.status(), Duration::ZERO);
+    resp
 }
 
 /// `/metrics`, guarded by the token in `authorize = "token"` like the agent's.
 async fn metrics(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if let Some(refused) = check_token(&gw, &req) {
-        gw.stats.request("metrics", Source::None, refused.status());
+        gw.stats
+            .request("metrics", Source::None, refused.status(), Duration::ZERO);
         return refused;
     }
-    gw.stats.request("metrics", Source::None, StatusCode::OK);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.stats.render(),
-    )
-        .into_response()
+    gw.stats
+        .request("metrics", Source::None, StatusCode::OK, Duration::ZERO);
+    let mut text = gw.stats.render();
+    if let Some(r) = &gw.routes {
+        use std::fmt::Write;
+        let (tasks, agents) = r.counts();
+        let _ = write!(
+            text,
+            "# HELP druid_log_gateway_known_tasks Tasks the routing table maps to a node (deleted pods within pod_retention included).\n\
+             # TYPE druid_log_gateway_known_tasks gauge\n\
+             druid_log_gateway_known_tasks {tasks}\n\
+             # HELP druid_log_gateway_known_agents Agent pods the routing table can send requests to.\n\
+             # TYPE druid_log_gateway_known_agents gauge\n\
+             druid_log_gateway_known_agents {agents}\n\
+             # HELP druid_log_gateway_watches_synced 1 once both pod watches have listed (what /readyz waits for).\n\
+             # TYPE druid_log_gateway_watches_synced gauge\n\
+             druid_log_gateway_watches_synced {}\n",
+            u8::from(r.synced())
+        );
+    }
+    crate::serve::write_process_metrics(&mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

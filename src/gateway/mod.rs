@@ -1,8 +1,8 @@
 //! `druid-log-agent gateway`: one address for every task's log (docs/gateway.md, issue 14).
 //!
-//! This increment answers from the archive (the key or file the agents write, read the way
-//! Druid reads it), then the overlord when one is configured, then Druid's 404; the proxy to
-//! the node agents comes with the routing table in the next one.
+//! A request is answered by the agent on the task's node (found through two pod watches),
+//! then the archive (the key or file the agents write, read the way Druid reads it), then
+//! the overlord when one is configured, then Druid's 404.
 //!
 //! The settings are defined once, as the agent's are (`config.rs`): [`GatewayConfig`] is the
 //! TOML file (serde), the flags and their `DLA_*` variables (clap), and `--help`.
@@ -10,14 +10,16 @@
 //! The modules:
 //! - `archive_read`: the archive as Druid's `S3TaskLogs.streamTaskLog` and `FileTaskLogs`
 //!   read it, streamed.
-//! - `upstream`: the HTTP client of calls to the overlord, with connect and first-byte
-//!   timeouts.
+//! - `routes`: the routing table (task -> node -> agent) and the two watches that fill it.
+//! - `upstream`: the HTTP client of calls to the agents and the overlord, with connect and
+//!   first-byte timeouts.
 //! - `authz`: who may read a task's log (`authorize`), with its decision cache.
 //! - `handlers`: the routes, the order of answers and the metrics.
 
 mod archive_read;
 mod authz;
 mod handlers;
+mod routes;
 mod upstream;
 
 use std::collections::BTreeMap;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, Command, FromArgMatches};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ArchiveConfig, LogFormat};
 use crate::units;
@@ -83,6 +86,35 @@ pub struct GatewayConfig {
     #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
     #[serde(with = "units::duration")]
     pub upstream_first_byte_timeout: Duration,
+    /// Ask the agent on the task's node first, found by watching the peon pods (every
+    /// namespace) and the agents' pods (needs in-cluster config or KUBECONFIG). Unset: on
+    /// inside a cluster (KUBERNETES_SERVICE_HOST is set), off elsewhere.
+    #[arg(long)]
+    pub kubernetes: Option<bool>,
+    /// Label selector of peon pods.
+    #[arg(long)]
+    pub peon_label_selector: String,
+    /// Peon pod annotation holding the exact task id.
+    #[arg(long)]
+    pub task_id_annotation: String,
+    /// Label selector of the agents' pods.
+    #[arg(long)]
+    pub agent_label_selector: String,
+    /// Namespace of the agents' pods; unset: the gateway's own (its service account's, or
+    /// the kubeconfig context's).
+    #[arg(long)]
+    pub agent_namespace: Option<String>,
+    /// Name of the agents' container port the gateway calls.
+    #[arg(long)]
+    pub agent_port_name: String,
+    /// File with the agents' bearer token (their auth_token_file), sent to every agent.
+    #[arg(long)]
+    pub agent_token_file: Option<PathBuf>,
+    /// How long a deleted peon pod stays mapped to its node: the agents serve a task's spool
+    /// for their `retention` after its pod is gone, so the same time.
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    #[serde(with = "units::duration")]
+    pub pod_retention: Duration,
     /// Where the agents archive logs (`[archive]`, the agent's section); unset: no archive
     /// is read.
     #[arg(skip)]
@@ -104,6 +136,14 @@ impl Default for GatewayConfig {
             auth_cache_max: 10_000,
             upstream_connect_timeout: Duration::from_secs(1),
             upstream_first_byte_timeout: Duration::from_secs(10),
+            kubernetes: None,
+            peon_label_selector: "druid.k8s.peons=true".into(),
+            task_id_annotation: "task.id".into(),
+            agent_label_selector: "app.kubernetes.io/name=druid-log-agent".into(),
+            agent_namespace: None,
+            agent_port_name: "http".into(),
+            agent_token_file: None,
+            pod_retention: Duration::from_secs(3_600),
             archive: None,
             log_format: LogFormat::Text,
         }
@@ -159,6 +199,9 @@ pub enum GatewayError {
         /// What is wrong with it.
         reason: String,
     },
+    /// No Kubernetes client could be configured (no in-cluster config, no usable kubeconfig).
+    #[error("kubernetes = true but no Kubernetes client: {0}")]
+    Kube(#[source] Box<kube::Error>),
     /// The runtime, the signal handlers or the listener could not be set up.
     #[error("gateway start: {0}")]
     Start(#[source] std::io::Error),
@@ -223,6 +266,19 @@ impl GatewayConfig {
             }
             _ => {}
         }
+        if self.peon_label_selector.trim().is_empty() || self.agent_label_selector.trim().is_empty()
+        {
+            return bad(
+                "peon_label_selector and agent_label_selector",
+                "must not be empty (an empty selector watches every pod)",
+            );
+        }
+        if self.task_id_annotation.is_empty() || self.agent_port_name.is_empty() {
+            return bad(
+                "task_id_annotation and agent_port_name",
+                "must not be empty",
+            );
+        }
         if self.upstream_connect_timeout.is_zero() || self.upstream_first_byte_timeout.is_zero() {
             return bad(
                 "upstream_connect_timeout and upstream_first_byte_timeout",
@@ -252,21 +308,22 @@ impl GatewayConfig {
 
     /// The token callers must present with `authorize = "token"`, read from its file.
     pub fn token(&self) -> Result<Option<String>, GatewayError> {
-        let (Authorize::Token, Some(p)) = (self.authorize, &self.auth_token_file) else {
-            return Ok(None);
-        };
-        let t = std::fs::read_to_string(p).map_err(|e| GatewayError::TokenFile {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        let t = t.trim();
-        if t.is_empty() {
-            return Err(GatewayError::TokenFile {
-                path: p.clone(),
-                reason: "empty".into(),
-            });
+        match (self.authorize, &self.auth_token_file) {
+            (Authorize::Token, Some(p)) => read_token(p).map(Some),
+            _ => Ok(None),
         }
-        Ok(Some(t.to_owned()))
+    }
+
+    /// The token the gateway presents to the agents, read from `agent_token_file`.
+    pub fn agent_token(&self) -> Result<Option<String>, GatewayError> {
+        self.agent_token_file.as_deref().map(read_token).transpose()
+    }
+
+    /// Whether to route to the node agents: as configured, or, when unset, whether the
+    /// gateway runs in a pod.
+    pub fn kubernetes_enabled(&self) -> bool {
+        self.kubernetes
+            .unwrap_or_else(|| std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
     }
 
     /// Everything `gateway` would refuse at start, short of binding the port: the settings,
@@ -275,8 +332,26 @@ impl GatewayConfig {
         self.validate()?;
         self.listen_addrs()?;
         self.token()?;
+        self.agent_token()?;
         Ok(())
     }
+}
+
+/// A bearer token from its file, trimmed; an empty file is refused (it would match nothing,
+/// or, sent, be refused by every agent).
+fn read_token(p: &Path) -> Result<String, GatewayError> {
+    let t = std::fs::read_to_string(p).map_err(|e| GatewayError::TokenFile {
+        path: p.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(GatewayError::TokenFile {
+            path: p.to_owned(),
+            reason: "empty".into(),
+        });
+    }
+    Ok(t.to_owned())
 }
 
 /// The gateway settings given by environment variables and flags, as clap parsed them; the
@@ -352,13 +427,15 @@ fn gateway_args(cmd: Command) -> Command {
         ))
 }
 
-/// Runs the gateway until SIGTERM or SIGINT: binds `listen`, serves, then stops accepting and
-/// lets the responses in flight finish (at most [`crate::shutdown::HTTP_CLOSE`]).
+/// Runs the gateway until SIGTERM or SIGINT: binds `listen`, starts the pod watches when
+/// routing to the agents, serves, then stops accepting, lets the responses in flight finish
+/// (at most [`crate::shutdown::HTTP_CLOSE`]) and stops the watches.
 /// `init_logging` is called once the settings are known, before the first log line.
 pub fn run(cfg: GatewayConfig, init_logging: impl FnOnce(LogFormat)) -> Result<(), GatewayError> {
     init_logging(cfg.log_format);
     let listen = cfg.listen_addrs()?;
     let token = cfg.token()?;
+    let agent_token = cfg.agent_token()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -373,7 +450,39 @@ pub fn run(cfg: GatewayConfig, init_logging: impl FnOnce(LogFormat)) -> Result<(
         );
     }
     rt.block_on(async {
-        let state = handlers::Gateway::new(&cfg, token).await;
+        let watches = CancellationToken::new();
+        let routes = if cfg.kubernetes_enabled() {
+            let client = crate::kube::client()
+                .await
+                .map_err(|e| GatewayError::Kube(Box::new(e)))?;
+            let settings = routes::RouteSettings {
+                peon_label_selector: cfg.peon_label_selector.clone(),
+                task_id_annotation: cfg.task_id_annotation.clone(),
+                agent_label_selector: cfg.agent_label_selector.clone(),
+                agent_namespace: cfg
+                    .agent_namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned()),
+                agent_port_name: cfg.agent_port_name.clone(),
+                pod_retention: cfg.pod_retention,
+            };
+            tracing::info!(agent_namespace = %settings.agent_namespace,
+                agent_label_selector = %settings.agent_label_selector,
+                peon_label_selector = %settings.peon_label_selector,
+                "routing to the node agents");
+            let routes = Arc::new(routes::Routes::default());
+            tokio::spawn(routes::watch(
+                client,
+                settings,
+                routes.clone(),
+                watches.clone(),
+            ));
+            Some(routes)
+        } else {
+            tracing::info!("kubernetes = false: answering from the archive and the overlord only");
+            None
+        };
+        let state = handlers::Gateway::new(&cfg, token, agent_token, routes).await;
         let app = handlers::router(Arc::new(state));
         let listener = tokio::net::TcpListener::bind(&listen[..])
             .await
@@ -386,6 +495,7 @@ pub fn run(cfg: GatewayConfig, init_logging: impl FnOnce(LogFormat)) -> Result<(
         shutdown.requested().cancelled().await;
         tracing::info!("stopping: closing HTTP");
         let _ = tokio::time::timeout(crate::shutdown::HTTP_CLOSE, server).await;
+        watches.cancel();
         Ok(())
     })
 }

@@ -1,4 +1,4 @@
-//! The HTTP client of the gateway's calls to the overlord: one pooled hyper-util client (the
+//! The HTTP client of the gateway's calls to the node agents and the overlord: one pooled hyper-util client (the
 //! HTTP stack the agent already has) with a connect timeout, and a first-byte timeout on
 //! every call, so a dead upstream costs a fallback or a 503, never a hang.
 
@@ -87,6 +87,28 @@ impl Upstream {
                 req = req.header(&name, v);
             }
         }
+        self.send(url, req).await
+    }
+
+    /// `GET url` of a node agent, with the agents' bearer token and none of the caller's
+    /// credentials (an agent knows only its own token; a caller's password stays with Druid).
+    pub async fn get_agent(
+        &self,
+        url: &str,
+        token: Option<&str>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::get(url);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        self.send(url, req).await
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        req: axum::http::request::Builder,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let req = req
             .body(Body::empty())
             .map_err(|e| UpstreamError::Request {

@@ -22,22 +22,27 @@ pub const TEXT: &str = "text/plain; charset=UTF-8";
 /// response task, a channel and a hop to the blocking pool would cost more than the read.
 const INLINE_MAX: u64 = 64 << 10;
 
-/// The query of a log request, as Druid's `TaskLogs` clients send it.
+/// The query of a log request, as Druid's `TaskLogs` clients send it; the gateway reads it
+/// with the same rules, so both answer the same query the same way.
 #[derive(Debug, PartialEq)]
-struct LogQuery {
-    offset: i64,
-    follow: bool,
+pub struct LogQuery {
+    /// Druid's `offset` (0 when absent): from the start, or from the end when negative.
+    pub offset: i64,
+    /// `follow=true`: keep the response open while the task runs.
+    pub follow: bool,
 }
 
 /// Why a log request's query was refused (400); the message is the response body.
 #[derive(Debug, thiserror::Error, PartialEq)]
-enum QueryError {
+pub enum QueryError {
     /// `offset` is not an `i64`.
     #[error("offset must be a whole number of bytes, got {0:?}")]
     Offset(String),
 }
 
-fn parse_query(q: Option<&str>) -> Result<LogQuery, QueryError> {
+/// The query string of a log request: `offset` (when given twice, the last) and `follow`
+/// (on for `true`, `1` or no value); other parameters are ignored.
+pub fn parse_query(q: Option<&str>) -> Result<LogQuery, QueryError> {
     let mut out = LogQuery {
         offset: 0,
         follow: false,

@@ -22,11 +22,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::Http;
+use crate::metrics::Histogram;
 use crate::registry::TaskEntry;
-
-const BUCKETS: [f64; 10] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
-];
 
 /// The `route` label of the request metrics; anything else is `other`, so a scanner's paths
 /// cannot grow the label set.
@@ -39,32 +36,13 @@ pub(super) const ROUTES: [&str; 6] = [
     "other",
 ];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
-    }
-}
-
 /// What the HTTP side counts about itself.
 #[derive(Default)]
 pub(super) struct RequestStats {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     latency: [Histogram; ROUTES.len()],
     rejected_connections: AtomicU64,
+    open_connections: AtomicU64,
 }
 
 impl RequestStats {
@@ -73,6 +51,16 @@ impl RequestStats {
         self.latency[route].observe(took);
         let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *counts.entry((ROUTES[route], status)).or_default() += 1;
+    }
+
+    /// A connection accepted; [`RequestStats::closed`] when it ends.
+    pub(super) fn opened(&self) {
+        self.open_connections.fetch_add(1, Relaxed);
+    }
+
+    /// An accepted connection ended.
+    pub(super) fn closed(&self) {
+        self.open_connections.fetch_sub(1, Relaxed);
     }
 
     /// A connection closed at the connection limit.
@@ -203,6 +191,13 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
         "Connections closed at the connection limit.",
         http.stats.rejected_connections.load(Relaxed),
     );
+    single(
+        out,
+        "druid_log_agent_http_open_connections",
+        "gauge",
+        "HTTP connections open now (follow streams included), out of max_connections.",
+        http.stats.open_connections.load(Relaxed),
+    );
     head(
         out,
         "druid_log_agent_http_requests_total",
@@ -228,26 +223,10 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
         "Time to the response head, by route.",
     );
     for (route, h) in ROUTES.iter().zip(&http.stats.latency) {
-        for (b, c) in BUCKETS.iter().zip(&h.buckets) {
-            let _ = writeln!(
-                out,
-                "druid_log_agent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
-                c.load(Relaxed)
-            );
-        }
-        let count = h.count.load(Relaxed);
-        let _ = writeln!(
+        h.write(
             out,
-            "druid_log_agent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "druid_log_agent_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-            h.sum_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "druid_log_agent_http_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+            "druid_log_agent_http_request_duration_seconds",
+            &format!("route=\"{route}\""),
         );
     }
     super::process::write(out);

@@ -41,8 +41,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 pub use auth::authorized;
-pub use handlers::{NO_LOG, TEXT};
+pub use handlers::{LogQuery, NO_LOG, QueryError, TEXT, parse_query};
 pub use offset::druid_start;
+pub use process::write as write_process_metrics;
 
 /// Settings of the HTTP endpoint, taken from [`crate::config::Config`].
 #[derive(Debug, Clone)]
@@ -141,10 +142,13 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, stop: CancellationTok
             .max_buf_size(16 << 10)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
+        let stats = http.clone();
+        stats.stats.opened();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
+            stats.stats.closed();
             drop(permit);
         });
     }

@@ -12,8 +12,9 @@ use std::fmt::Write as _;
 /// architecture Linux exports to user space (`sysconf(_SC_CLK_TCK)` answers the same).
 const USER_HZ: f64 = 100.0;
 
-/// Appends the process metrics and `druid_log_agent_build_info` to a `/metrics` answer.
-pub(super) fn write(out: &mut String) {
+/// Appends the process metrics and `druid_log_agent_build_info` to a `/metrics` answer (the
+/// agent's and the gateway's).
+pub fn write(out: &mut String) {
     let stat = std::fs::read_to_string("/proc/self/stat").ok();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat

@@ -624,6 +624,10 @@ pub struct PodModel {
     annotations: Vec<(String, String)>,
     restart_policy: RestartPolicy,
     containers: Vec<ContainerModel>,
+    /// `status.podIP`: the sandbox's address, given before any container starts.
+    pod_ip: String,
+    /// `spec.containers[].ports`: (container, port name, port).
+    ports: Vec<(String, String, u16)>,
     /// The phase the status shows.
     phase: PodPhase,
     /// The pod worker has finished terminating the pod: a terminal phase may be shown.
@@ -699,6 +703,8 @@ impl PodModel {
                     container_id: None,
                 })
                 .collect(),
+            pod_ip: "10.1.0.1".to_owned(),
+            ports: Vec::new(),
             phase: PodPhase::Pending,
             finished: false,
             deleting_since: None,
@@ -721,6 +727,21 @@ impl PodModel {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
+        self
+    }
+
+    /// The pod's address (`status.podIP`); tests that connect to a pod give a loopback one.
+    pub fn with_pod_ip(mut self, ip: &str) -> PodModel {
+        self.pod_ip = ip.to_owned();
+        self
+    }
+
+    /// A named TCP port of `container` (`spec.containers[].ports`), as a DaemonSet declares
+    /// the port its clients find by name.
+    pub fn with_port(mut self, container: &str, name: &str, port: u16) -> PodModel {
+        self.container(container);
+        self.ports
+            .push((container.to_owned(), name.to_owned(), port));
         self
     }
 
@@ -866,9 +887,44 @@ impl PodModel {
         let specs: Vec<Value> = self
             .containers
             .iter()
-            .map(|c| json!({"name": c.name, "image": IMAGE, "resources": {}}))
+            .map(|c| {
+                let mut spec = json!({"name": c.name, "image": IMAGE, "resources": {}});
+                let ports: Vec<Value> = self
+                    .ports
+                    .iter()
+                    .filter(|(container, _, _)| *container == c.name)
+                    .map(|(_, name, port)| {
+                        json!({"name": name, "containerPort": port, "protocol": "TCP"})
+                    })
+                    .collect();
+                if !ports.is_empty() {
+                    spec["ports"] = ports.into();
+                }
+                spec
+            })
             .collect();
         let statuses: Vec<Value> = self.containers.iter().map(ContainerModel::json).collect();
+        // generateAPIPodStatus (pkg/kubelet/kubelet_pods.go, pkg/kubelet/status/generate.go):
+        // ContainersReady and Ready are True when every container is ready (no readiness
+        // gates, no probes here: ready follows running); a pod in a terminal phase is not
+        // ready. Deletion alone does not change them: the containers run until they stop.
+        let all_ready = self
+            .containers
+            .iter()
+            .all(|c| matches!(c.state, ContainerState::Running { .. }))
+            && !self.phase.is_terminal();
+        let ready = if all_ready { "True" } else { "False" };
+        let condition = |kind: &str, status: &str| {
+            json!({"type": kind, "status": status, "lastProbeTime": null,
+                   "lastTransitionTime": timestamp(0)})
+        };
+        let conditions = vec![
+            condition("PodReadyToStartContainers", "True"),
+            condition("Initialized", "True"),
+            condition("Ready", ready),
+            condition("ContainersReady", ready),
+            condition("PodScheduled", "True"),
+        ];
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -881,8 +937,10 @@ impl PodModel {
             },
             "status": {
                 "phase": self.phase.as_str(),
+                "conditions": conditions,
                 "hostIP": "10.0.0.1",
-                "podIP": "10.1.0.1",
+                "podIP": self.pod_ip,
+                "podIPs": [{"ip": self.pod_ip}],
                 "startTime": timestamp(0),
                 "qosClass": "BestEffort",
                 "containerStatuses": statuses,

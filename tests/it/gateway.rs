@@ -13,17 +13,22 @@ use druid_log_agent::serve::{NO_LOG, TEXT, druid_start};
 use druid_log_agent::task::TaskId;
 use druid_log_agent_testkit::overlord::{FakeOverlord, log_of};
 
-const ALLOWED: &str = "Authorization: Basic YWxsb3dlZDpwdw==";
-const REFUSED: &str = "Authorization: Basic cmVmdXNlZDpwdw==";
+pub(crate) const ALLOWED: &str = "Authorization: Basic YWxsb3dlZDpwdw==";
+pub(crate) const REFUSED: &str = "Authorization: Basic cmVmdXNlZDpwdw==";
 
 /// A gateway process with its config file.
-struct Gateway {
-    addr: String,
+pub(crate) struct Gateway {
+    pub(crate) addr: String,
     _proc: AgentProc,
     _dir: tempfile::TempDir,
 }
 
 fn gateway(config: &str) -> Gateway {
+    gateway_with(config, |_| {})
+}
+
+/// A gateway with `config` as its file, `env` adjusting its command (a kubeconfig).
+pub(crate) fn gateway_with(config: &str, env: impl FnOnce(&mut Command)) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.toml");
     std::fs::write(&file, config).unwrap();
@@ -38,6 +43,7 @@ fn gateway(config: &str) -> Gateway {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     s3_env(&mut cmd);
+    env(&mut cmd);
     let proc = AgentProc::spawn(cmd);
     let addr = proc.http_addr();
     Gateway {
@@ -47,7 +53,7 @@ fn gateway(config: &str) -> Gateway {
     }
 }
 
-fn s3_section(endpoint: &str) -> String {
+pub(crate) fn s3_section(endpoint: &str) -> String {
     format!(
         "[archive]\ntype = \"s3\"\nbucket = \"logs\"\nendpoint = \"{endpoint}\"\npath_style = true\nregion = \"us-east-1\"\n"
     )
@@ -68,7 +74,7 @@ fn content(seed: u64, bytes: usize) -> Vec<u8> {
 }
 
 /// Writes `body` where the agent archives `task` (the agent's own key function).
-fn put_archived(moto: &Moto, task: &str, body: &[u8]) {
+pub(crate) fn put_archived(moto: &Moto, task: &str, body: &[u8]) {
     let key = S3Config {
         bucket: "logs".into(),
         ..S3Config::default()
@@ -90,14 +96,13 @@ fn put_archived(moto: &Moto, task: &str, body: &[u8]) {
         .unwrap();
 }
 
-fn log_path(task: &str, offset: i64) -> String {
+pub(crate) fn log_path(task: &str, offset: i64) -> String {
     format!("/druid/indexer/v1/task/{task}/log?offset={offset}")
 }
 
-/// Every Druid offset case against what `druid_start` says of the content.
-fn assert_every_offset(addr: &str, task: &str, log: &[u8], extra: &[&str]) {
-    let len = log.len() as i64;
-    for offset in [
+/// The offsets Druid's clients send, around the edges of a log of `len` bytes.
+pub(crate) fn offset_cases(len: i64) -> [i64; 11] {
+    [
         0,
         1,
         1000,
@@ -109,7 +114,12 @@ fn assert_every_offset(addr: &str, task: &str, log: &[u8], extra: &[&str]) {
         -(len - 1),
         -len,
         -(len + 10),
-    ] {
+    ]
+}
+
+/// Every Druid offset case against what `druid_start` says of the content.
+pub(crate) fn assert_every_offset(addr: &str, task: &str, log: &[u8], extra: &[&str]) {
+    for offset in offset_cases(log.len() as i64) {
         let r = http_get(addr, &log_path(task, offset), extra);
         assert_eq!(
             r.status,
@@ -128,7 +138,7 @@ fn assert_every_offset(addr: &str, task: &str, log: &[u8], extra: &[&str]) {
     }
 }
 
-fn assert_no_log(r: &common::Reply) {
+pub(crate) fn assert_no_log(r: &common::Reply) {
     assert_eq!(r.status, 404);
     assert_eq!(r.header("content-type"), Some(TEXT));
     assert_eq!(r.body, NO_LOG.as_bytes());
@@ -249,7 +259,7 @@ fn druid_authorization_fails_closed_when_the_overlord_is_down() {
     );
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 

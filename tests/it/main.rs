@@ -12,6 +12,7 @@ mod config;
 mod e2e;
 mod fuzz_regressions;
 mod gateway;
+mod gateway_cluster;
 mod http;
 mod kube;
 mod kubeapi_harness;
