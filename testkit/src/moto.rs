@@ -11,8 +11,8 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `moto_server` (`pip install 'moto[server]==5.1.22'`); panics if it cannot, so a
-    /// test without it fails rather than skips.
+    /// Starts `moto_server` from the PATH (`scripts/test` puts `.venv/bin` with moto 5.1.22
+    /// first); panics if it cannot, so a test without it fails rather than skips.
     pub fn start() -> Moto {
         Moto::start_with("moto_server").unwrap_or_else(|e| panic!("{e}"))
     }
@@ -30,7 +30,10 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
-                format!("{cmd} must be installed (pip install 'moto[server]==5.1.22'): {e}")
+                format!(
+                    "{cmd} must be on the PATH (scripts/test installs moto[server]==5.1.22 \
+                     in .venv/ and runs the tests with it): {e}"
+                )
             })?;
         let moto = Moto {
             child,

@@ -87,7 +87,7 @@ pub struct Args {
     /// The agent binary (default: druid-log-agent beside this binary).
     #[arg(long)]
     agent: Option<PathBuf>,
-    /// moto's server command (`pip install 'moto[server]==5.1.22'`).
+    /// moto's server command, moto[server]==5.1.22 (scripts/test makes .venv/bin/moto_server).
     #[arg(long, default_value = "moto_server")]
     moto: String,
     /// Where to build the node (a new temporary directory by default; kept on failure).

@@ -18,6 +18,7 @@ mod kube;
 mod kubeapi_harness;
 mod manifests;
 mod monitoring;
+mod packaging;
 mod s3;
 mod shutdown;
 mod soak;

@@ -4,10 +4,13 @@
 //! against the Kubernetes schemas by `kubernetes-validate` (strict: unknown fields fail), the
 //! ConfigMap's `config.toml` must pass the real binary's `check-config`, and the DaemonSet's
 //! mounts, ports, probes, args and grace period must match the effective settings that
-//! `check-config` prints. The Dockerfile and docs/operations.md are checked against the crate.
+//! `check-config` prints. The example overlay `examples/minio/` (an S3-compatible store,
+//! credentials from a Secret) is rendered and validated the same way, its config must pass
+//! `check-config` too, and it may differ from `manifests/` only where it says. docs/operations.md
+//! is checked against the crate.
 //!
 //! Needs `kubectl` (client only) and the PyPI package `kubernetes-validate` (which brings
-//! PyYAML, used here to turn the rendered YAML into JSON). `.ci/run` installs the latter. A
+//! PyYAML, used here to turn the rendered YAML into JSON). `scripts/test` installs the latter. A
 //! missing tool fails the test: these checks are never skipped.
 
 use crate::common;
@@ -25,7 +28,7 @@ use serde_json::{Value, json};
 pub(crate) const KUBERNETES_VERSION: &str = "1.33";
 pub(crate) const NAMESPACE: &str = "druid-log-agent";
 pub(crate) const VALIDATE_HINT: &str = "the PyPI package kubernetes-validate is needed, with the PyYAML it brings \
-     along; .ci/run installs it: python3 -m pip install kubernetes-validate==1.37.0";
+     along; scripts/test installs it in .venv/ and puts that first on the PATH";
 pub(crate) const KUBECTL_HINT: &str = "kubectl (client only) is needed for `kubectl kustomize`; it is \
      part of the development and CI machines (/usr/bin/kubectl); set KUBECTL to use another";
 
@@ -111,9 +114,14 @@ pub(crate) fn kind_of(d: &Value) -> &str {
     d["kind"].as_str().unwrap_or("")
 }
 
-/// The one document of `kind` (and `name`, if given).
+/// The one document of `kind` (and `name`, if given) in `manifests/`.
 fn one(kind: &str, name: Option<&str>) -> &'static Value {
-    let found: Vec<&Value> = documents()
+    one_in(documents(), kind, name)
+}
+
+/// The one document of `kind` (and `name`, if given) in `docs`.
+fn one_in<'a>(docs: &'a [Value], kind: &str, name: Option<&str>) -> &'a Value {
+    let found: Vec<&Value> = docs
         .iter()
         .filter(|d| kind_of(d) == kind)
         .filter(|d| name.is_none_or(|n| d["metadata"]["name"] == n))
@@ -208,31 +216,34 @@ fn config_toml() -> (String, String) {
 /// `druid-log-agent check-config` on the ConfigMap's config: the effective settings it prints.
 fn effective_config() -> &'static toml::Table {
     static C: OnceLock<toml::Table> = OnceLock::new();
-    C.get_or_init(|| {
-        let (_, config) = config_toml();
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("config.toml");
-        std::fs::write(&file, config).unwrap();
-        // check-config checks what `run` would at start, in the DaemonSet's environment: the
-        // node name from the downward API and a Kubernetes client configuration (in the pod
-        // the in-cluster one; here a kubeconfig, which is never contacted).
-        let kubeconfig = common::write_kubeconfig(dir.path(), "http://127.0.0.1:9");
-        let out = run(
-            Command::new(env!("CARGO_BIN_EXE_druid-log-agent"))
-                .arg("check-config")
-                .arg(&file)
-                .env("NODE_NAME", "node-1")
-                .env("KUBECONFIG", &kubeconfig),
-            b"",
-            "the agent binary is built by cargo test",
-        );
-        assert!(
-            out.status.success(),
-            "the ConfigMap's config.toml fails check-config: {}",
-            text(&out.stderr)
-        );
-        toml::from_str(&text(&out.stdout)).expect("check-config prints TOML")
-    })
+    C.get_or_init(|| check_config(&config_toml().1, "manifests/config.toml"))
+}
+
+/// `druid-log-agent check-config` on `config` (the config file `what`, as rendered into its
+/// ConfigMap): the effective settings it prints.
+fn check_config(config: &str, what: &str) -> toml::Table {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, config).unwrap();
+    // check-config checks what `run` would at start, in the DaemonSet's environment: the
+    // node name from the downward API and a Kubernetes client configuration (in the pod
+    // the in-cluster one; here a kubeconfig, which is never contacted).
+    let kubeconfig = common::write_kubeconfig(dir.path(), "http://127.0.0.1:9");
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_druid-log-agent"))
+            .arg("check-config")
+            .arg(&file)
+            .env("NODE_NAME", "node-1")
+            .env("KUBECONFIG", &kubeconfig),
+        b"",
+        "the agent binary is built by cargo test",
+    );
+    assert!(
+        out.status.success(),
+        "{what} fails check-config: {}",
+        text(&out.stderr)
+    );
+    toml::from_str(&text(&out.stdout)).expect("check-config prints TOML")
 }
 
 fn setting<'a>(table: &'a toml::Table, path: &str) -> &'a toml::Value {
@@ -265,7 +276,7 @@ fn setting_duration(path: &str) -> std::time::Duration {
 }
 
 /// The port of `listen` ("0.0.0.0:8095", "[::]:8095", "host:8095").
-fn listen_port() -> u16 {
+pub(crate) fn listen_port() -> u16 {
     let listen = setting_str("listen");
     let (_, port) = listen
         .rsplit_once(':')
@@ -303,7 +314,12 @@ fn manifests_render_with_kustomize() {
     .into();
     assert_eq!(kinds, expected);
     assert_eq!(one("Namespace", None)["metadata"]["name"], NAMESPACE);
-    for d in documents() {
+    assert_in_namespace(documents());
+}
+
+/// Every namespaced document of `docs` is in the agent's namespace, the others in none.
+fn assert_in_namespace(docs: &[Value]) {
+    for d in docs {
         let cluster_scoped = matches!(
             kind_of(d),
             "Namespace" | "ClusterRole" | "ClusterRoleBinding"
@@ -553,36 +569,161 @@ fn rbac_allows_reading_pods_only() {
     );
 }
 
+/// `examples/minio/`: `manifests/` for an S3-compatible store, rendered once.
+fn minio_rendered() -> &'static str {
+    static R: OnceLock<String> = OnceLock::new();
+    R.get_or_init(|| kustomize(&repo().join("examples/minio")))
+}
+
+fn minio_documents() -> &'static [Value] {
+    static D: OnceLock<Vec<Value>> = OnceLock::new();
+    D.get_or_init(|| yaml_documents(minio_rendered()))
+}
+
+/// The overlay's ConfigMap, found through the DaemonSet's config volume, as the agent reads it.
+fn minio_config_toml() -> &'static str {
+    let docs = minio_documents();
+    let spec = &one_in(docs, "DaemonSet", None)["spec"]["template"]["spec"];
+    let name = array_of(&spec["volumes"], "the DaemonSet's volumes")
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("the DaemonSet mounts a ConfigMap");
+    let cm = one_in(docs, "ConfigMap", Some(name));
+    str_of(&cm["data"]["config.toml"], "the ConfigMap's config.toml")
+}
+
+/// The credentials Secret of the example, and the variables the agent container reads from it.
+const MINIO_SECRET: &str = "druid-log-agent-s3-credentials";
+const MINIO_KEYS: [&str; 2] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"];
+
 #[test]
-fn dockerfile_builds_and_runs_what_the_manifests_expect() {
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
-    let lines: Vec<&str> = dockerfile
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
+fn minio_example_validates_and_adds_only_its_credentials() {
+    let docs = minio_documents();
+    let report = validated(minio_rendered());
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        docs.len(),
+        "every document of examples/minio/ must be validated, not skipped:\n{report}"
+    );
+    assert_in_namespace(docs);
+
+    // manifests/ plus the Secret.
+    let kinds = |docs: &[Value]| -> Vec<String> {
+        let mut k: Vec<String> = docs.iter().map(|d| kind_of(d).to_owned()).collect();
+        k.sort();
+        k
+    };
+    let mut expected = kinds(documents());
+    expected.push("Secret".into());
+    expected.sort();
+    assert_eq!(kinds(docs), expected);
+
+    // The Secret is an example: placeholders, said to be such, under the keys read below.
+    let secret = one_in(docs, "Secret", Some(MINIO_SECRET));
+    assert!(secret.get("data").is_none(), "placeholders, in stringData");
+    let values = secret["stringData"]
+        .as_object()
+        .expect("the Secret has stringData");
+    let keys: Vec<&str> = values.keys().map(String::as_str).collect();
+    assert_eq!(keys, MINIO_KEYS);
+    for (key, value) in values {
+        assert!(
+            str_of(value, key).contains("EXAMPLE"),
+            "{key} in examples/minio/credentials-secret.yaml must be a marked placeholder"
+        );
+    }
+
+    // The DaemonSet is manifests/' with the two variables from the Secret added.
+    let mut ds = one_in(docs, "DaemonSet", None).clone();
+    let container = &mut ds["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_array_mut().expect("the agent has env");
+    let added: Vec<Value> = env
+        .iter()
+        .filter(|e| MINIO_KEYS.iter().any(|k| e["name"] == *k))
+        .cloned()
         .collect();
-    let has = |l: &str| lines.contains(&l);
-    let rust = env!("CARGO_PKG_RUST_VERSION");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with(&format!("FROM rust:{rust}-"))),
-        "the builder uses Cargo.toml's rust-version {rust}"
+    let expected_env: Vec<Value> = MINIO_KEYS
+        .iter()
+        .map(
+            |k| json!({"name": k, "valueFrom": {"secretKeyRef": {"name": MINIO_SECRET, "key": k}}}),
+        )
+        .collect();
+    assert_eq!(added, expected_env, "the credentials come from the Secret");
+    env.retain(|e| !MINIO_KEYS.iter().any(|k| e["name"] == *k));
+    // The config volume names the overlay's ConfigMap (its own hash); otherwise the same.
+    let mut base = daemonset().clone();
+    for d in [&mut ds, &mut base] {
+        for v in d["spec"]["template"]["spec"]["volumes"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if v.get("configMap").is_some() {
+                v["configMap"]["name"] = json!("CONFIGMAP");
+            }
+        }
+    }
+    assert_eq!(
+        ds, base,
+        "examples/minio/ changes the DaemonSet only by the credentials"
     );
-    assert!(has(
-        "RUN cargo build --release --locked --bin druid-log-agent"
-    ));
-    assert!(has("FROM debian:bookworm-slim"));
-    assert!(has(
-        "COPY --from=builder /src/target/release/druid-log-agent /usr/local/bin/druid-log-agent"
-    ));
-    assert!(has(r#"ENTRYPOINT ["druid-log-agent"]"#));
-    assert!(has(r#"CMD ["run"]"#));
-    assert!(has(&format!("EXPOSE {}", listen_port())));
-    assert!(
-        has("USER 0:0"),
-        "the image runs as root like the DaemonSet (runAsUser: 0)"
+}
+
+#[test]
+fn minio_example_config_passes_check_config_and_changes_only_the_store() {
+    let config = check_config(minio_config_toml(), "examples/minio/config.toml");
+    let archive = config["archive"].as_table().expect("an [archive] section");
+    assert_eq!(archive["type"].as_str(), Some("s3"));
+    let endpoint = archive
+        .get("endpoint")
+        .and_then(|e| e.as_str())
+        .expect("the example sets the store's endpoint");
+    assert!(endpoint.starts_with("http://") || endpoint.starts_with("https://"));
+    assert_eq!(
+        archive["path_style"].as_bool(),
+        Some(true),
+        "S3-compatible stores need path-style addressing"
     );
+    assert_eq!(
+        archive["gzip"].as_bool(),
+        Some(false),
+        "Druid reads the plain log"
+    );
+
+    // Everything else is manifests/config.toml's, which the DaemonSet is checked against.
+    let store = [
+        "archive.endpoint",
+        "archive.path_style",
+        "archive.disable_acl",
+    ];
+    let (overlay, base) = (flat_settings(&config), flat_settings(effective_config()));
+    let keys: BTreeSet<&String> = overlay.keys().chain(base.keys()).collect();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !store.contains(&k.as_str()) && overlay.get(*k) != base.get(*k))
+        .map(|k| format!("{k}: {:?} here, {:?} there", overlay.get(k), base.get(k)))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "examples/minio/config.toml differs from manifests/config.toml beyond {store:?}: {differ:#?}"
+    );
+}
+
+/// The settings of a check-config output by their dotted names (`archive.bucket`).
+fn flat_settings(table: &toml::Table) -> BTreeMap<String, toml::Value> {
+    fn walk(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, toml::Value>) {
+        for (key, value) in table {
+            let name = format!("{prefix}{key}");
+            match value {
+                toml::Value::Table(inner) => walk(inner, &format!("{name}."), out),
+                other => {
+                    out.insert(name, other.clone());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(table, "", &mut out);
+    out
 }
 
 /// Rust source with string continuations (`\` at the end of a line) joined, so a log message
