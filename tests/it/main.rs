@@ -15,6 +15,7 @@ mod gateway;
 mod http;
 mod kube;
 mod kubeapi_harness;
+mod logs;
 mod manifests;
 mod monitoring;
 mod s3;
