@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::config::{ArchiveConfig, LogFormat};
 use crate::ingest::{CommitDone, CommitJob, DirWatcher, Ingest, PipelineError};
 use crate::metrics::Metrics;
+use crate::oneline::OneLine;
 use crate::registry::Registry;
 use crate::shutdown::{self, Running, Shutdown};
 use crate::task::{DirNameIdentity, TaskIdentity};
@@ -327,7 +328,7 @@ fn run_loop(
                 }
                 ingest.on_fs_event(&ev)
             }
-            Msg::Fs(Err(e)) => ingest.on_watch_error(&e.to_string()),
+            Msg::Fs(Err(e)) => ingest.on_watch_error(&OneLine(&e).to_string()),
             Msg::Archive(o) => {
                 *in_flight = in_flight.saturating_sub(1);
                 ingest.archive_finished(&o, Instant::now());

@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod kube;
 pub mod loadgen;
 pub mod metrics;
+pub mod oneline;
 pub mod registry;
 pub mod serve;
 pub mod shutdown;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use druid_log_agent::config::{Config, LogFormat, Overrides};
 use druid_log_agent::gateway::{GatewayConfig, GatewayOverrides};
+use druid_log_agent::oneline::OneLine;
 use druid_log_agent::{app, demo, gateway};
 
 #[derive(Parser)]
@@ -146,15 +147,7 @@ fn main() -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         // Library errors already name their cause in their message; print each cause once.
-        let mut msg = e.to_string();
-        for cause in e.chain().skip(1) {
-            let c = cause.to_string();
-            if !msg.contains(&c) {
-                msg.push_str(": ");
-                msg.push_str(&c);
-            }
-        }
-        eprintln!("druid-log-agent: error: {msg}");
+        eprintln!("druid-log-agent: error: {}", OneLine(e.as_ref()));
         ExitCode::from(2)
     })
 }

@@ -185,6 +185,18 @@ pub enum Identity {
     Ignore,
 }
 
+/// As log lines show it: the task id, or `pending`, or `not-a-peon`, one word each so a
+/// log query can match the value.
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Task(id) => id.fmt(f),
+            Identity::Pending => f.write_str("pending"),
+            Identity::Ignore => f.write_str("not-a-peon"),
+        }
+    }
+}
+
 /// The seam between the log pipeline and whatever knows which pod runs which task.
 pub trait TaskIdentity: Send {
     /// What the pod directory is: a task, not known yet, or not a peon. Called for every

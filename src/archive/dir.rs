@@ -10,6 +10,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use crate::archive::job::{Job, JobKind, Outcome, placeholder};
+use crate::oneline::OneLine;
 use crate::spool::{LogOffset, Spool, SpoolError};
 use crate::task::TaskId;
 
@@ -86,7 +87,7 @@ impl DirArchive {
                 pod_dir: job.pod_dir,
                 task: job.task,
                 permanent: false,
-                error: e.to_string(),
+                error: OneLine(&e).to_string(),
                 state: job.state,
             },
         }

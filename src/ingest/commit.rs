@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use tracing::{debug, error, info};
 
 use crate::checkpoint::{self, SourceState, State, TaskState};
@@ -225,9 +226,9 @@ impl Ingest {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);
                 self.commit_failures += 1;
                 if self.commit_failures == 1 {
-                    error!(error = %e, "checkpoint not committed; retrying");
+                    error!(error = %OneLine(&e), "checkpoint not committed; retrying");
                 } else {
-                    debug!(error = %e, attempts = self.commit_failures, "checkpoint still not committed");
+                    debug!(error = %OneLine(&e), attempts = self.commit_failures, "checkpoint still not committed");
                 }
                 for name in &f.synced {
                     if let Some(t) = self.tasks.get_mut(name) {
@@ -273,9 +274,9 @@ pub(super) fn seal(t: &mut Task, packer: &mut Packer, m: &Metrics) -> bool {
             let backoff = SEAL_RETRY_FIRST * 2u32.pow(t.seal_failures.min(8) - 1);
             t.seal_retry_at = Some(Instant::now() + backoff.min(SEAL_RETRY_MAX));
             if t.seal_failures == 1 {
-                error!(pod_dir = %t.pod.name, error = %e, "cannot write spool block; reading of this task paused until it succeeds");
+                error!(pod_dir = %t.pod.name, error = %OneLine(&e), "cannot write spool block; reading of this task paused until it succeeds");
             } else {
-                debug!(pod_dir = %t.pod.name, error = %e, attempts = t.seal_failures, "spool write still failing");
+                debug!(pod_dir = %t.pod.name, error = %OneLine(&e), attempts = t.seal_failures, "spool write still failing");
             }
             false
         }

@@ -7,6 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::oneline::OneLine;
 use tracing::{debug, error, info, warn};
 
 use crate::decode::FileDecodeState;
@@ -73,7 +74,7 @@ impl Ingest {
     /// inotify failed (watch limit, queue overflow): fall back to rescans.
     pub fn on_watch_error(&mut self, err: &str) {
         self.metrics.watch_errors.fetch_add(1, Relaxed);
-        warn!(error = err, "inotify error; rescanning the log tree");
+        warn!(error = %err, "inotify error; rescanning the log tree");
         self.rescan_all = true;
     }
 
@@ -97,7 +98,7 @@ impl Ingest {
             }
             Err(e) => {
                 if self.warned.insert(root.clone()) {
-                    error!(log_root = %root.display(), error = %e, "cannot list the log root; retrying");
+                    error!(log_root = %root.display(), error = %OneLine(&e), "cannot list the log root; retrying");
                 }
                 return;
             }
@@ -124,9 +125,9 @@ impl Ingest {
                 // At the log root this is a setting to check, not a limit to raise.
                 warn!(dir = %dir.display(), "cannot watch directory: it does not exist (check log_root); polling rescans until it appears");
             } else if matches!(err.kind, notify::ErrorKind::MaxFilesWatch) {
-                warn!(dir = %dir.display(), error = %err, "cannot watch directory (inotify watch limit?); falling back to polling rescans");
+                warn!(dir = %dir.display(), error = %OneLine(err), "cannot watch directory (inotify watch limit?); falling back to polling rescans");
             } else {
-                warn!(dir = %dir.display(), error = %err, "cannot watch directory; falling back to polling rescans");
+                warn!(dir = %dir.display(), error = %OneLine(err), "cannot watch directory; falling back to polling rescans");
             }
         }
         self.degraded = true;
@@ -139,7 +140,7 @@ impl Ingest {
             if let Some(t) = self.tasks.get_mut(name)
                 && !t.dir_gone
             {
-                debug!(pod_dir = name, "pod directory removed; draining its files");
+                debug!(pod_dir = %name, "pod directory removed; draining its files");
                 t.dir_gone = true;
                 self.dirty_read.insert(name.to_owned());
             }
@@ -164,12 +165,12 @@ impl Ingest {
                 Ok(w) => w,
                 Err(e) => {
                     self.metrics.spool_errors.fetch_add(1, Relaxed);
-                    error!(pod_dir = name, error = %e, "cannot create spool; retrying on the next scan");
+                    error!(pod_dir = %name, error = %OneLine(&e), "cannot create spool; retrying on the next scan");
                     return;
                 }
             };
             self.spool_dir_unsynced = true;
-            info!(pod_dir = name, identity = ?identity, "new pod log directory");
+            info!(pod_dir = %name, identity = %identity, "new pod log directory");
             self.metrics.tasks_started.fetch_add(1, Relaxed);
             let container_dir = pod_path.join(&self.s.container);
             self.tasks
@@ -214,7 +215,7 @@ impl Ingest {
             Ok(f) => f,
             Err(e) => {
                 if self.warned.insert(t.container_dir.clone()) {
-                    error!(dir = %t.container_dir.display(), error = %e, "cannot list container log directory; retrying");
+                    error!(dir = %t.container_dir.display(), error = %OneLine(&e), "cannot list container log directory; retrying");
                 }
                 return;
             }
@@ -243,7 +244,7 @@ impl Ingest {
                 Err(e) => {
                     self.metrics.unreadable_files.fetch_add(1, Relaxed);
                     if self.warned.insert(f.path.clone()) {
-                        error!(file = %f.path.display(), error = %e, "cannot open log file; retrying on every rescan");
+                        error!(file = %f.path.display(), error = %OneLine(&e), "cannot open log file; retrying on every rescan");
                     }
                     continue;
                 }
@@ -283,7 +284,7 @@ impl Ingest {
             let key = match tail::key_of(&file) {
                 Ok(k) => k,
                 Err(e) => {
-                    warn!(file = %f.path.display(), error = %e, "cannot read log file; retrying");
+                    warn!(file = %f.path.display(), error = %OneLine(&e), "cannot read log file; retrying");
                     continue;
                 }
             };

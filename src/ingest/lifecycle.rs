@@ -55,7 +55,7 @@ impl Ingest {
                 .is_some_and(|d| now.duration_since(t.last_growth) >= d);
             if t.phase == Phase::Running && idle && t.restoring.is_none() {
                 info!(
-                    pod_dir = name,
+                    pod_dir = %name,
                     "no new log lines for idle_timeout; ending the task"
                 );
                 self.end_task(name);
@@ -110,7 +110,7 @@ impl Ingest {
         t.unsaved = true;
         t.snapshot_gen += 1;
         self.metrics.tasks_ended.fetch_add(1, Relaxed);
-        info!(pod_dir = name, task = ?t.task_id().map(|i| i.as_str()), bytes = t.writer.spool().len(), "task log ended");
+        info!(pod_dir = %name, task = t.task_id().map(tracing::field::display), bytes = t.writer.spool().len(), "task log ended");
         self.commit_now = true;
         self.publish(name);
     }
@@ -119,7 +119,7 @@ impl Ingest {
     /// (empty) spool removed.
     pub(super) fn drop_task(&mut self, name: &str) {
         if let Some(t) = self.tasks.remove(name) {
-            info!(pod_dir = name, "not a peon pod; its log is not read");
+            info!(pod_dir = %name, "not a peon pod; its log is not read");
             let _ = fs::remove_file(t.writer.spool().path());
             self.ignored.insert(name.to_owned());
             self.checkpoint_dirty = true;

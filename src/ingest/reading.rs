@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{DoneFile, Phase};
@@ -169,7 +170,7 @@ impl Ingest {
             t.last_growth = now;
             if t.phase != Phase::Running {
                 info!(
-                    pod_dir = name,
+                    pod_dir = %name,
                     "task wrote more after its log was archived; it will be archived again when it ends"
                 );
                 t.phase = Phase::Running;
@@ -240,7 +241,7 @@ fn read_step(
         let n = match src.file.read_at(&mut buf[..want], src.offset.get()) {
             Ok(n) => n,
             Err(e) => {
-                warn!(file = %src.path.display(), error = %e, "read failed; retrying");
+                warn!(file = %src.path.display(), error = %OneLine(&e), "read failed; retrying");
                 return Step::Wait;
             }
         };

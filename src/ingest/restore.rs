@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::oneline::OneLine;
 use tracing::{debug, error, info, warn};
 
 use crate::archive::UploadState;
@@ -126,7 +127,7 @@ impl Ingest {
                 Err(e) if patient => {
                     if !t.restore_warned {
                         t.restore_warned = true;
-                        warn!(pod_dir = %t.pod.name, file = %ss.path.display(), error = %e,
+                        warn!(pod_dir = %t.pod.name, file = %ss.path.display(), error = %OneLine(&e),
                             "cannot reopen a log file the checkpoint names; the task waits and retries (its file is not read again from the start)");
                     }
                     return false;
@@ -135,7 +136,7 @@ impl Ingest {
                     // The error does not clear: read the files that opened. This one is
                     // remembered as read up to its committed offset, so should it open later
                     // and be longer, it is read on from there (out of order, but once).
-                    error!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset.get(), error = %e,
+                    error!(pod_dir = %t.pod.name, file = %ss.path.display(), offset = ss.offset.get(), error = %OneLine(&e),
                         "a log file the checkpoint names still cannot be reopened; reading the task's other files, this one once it can be opened");
                     unopened.push(DoneFile {
                         key: ss.key,

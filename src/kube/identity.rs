@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use tracing::{info, warn};
 
 use super::KubeConfig;
@@ -59,7 +60,7 @@ impl TaskIdentity for KubeIdentity {
             return match info.task_id.as_deref().map(TaskId::new) {
                 Some(Ok(id)) => Identity::Task(id),
                 Some(Err(e)) => {
-                    warn!(pod_dir = %pod.name, error = %e, "peon's task id cannot be used; archiving under _unmapped/");
+                    warn!(pod_dir = %pod.name, error = %OneLine(&e), "peon's task id cannot be used; archiving under _unmapped/");
                     self.metrics.unmapped_tasks.fetch_add(1, Ordering::Relaxed);
                     Identity::Task(TaskId::unmapped(pod))
                 }

@@ -12,6 +12,8 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::oneline::OneLine;
+
 use super::KubeConfig;
 use super::cache::{PodCache, PodInfo, PodUid};
 use super::status::will_not_run_again;
@@ -128,7 +130,7 @@ pub async fn watch_pods(
                         info!(pods = pods.len(), "pod list current again");
                     }
                 }
-                Err(e) => break e.to_string(),
+                Err(e) => break OneLine(&e).to_string(),
             }
         };
         cache.set_current(false);

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::oneline::OneLine;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -84,7 +85,7 @@ pub(super) async fn task_log(
         return match entry.spool.read_to_vec(start, len) {
             Ok(text) => ([(header::CONTENT_TYPE, TEXT)], text).into_response(),
             Err(e) => {
-                warn!(task = %entry.task_id, error = %e, "cannot read spool for a log request");
+                warn!(task = %entry.task_id, error = %OneLine(&e), "cannot read spool for a log request");
                 (StatusCode::INTERNAL_SERVER_ERROR, "cannot read the log\n").into_response()
             }
         };

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -122,7 +123,7 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, stop: CancellationTok
             Ok(a) => a,
             Err(e) => {
                 // Out of fds and the like: back off instead of spinning.
-                warn!(error = %e, "accept failed");
+                warn!(error = %OneLine(&e), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -146,7 +147,7 @@ pub async fn serve(listener: TcpListener, http: Arc<Http>, stop: CancellationTok
         stats.stats.opened();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
+                debug!(%peer, error = %OneLine(&e), "connection ended with an error");
             }
             stats.stats.closed();
             drop(permit);

@@ -6,6 +6,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::oneline::OneLine;
 use axum::body::Body;
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -74,7 +75,7 @@ async fn stream_log(
             let chunk = match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    warn!(task = %entry.task_id, error = %e, "cannot read spool for a log request");
+                    warn!(task = %entry.task_id, error = %OneLine(&e), "cannot read spool for a log request");
                     let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                     return;
                 }

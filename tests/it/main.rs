@@ -16,6 +16,7 @@ mod gateway_cluster;
 mod http;
 mod kube;
 mod kubeapi_harness;
+mod logs;
 mod manifests;
 mod monitoring;
 mod packaging;

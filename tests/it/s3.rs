@@ -472,6 +472,73 @@ fn permanent_error_then_recovery() {
     assert!(agent.terminate().success());
 }
 
+/// What an operator reads when S3 fails: one line naming the request, the object and what S3
+/// said (code, message, request id), or for a server that cannot be reached, the causes in
+/// words; never the SDK's `Debug` (`DispatchFailure(DispatchFailure { source: ...`), which
+/// used to make these lines 650 to 860 characters long.
+#[test]
+fn s3_failures_are_one_plain_line() {
+    let moto = Moto::start();
+    let task = "index-kafka-oneline";
+    let key = format!("druid/indexing-logs/{task}/log");
+    let debug_forms = ["{", "DispatchFailure", "Some(", "TaskId(", "ConnectorError"];
+    // The error field's value ends where the next field starts: the whole error is on the
+    // line, not cut by a line break inside it.
+    let error_of = |line: &str| -> String {
+        let from = line
+            .find(" error=")
+            .unwrap_or_else(|| panic!("no error= in {line}"));
+        let to = line
+            .find(" permanent=")
+            .unwrap_or_else(|| panic!("no permanent= after the error: {line}"));
+        assert!(from < to, "{line}");
+        line[from + " error=".len()..to].to_owned()
+    };
+
+    // S3 answers: no such bucket.
+    let node = Node::new();
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, 7, 4 << 10, false);
+    let agent = agent_s3(
+        &node,
+        &moto.endpoint,
+        "no-such-bucket",
+        &["--idle-timeout-secs", "1"],
+    );
+    let line = agent.wait_for_line("archive failed", LONG);
+    assert!(agent.terminate().success());
+    let error = error_of(&line);
+    // S3's message is in the line when S3 sends one (moto leaves it empty).
+    let want = format!("PutObject s3://no-such-bucket/{key}: NoSuchBucket");
+    assert!(error.starts_with(&want), "{error}");
+    assert!(error.contains(" (request id "), "{error}");
+    assert!(error.ends_with(')'), "{error}");
+    for bad in debug_forms {
+        assert!(!line.contains(bad), "{bad:?} in {line}");
+    }
+
+    // Nothing answers: connections refused.
+    let down = FaultProxy::start(&moto.endpoint, Mode::Down, 1).unwrap();
+    let node = Node::new();
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    write_log(&mut w, 8, 4 << 10, false);
+    let agent = agent_s3(&node, &down.url(), "logs", &["--idle-timeout-secs", "1"]);
+    let line = agent.wait_for_line("archive failed", LONG);
+    assert!(agent.terminate().success());
+    let error = error_of(&line);
+    assert!(
+        error.starts_with(&format!("PutObject s3://logs/{key}: ")),
+        "{error}"
+    );
+    assert!(
+        error.to_lowercase().contains("connection refused"),
+        "{error}"
+    );
+    for bad in debug_forms {
+        assert!(!line.contains(bad), "{bad:?} in {line}");
+    }
+}
+
 /// With the least privilege AWS users often grant (no `s3:ListBucket`), HeadObject of a missing
 /// key answers 403, not 404, so the check of a completion that may have happened tells nothing.
 /// The agent then goes on by what it can know: an upload that still exists is completed again;

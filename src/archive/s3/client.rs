@@ -1,9 +1,12 @@
 //! The S3 client as the settings make it, and what every request of one job shares.
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 use crate::archive::job::Job;
 use crate::archive::s3::config::S3Config;
+use crate::archive::s3::error::S3Error;
 use crate::archive::upload::PartSizes;
 
 /// A client for the configured bucket, with the settings its requests follow.
@@ -59,4 +62,14 @@ pub struct Attempt<'a> {
     pub job: &'a Job,
     /// The object key of the job's task.
     pub key: &'a str,
+}
+
+impl Attempt<'_> {
+    /// The attempt's `op` request failed with `e`: the error names the attempt's object.
+    pub fn failed<E>(&self, op: &'static str, e: SdkError<E, HttpResponse>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        S3Error::from_sdk(op, &self.bucket.cfg.bucket, self.key, e)
+    }
 }

@@ -46,14 +46,14 @@ pub async fn finish(
     if state.completing {
         match completion(at, len).await? {
             Completion::Complete => {
-                info!(key, "found the upload completed before a restart");
+                info!(key = %key, "found the upload completed before a restart");
                 return Ok(location);
             }
             Completion::NotComplete => {}
             // Completing an upload that still exists is safe; if it is gone, the
             // reconciliation below finds out and stores the log again.
             Completion::CannotTell => warn!(
-                key,
+                key = %key,
                 "cannot tell whether the upload was completed before a restart \
                  (HeadObject answers 403: does the policy lack s3:ListBucket?); completing it"
             ),
@@ -65,7 +65,7 @@ pub async fn finish(
             Err(f) if f.upload_gone() => match completion(at, len).await? {
                 // Completed before a crash that kept the news from the checkpoint.
                 Completion::Complete => {
-                    info!(key, "found the upload completed before a restart");
+                    info!(key = %key, "found the upload completed before a restart");
                     return Ok(location);
                 }
                 // Aborted (a lifecycle rule), or completed with no way to know: the spool
@@ -73,7 +73,7 @@ pub async fn finish(
                 // leaves the same object.
                 c @ (Completion::NotComplete | Completion::CannotTell) => {
                     warn!(
-                        key,
+                        key = %key,
                         head_object_forbidden = c == Completion::CannotTell,
                         "the multipart upload is gone and no complete object is known; storing the log again"
                     );
@@ -124,7 +124,7 @@ pub async fn finish(
         // gone resets the state (see `run`), so the next attempt stores the log again
         // rather than asking a question S3 will not answer.
         Err(e) => {
-            let f = S3Error::from_sdk("CompleteMultipartUpload", key, e);
+            let f = at.failed("CompleteMultipartUpload", e);
             if f.upload_gone() && completion(at, len).await? == Completion::Complete {
                 return Ok(location);
             }
@@ -145,7 +145,7 @@ async fn reconcile(at: &Attempt<'_>, id: &str, state: &mut UploadState) -> Resul
         .upload_id(id)
         .send()
         .await
-        .map_err(|e| S3Error::from_sdk("ListParts", key, e))?;
+        .map_err(|e| at.failed("ListParts", e))?;
     let stored: HashMap<i32, String> = out
         .parts()
         .iter()
@@ -158,7 +158,7 @@ async fn reconcile(at: &Attempt<'_>, id: &str, state: &mut UploadState) -> Resul
         .count();
     if keep < state.parts.len() {
         warn!(
-            key,
+            key = %key,
             recorded = state.parts.len(),
             stored = keep,
             "some recorded parts are missing in S3; re-sending them"
@@ -185,13 +185,9 @@ async fn completion(at: &Attempt<'_>, len: u64) -> Result<Completion, S3Error> {
         Err(SdkError::ServiceError(e)) => match e.raw().status().as_u16() {
             404 => Ok(Completion::NotComplete),
             403 => Ok(Completion::CannotTell),
-            _ => Err(S3Error::from_sdk(
-                "HeadObject",
-                key,
-                SdkError::ServiceError(e),
-            )),
+            _ => Err(at.failed("HeadObject", SdkError::ServiceError(e))),
         },
-        Err(e) => Err(S3Error::from_sdk("HeadObject", key, e)),
+        Err(e) => Err(at.failed("HeadObject", e)),
     }
 }
 
@@ -221,9 +217,7 @@ async fn put_whole(at: &Attempt<'_>, len: u64, text_len: u64) -> Result<(), S3Er
         .set_acl(acl)
         .set_server_side_encryption(sse)
         .set_ssekms_key_id(kms);
-    req.send()
-        .await
-        .map_err(|e| S3Error::from_sdk("PutObject", key, e))?;
+    req.send().await.map_err(|e| at.failed("PutObject", e))?;
     Ok(())
 }
 fn gzip(text: &[u8]) -> Vec<u8> {

@@ -30,6 +30,7 @@ pub async fn store_parts(
         }
         let Some(number) = state.next_part_number() else {
             return Err(S3Error::PartsExhausted {
+                bucket: bucket.cfg.bucket.clone(),
                 key: key.to_owned(),
                 capacity: at.sizes.capacity(),
             });
@@ -61,9 +62,9 @@ pub async fn store_parts(
             .body(spool_body(&at.job.spool, bucket.cfg.gzip, from, to))
             .send()
             .await
-            .map_err(|e| S3Error::from_sdk("UploadPart", key, e))?;
+            .map_err(|e| at.failed("UploadPart", e))?;
         let etag = out.e_tag().unwrap_or_default().to_owned();
-        info!(key, part = %number, bytes = to - from, "part stored");
+        info!(key = %key, part = %number, bytes = to - from, "part stored");
         state.parts.push(Part {
             number,
             etag,
@@ -90,8 +91,8 @@ async fn create(at: &Attempt<'_>) -> Result<String, S3Error> {
     let out = req
         .send()
         .await
-        .map_err(|e| S3Error::from_sdk("CreateMultipartUpload", key, e))?;
+        .map_err(|e| at.failed("CreateMultipartUpload", e))?;
     let id = out.upload_id().unwrap_or_default().to_owned();
-    info!(key, upload_id = %id, "multipart upload started");
+    info!(key = %key, upload_id = %id, "multipart upload started");
     Ok(id)
 }

@@ -138,6 +138,39 @@ impl AgentProc {
         Err((self.child.wait().unwrap(), log))
     }
 
+    /// Every line up to and including the first that contains `needle`, in order: for tests
+    /// that look at the whole log, not one line of it.
+    pub fn lines_until(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let done = l.contains(needle);
+                    lines.push(l);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(_) => panic!(
+                    "agent never logged {needle:?} within {timeout:?}; it logged:\n{}",
+                    lines.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// SIGTERM; returns the exit status and every line not read yet, up to the last one the
+    /// agent wrote (the reader ends when the agent closes its stderr by exiting).
+    pub fn terminate_collect(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let rest = self.lines.iter().collect();
+        (self.child.wait().unwrap(), rest)
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
