@@ -476,21 +476,8 @@ impl Config {
         if self.compression_level > 9 {
             return bad("compression_level", "0 to 9");
         }
-        // A bare word parses as a directive for a target of that name: "inf" would switch all
-        // logging off without a word. A single word must be a level.
-        let plain = !self.log_level.contains(['=', ',', ':']);
-        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err()
-            || (plain
-                && self
-                    .log_level
-                    .trim()
-                    .parse::<tracing_subscriber::filter::LevelFilter>()
-                    .is_err())
-        {
-            return bad(
-                "log_level",
-                "a level (error, warn, info, debug, trace) or tracing directives such as \"info,druid_log_agent::kube=debug\"",
-            );
+        if !log_level_valid(&self.log_level) {
+            return bad("log_level", LOG_LEVEL_EXPECTED);
         }
         if self.commit_interval.is_zero() || self.poll_interval.is_zero() {
             return bad("commit_interval and poll_interval", "positive");
@@ -779,6 +766,23 @@ impl Overrides {
         }
         Ok(())
     }
+}
+
+/// What `log_level` must be, for the agent's and the gateway's refusals.
+pub const LOG_LEVEL_EXPECTED: &str = "a level (error, warn, info, debug, trace) or tracing \
+     directives such as \"info,druid_log_agent::kube=debug\"";
+
+/// Whether `level` is a `log_level` the logger takes as meant. A bare word parses as a
+/// directive for a target of that name ("inf" would switch all logging off without a word),
+/// so a single word must be a level.
+pub fn log_level_valid(level: &str) -> bool {
+    let plain = !level.contains(['=', ',', ':']);
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && (!plain
+            || level
+                .trim()
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_ok())
 }
 
 #[cfg(test)]

@@ -187,6 +187,6 @@ fn run_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         eprintln!("valid");
         return Ok(ExitCode::SUCCESS);
     }
-    gateway::run(cfg, |format| init_logging(format, "info"))?;
+    gateway::run(cfg, init_logging)?;
     Ok(ExitCode::SUCCESS)
 }

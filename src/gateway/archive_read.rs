@@ -15,6 +15,7 @@ use axum::body::Body;
 use tokio::io::AsyncSeekExt;
 use tracing::warn;
 
+use crate::archive::s3::S3Error;
 use crate::archive::s3::{Bucket, S3Config};
 use crate::config::ArchiveConfig;
 use crate::serve::druid_start;
@@ -24,16 +25,10 @@ use crate::task::TaskId;
 /// source, and counts it).
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveReadError {
-    /// An S3 request failed other than by "no such key or bucket".
-    #[error("s3://{bucket}/{key}: {reason}")]
-    S3 {
-        /// The bucket.
-        bucket: String,
-        /// The object key.
-        key: String,
-        /// The SDK's error, with its code.
-        reason: String,
-    },
+    /// An S3 request failed other than by "no such key or bucket": the agent's one-line S3
+    /// error (operation, object, code, message, request id).
+    #[error(transparent)]
+    S3(#[from] crate::archive::s3::S3Error),
     /// The file exists but cannot be read.
     #[error("{}: {source}", path.display())]
     File {
@@ -147,11 +142,6 @@ async fn open_s3(
     offset: i64,
 ) -> Result<Option<Found>, ArchiveReadError> {
     let key = cfg.key(task);
-    let err = |reason: String| ArchiveReadError::S3 {
-        bucket: cfg.bucket.clone(),
-        key: key.clone(),
-        reason,
-    };
     let head = match client
         .head_object()
         .bucket(&cfg.bucket)
@@ -172,10 +162,7 @@ async fn open_s3(
                 }
                 return Ok(None);
             }
-            return Err(err(format!(
-                "HEAD: {}",
-                aws_sdk_s3::error::DisplayErrorContext(&e)
-            )));
+            return Err(S3Error::from_sdk("HeadObject", &cfg.bucket, &key, e).into());
         }
     };
     let len = head.content_length().unwrap_or(0).max(0) as u64;
@@ -201,10 +188,7 @@ async fn open_s3(
             if no_log(&e, status) {
                 return Ok(None);
             }
-            return Err(err(format!(
-                "GET: {}",
-                aws_sdk_s3::error::DisplayErrorContext(&e)
-            )));
+            return Err(S3Error::from_sdk("GetObject", &cfg.bucket, &key, e).into());
         }
     };
     let stream = futures_util::stream::unfold(out.body, |mut body| async move {

@@ -21,6 +21,7 @@ use super::routes::Routes;
 use super::upstream::Upstream;
 use super::{Authorize, GatewayConfig};
 use crate::metrics::Histogram;
+use crate::oneline::OneLine;
 use crate::serve::{LogQuery, NO_LOG, TEXT, parse_query};
 use crate::task::TaskId;
 
@@ -275,7 +276,7 @@ async fn answer(
                 );
             }
             Err(e) => {
-                warn!(task = %task, error = %e, "cannot authorize: refusing (fail closed)");
+                warn!(task = %task, error = %OneLine(&e), "cannot authorize: refusing (fail closed)");
                 gw.stats.upstream_error("overlord", "authorize");
                 return (
                     Source::None,
@@ -301,7 +302,7 @@ async fn answer(
             }
             Ok(None) => {}
             Err(e) => {
-                warn!(task = %task, error = %e, "archive read failed; trying the next source");
+                warn!(task = %task, error = %OneLine(&e), "archive read failed; trying the next source");
                 gw.stats.upstream_error("archive", "error");
             }
         }
@@ -324,7 +325,7 @@ async fn answer(
                 return (Source::Overlord, out);
             }
             Err(e) => {
-                warn!(task = %task, error = %e, "overlord unreachable for a log");
+                warn!(task = %task, error = %OneLine(&e), "overlord unreachable for a log");
                 gw.stats.upstream_error("overlord", e.kind());
             }
         }
@@ -349,7 +350,7 @@ async fn from_agent(gw: &Gateway, task: &TaskId, offset: i64, follow: bool) -> O
     let resp = match gw.agents.get_agent(&url, gw.agent_token.as_deref()).await {
         Ok(r) => r,
         Err(e) => {
-            warn!(task = %task, node = %route.node, error = %e,
+            warn!(task = %task, node = %route.node, error = %OneLine(&e),
                 "node agent unreachable; trying the next source");
             gw.stats.upstream_error("agent", e.kind());
             return None;

@@ -122,6 +122,10 @@ pub struct GatewayConfig {
     /// Format of the gateway's own log lines, on stderr.
     #[arg(long, value_enum)]
     pub log_format: LogFormat,
+    /// Which of the gateway's own log lines are printed: a level or tracing directives, as
+    /// the agent's `log_level`; RUST_LOG, when set, wins.
+    #[arg(long)]
+    pub log_level: String,
 }
 
 /// The defaults, written once: an empty file means these, and `--help` shows them.
@@ -146,6 +150,7 @@ impl Default for GatewayConfig {
             pod_retention: Duration::from_secs(3_600),
             archive: None,
             log_format: LogFormat::Text,
+            log_level: "info".into(),
         }
     }
 }
@@ -278,6 +283,9 @@ impl GatewayConfig {
                 "task_id_annotation and agent_port_name",
                 "must not be empty",
             );
+        }
+        if !crate::config::log_level_valid(&self.log_level) {
+            return bad("log_level", crate::config::LOG_LEVEL_EXPECTED);
         }
         if self.upstream_connect_timeout.is_zero() || self.upstream_first_byte_timeout.is_zero() {
             return bad(
@@ -431,8 +439,11 @@ fn gateway_args(cmd: Command) -> Command {
 /// routing to the agents, serves, then stops accepting, lets the responses in flight finish
 /// (at most [`crate::shutdown::HTTP_CLOSE`]) and stops the watches.
 /// `init_logging` is called once the settings are known, before the first log line.
-pub fn run(cfg: GatewayConfig, init_logging: impl FnOnce(LogFormat)) -> Result<(), GatewayError> {
-    init_logging(cfg.log_format);
+pub fn run(
+    cfg: GatewayConfig,
+    init_logging: impl FnOnce(LogFormat, &str),
+) -> Result<(), GatewayError> {
+    init_logging(cfg.log_format, &cfg.log_level);
     let listen = cfg.listen_addrs()?;
     let token = cfg.token()?;
     let agent_token = cfg.agent_token()?;

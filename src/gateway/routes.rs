@@ -22,6 +22,7 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::oneline::OneLine;
 use crate::task::TaskId;
 
 /// What the table needs to know to find pods; from the gateway's settings.
@@ -297,7 +298,7 @@ async fn watch_one(
             Err(e) => {
                 // The backoff retries; one line per outage, not one per attempt.
                 if !failing {
-                    warn!(watch = kind.label(), error = %e,
+                    warn!(watch = kind.label(), error = %OneLine(&e),
                         "pod watch failed; routing with the last known table until it is back");
                 }
                 failing = true;

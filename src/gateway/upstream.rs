@@ -23,7 +23,7 @@ pub enum UpstreamError {
         source: hyper_util::client::legacy::Error,
     },
     /// Connected, but no answer within the first-byte timeout.
-    #[error("{url}: no answer within {timeout:?}")]
+    #[error("{url}: no answer within {}", humantime::format_duration(*timeout))]
     FirstByte {
         /// What was asked.
         url: String,
