@@ -39,6 +39,10 @@ enum Command {
     /// Run the cluster gateway: Druid's task-log API for every task of the cluster, answered
     /// from the archive the agents write, then the overlord (docs/gateway.md).
     Gateway(Box<GatewayArgs>),
+    /// Print a task's log: through the Kubernetes API server's proxy to the gateway Service
+    /// (the kubeconfig's credentials), or from --gateway URL. Exit 0 when printed; 1 with
+    /// Druid's not-found text on stderr when no one has the log; 2 for any other failure.
+    Logs(LogsArgs),
     /// Run the pipeline on a synthetic node in a temporary directory and check the archives
     /// byte for byte against what the synthetic peons wrote. Needs no cluster and no cloud.
     Demo {
@@ -83,6 +87,36 @@ struct GatewayArgs {
     settings: GatewayOverrides,
 }
 
+/// `logs`: the task and Druid's query, and where to ask.
+#[derive(Args)]
+struct LogsArgs {
+    /// The task id (Druid's, e.g. index_kafka_wikipedia_abc_2024-05-01T00:00:00.000Z).
+    task_id: String,
+    /// Keep printing while the task runs; ends when the task's log ends.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Druid's offset: from this byte, or, negative, this many bytes from the end.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    offset: i64,
+    /// Ask this gateway (http://host:port) directly instead of through the API server.
+    #[arg(long, env = "DLA_GATEWAY_URL")]
+    gateway: Option<String>,
+    /// With --gateway: the Authorization header's value to send (Druid's credentials, e.g.
+    /// "Basic ...", or "Bearer TOKEN" for a gateway with authorize = "token"). Through the API
+    /// server it cannot be sent: the API server consumes Authorization.
+    #[arg(long, env = "DLA_AUTHORIZATION", hide_env_values = true)]
+    authorization: Option<String>,
+    /// The gateway Service's namespace; default: the kubeconfig context's.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// The gateway Service's name.
+    #[arg(long, default_value = "druid-log-gateway")]
+    service: String,
+    /// The gateway Service's port name.
+    #[arg(long, default_value = "http")]
+    service_port: String,
+}
+
 impl RunArgs {
     fn config(&self) -> anyhow::Result<Config> {
         Ok(Config::load(self.config.as_deref(), &self.settings)?)
@@ -122,6 +156,7 @@ fn main() -> ExitCode {
             check_config(&settings)
         }
         Command::Gateway(args) => run_gateway(*args),
+        Command::Logs(args) => logs(args),
         Command::Demo {
             dir,
             keep,
@@ -174,6 +209,45 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config()?;
     app::run(cfg, init_logging)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    use druid_log_agent::gateway::client::{LogsOutcome, LogsRequest, Via, fetch};
+    let via = match args.gateway {
+        Some(url) => Via::Gateway {
+            url,
+            authorization: args.authorization,
+        },
+        None => {
+            if args.authorization.is_some() {
+                anyhow::bail!(
+                    "--authorization needs --gateway: the API server consumes the Authorization header"
+                );
+            }
+            Via::Kube {
+                namespace: args.namespace,
+                service: args.service,
+                port: args.service_port,
+            }
+        }
+    };
+    let req = LogsRequest {
+        task: args.task_id,
+        offset: args.offset,
+        follow: args.follow,
+        via,
+    };
+    match fetch(&req, &mut std::io::stdout().lock())? {
+        LogsOutcome::Printed => Ok(ExitCode::SUCCESS),
+        LogsOutcome::NotFound(text) => {
+            eprint!("{text}");
+            Ok(ExitCode::from(1))
+        }
+        LogsOutcome::Refused(status, text) => {
+            eprintln!("druid-log-agent: {status}: {}", text.trim_end());
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 fn run_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {

@@ -206,7 +206,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 
 /// `task` as one URL path segment: characters outside the unreserved set and `:` are
 /// percent-encoded, so no id can add a path segment or a query to an upstream URL.
-pub(super) fn path_segment(task: &TaskId) -> String {
+pub(crate) fn path_segment(task: &TaskId) -> String {
     let mut out = String::new();
     for b in task.as_str().bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {

@@ -18,6 +18,7 @@
 
 mod archive_read;
 mod authz;
+pub mod client;
 mod handlers;
 mod routes;
 mod upstream;

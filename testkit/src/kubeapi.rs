@@ -6,6 +6,10 @@
 //! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods[/{name}]` with equality-based
 //!   `labelSelector` and `fieldSelector` (`spec.nodeName`, `metadata.name`, `metadata.namespace`,
 //!   `status.phase`); `limit`/`continue` are accepted and everything is returned in one page.
+//! - The service proxy, `/api/v1/namespaces/{ns}/services/{name}[:{port}]/proxy/{path}`, to a
+//!   backend a test registers ([`FakeApi::add_service`]): the caller's `Authorization` is
+//!   consumed, not forwarded; an unknown Service is a 404 `Status`, an unreachable backend a
+//!   503 `Status`; the backend's answer is streamed back.
 //! - One global, monotonic `resourceVersion` (an integer as a string) bumped by every change.
 //! - Watches (`watch=true`) stream newline-delimited `WatchEvent`s in a chunked 200 response:
 //!   events newer than the requested `resourceVersion` (a pod that stops matching the selector is
@@ -172,6 +176,8 @@ struct Store {
     outage: Option<Outage>,
     connections: HashMap<u64, AbortHandle>,
     next_connection: u64,
+    /// Services the proxy subresource reaches: (namespace, name) -> (port name, backend).
+    services: HashMap<(String, String), (String, SocketAddr)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -226,6 +232,7 @@ impl FakeApi {
                 outage: None,
                 connections: HashMap::new(),
                 next_connection: 0,
+                services: HashMap::new(),
             }),
             changed,
             listen,
@@ -390,6 +397,16 @@ preferences: {{}}
     }
 
     /// Forgets the event history: a later watch from a resourceVersion older than the current
+    /// A Service `namespace/name` whose port `port_name` leads to `backend`, for the proxy
+    /// subresource (`/api/v1/namespaces/{ns}/services/{name}:{port}/proxy/...`), as the API
+    /// server reaches a Service's endpoint for `kubectl get --raw` and client libraries.
+    pub fn add_service(&self, namespace: &str, name: &str, port_name: &str, backend: SocketAddr) {
+        lock(&self.shared.store).services.insert(
+            (namespace.to_owned(), name.to_owned()),
+            (port_name.to_owned(), backend),
+        );
+    }
+
     /// one gets the 410 Expired error and the client has to relist. Open watches still behind
     /// get the same error.
     pub fn expire_history(&self) {
@@ -1208,17 +1225,20 @@ enum ResponseBody {
         lines: mpsc::Receiver<WatchLine>,
         shared: Arc<Shared>,
     },
+    /// A proxied backend's body, passed on as it arrives; its failure cuts this response.
+    Proxied(Incoming),
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
+            ResponseBody::Proxied(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Full { bytes, delivers } => {
                 let frame = bytes.take();
                 if frame.is_some()
@@ -1238,7 +1258,10 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, ResponseBody::Full { bytes: None, .. })
+        match self {
+            ResponseBody::Proxied(body) => body.is_end_stream(),
+            other => matches!(other, ResponseBody::Full { bytes: None, .. }),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1248,6 +1271,7 @@ impl Body for ResponseBody {
             } => SizeHint::with_exact(bytes.len() as u64),
             ResponseBody::Full { bytes: None, .. } => SizeHint::with_exact(0),
             ResponseBody::Stream { .. } => SizeHint::default(),
+            ResponseBody::Proxied(body) => body.size_hint(),
         }
     }
 }
@@ -1321,6 +1345,20 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Re
         )
     };
     let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    if let [
+        "api",
+        "v1",
+        "namespaces",
+        namespace,
+        "services",
+        service,
+        "proxy",
+        ..,
+    ] = segments.as_slice()
+    {
+        let (namespace, service) = (namespace.to_string(), service.to_string());
+        return proxy(shared, &namespace, &service, request).await;
+    }
     let (namespace, name) = match segments.as_slice() {
         ["api", "v1", "pods"] => (None, None),
         ["api", "v1", "namespaces", namespace, "pods"] => (Some(*namespace), None),
@@ -1347,6 +1385,76 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Re
         start_watch(shared, selector, &params)
     } else {
         list(shared, &selector)
+    }
+}
+
+/// The service proxy (pkg/registry/core/service/proxy.go): `{name}[:{port}]` resolved to the
+/// Service's backend, the path after `/proxy` and the query forwarded, the answer streamed
+/// back with its status and headers. The API server authenticated the caller and removed
+/// `Authorization` before proxying (apiserver's WithAuthentication), so the backend never
+/// sees it. An unknown Service is the API's 404; a backend that cannot be reached is a 503
+/// `Status` saying so, as the real proxy's error responder answers.
+async fn proxy(
+    shared: &Shared,
+    namespace: &str,
+    service: &str,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let (name, port) = service.split_once(':').unwrap_or((service, ""));
+    let found = lock(&shared.store)
+        .services
+        .get(&(namespace.to_owned(), name.to_owned()))
+        .cloned();
+    let backend = match found {
+        Some((port_name, addr)) if port.is_empty() || port == port_name => addr,
+        Some(_) => {
+            return error_response(
+                503,
+                "ServiceUnavailable",
+                &format!("no endpoints available for service \"{service}\""),
+            );
+        }
+        None => {
+            return error_response(404, "NotFound", &format!("services \"{name}\" not found"));
+        }
+    };
+    let prefix = format!("/api/v1/namespaces/{namespace}/services/{service}/proxy");
+    let uri = request.uri();
+    let rest = uri.path().strip_prefix(&prefix).unwrap_or("/");
+    let target = match uri.query() {
+        Some(q) => format!("{}?{q}", if rest.is_empty() { "/" } else { rest }),
+        None => if rest.is_empty() { "/" } else { rest }.to_owned(),
+    };
+    let unreachable = |e: &dyn std::fmt::Display| {
+        error_response(
+            503,
+            "ServiceUnavailable",
+            &format!("error trying to reach service: {e}"),
+        )
+    };
+    let stream = match tokio::net::TcpStream::connect(backend).await {
+        Ok(s) => s,
+        Err(e) => return unreachable(&format!("dial tcp {backend}: {e}")),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(c) => c,
+        Err(e) => return unreachable(&e),
+    };
+    tokio::spawn(conn);
+    let mut forward = Request::builder().method(request.method()).uri(&target);
+    for (k, v) in request.headers() {
+        if k != hyper::header::AUTHORIZATION && k != hyper::header::HOST {
+            forward = forward.header(k, v);
+        }
+    }
+    let forward = forward
+        .header(hyper::header::HOST, backend.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    match sender.send_request(forward).await {
+        Ok(resp) => resp.map(ResponseBody::Proxied),
+        Err(e) => unreachable(&e),
     }
 }
 

@@ -549,3 +549,94 @@ fn a_killed_or_hung_agent_falls_back_to_the_archive_and_the_overlord() {
         Some(1)
     );
 }
+
+/// `druid-log-agent logs` with the user's kubeconfig, through the API server's service
+/// proxy to the gateway Service, and with `--gateway`: the log on stdout and exit 0, a
+/// follow until the task ends, Druid's 404 text on stderr and exit 1 for a task nobody
+/// has, exit 2 when the way there is wrong (no such Service).
+#[test]
+fn logs_command_through_the_api_server_and_direct() {
+    let c = Cluster::start(Setup {
+        gateway: "authorize = \"none\"".into(),
+        agent_args: &[],
+    });
+    let gw_addr: std::net::SocketAddr = c.gw.addr.parse().unwrap();
+    c.api
+        .add_service(AGENT_NS, "druid-log-gateway", "http", gw_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = c.api.write_kubeconfig(dir.path());
+    let logs = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_druid-log-agent"));
+        cmd.arg("logs")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("DLA_GATEWAY_URL")
+            .env_remove("DLA_AUTHORIZATION");
+        cmd
+    };
+    let task = "index_kafka_logs_cmd_1";
+    let (mut pod, mut log) = c.run_peon("node-b", "peon-c", task);
+    write(&mut log, 10, 60 << 10);
+    wait_for_bytes_with(
+        &c.node("node-b").addr,
+        task,
+        log.expected.len(),
+        LONG,
+        &[BEARER],
+    );
+    c.wait_gateway_metric("druid_log_gateway_known_tasks", 1);
+
+    let out = logs(&[task, "-n", AGENT_NS]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_log(&out.stdout, &log.expected);
+    let gw_url = format!("http://{}", c.gw.addr);
+    let out = logs(&[task, "--offset", "-100", "--gateway", &gw_url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, &log.expected[log.expected.len() - 100..]);
+    // The request went through the API server's proxy path.
+    assert!(
+        c.api.requests().iter().any(|r| r.starts_with(&format!(
+            "/api/v1/namespaces/{AGENT_NS}/services/druid-log-gateway:http/proxy/druid/indexer/v1/task/{task}/log"
+        ))),
+        "{:?}",
+        c.api.requests()
+    );
+
+    // A follow through the API server prints until the task ends.
+    let follower = logs(&[task, "-n", AGENT_NS, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let agent_b = c.node("node-b").addr.clone();
+    wait_until(LONG, "agent b holds the follow", || {
+        sample(&agent_b, "druid_log_agent_http_open_connections", &[BEARER]) == Some(2)
+    });
+    write(&mut log, 11, 100 << 10);
+    c.finish_peon(&mut pod);
+    let out = follower.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_same_log(&out.stdout, &log.expected);
+
+    let out = logs(&["index_nobody_has_2", "-n", AGENT_NS])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        druid_log_agent::serve::NO_LOG
+    );
+    let out = logs(&[task, "-n", AGENT_NS, "--service", "no-such-gateway"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
+}
