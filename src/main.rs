@@ -101,9 +101,9 @@ struct LogsArgs {
     /// Ask this gateway (http://host:port) directly instead of through the API server.
     #[arg(long, env = "DLA_GATEWAY_URL")]
     gateway: Option<String>,
-    /// With --gateway: the Authorization header's value to send (Druid's credentials, e.g.
-    /// "Basic ...", or "Bearer TOKEN" for a gateway with authorize = "token"). Through the API
-    /// server it cannot be sent: the API server consumes Authorization.
+    /// The Authorization header's value for the gateway (Druid's credentials, e.g. "Basic ...",
+    /// or "Bearer TOKEN" for a gateway with authorize = "token"). Through the API server it goes
+    /// as X-Druid-Authorization, since the API server consumes Authorization.
     #[arg(long, env = "DLA_AUTHORIZATION", hide_env_values = true)]
     authorization: Option<String>,
     /// The gateway Service's namespace; default: the kubeconfig context's.
@@ -218,18 +218,12 @@ fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
             url,
             authorization: args.authorization,
         },
-        None => {
-            if args.authorization.is_some() {
-                anyhow::bail!(
-                    "--authorization needs --gateway: the API server consumes the Authorization header"
-                );
-            }
-            Via::Kube {
-                namespace: args.namespace,
-                service: args.service,
-                port: args.service_port,
-            }
-        }
+        None => Via::Kube {
+            authorization: args.authorization,
+            namespace: args.namespace,
+            service: args.service,
+            port: args.service_port,
+        },
     };
     let req = LogsRequest {
         task: args.task_id,

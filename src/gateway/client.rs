@@ -22,8 +22,11 @@ pub enum Via {
         /// The `Authorization` header's value, if any.
         authorization: Option<String>,
     },
-    /// The gateway Service through the API server's service proxy.
+    /// The gateway Service through the API server's service proxy; `authorization` goes as
+    /// X-Druid-Authorization (the API server consumes `Authorization`).
     Kube {
+        /// The `Authorization` value for the gateway, if any.
+        authorization: Option<String>,
         /// The Service's namespace; unset: the kubeconfig context's.
         namespace: Option<String>,
         /// The Service's name.
@@ -125,6 +128,7 @@ async fn fetch_async(req: &LogsRequest, out: &mut dyn Write) -> Result<LogsOutco
                 .map_err(|e| e.or_request(&url))
         }
         Via::Kube {
+            authorization,
             namespace,
             service,
             port,
@@ -136,7 +140,11 @@ async fn fetch_async(req: &LogsRequest, out: &mut dyn Write) -> Result<LogsOutco
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
             let url = format!("/api/v1/namespaces/{ns}/services/{service}:{port}/proxy{path}");
-            let r = Request::get(&url)
+            let mut r = Request::get(&url);
+            if let Some(a) = authorization {
+                r = r.header(super::upstream::PROXIED_AUTHORIZATION, a);
+            }
+            let r = r
                 .body(kube::client::Body::empty())
                 .map_err(|e| LogsError::Request {
                     url: url.clone(),

@@ -232,9 +232,21 @@ async fn task_log(
     State(gw): State<Arc<Gateway>>,
     Path(task_id): Path<String>,
     RawQuery(q): RawQuery,
-    req: Request,
+    mut req: Request,
 ) -> Response {
     let started = Instant::now();
+    // Through the API server's service proxy (`druid-log-agent logs`), `Authorization` never
+    // arrives: the API server consumes it. The caller's Druid credentials come in
+    // X-Druid-Authorization instead and are used as if they had come in `Authorization`; the
+    // overlord (or the token check) still decides, so this opens no way around it.
+    if !req.headers().contains_key(header::AUTHORIZATION)
+        && let Some(v) = req
+            .headers()
+            .get(super::upstream::PROXIED_AUTHORIZATION)
+            .cloned()
+    {
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
     let (source, resp) = answer(&gw, task_id, q, req).await;
     gw.stats
         .request("log", source, resp.status(), started.elapsed());

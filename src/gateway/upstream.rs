@@ -51,6 +51,10 @@ impl UpstreamError {
     }
 }
 
+/// The header that carries a caller's `Authorization` through the API server's service
+/// proxy, which consumes `Authorization` itself (`druid-log-agent logs` sends it).
+pub const PROXIED_AUTHORIZATION: &str = "x-druid-authorization";
+
 /// The caller's credentials, passed to the overlord as they came: Druid decides with them.
 pub const FORWARDED: [header::HeaderName; 2] = [header::AUTHORIZATION, header::COOKIE];
 

@@ -551,15 +551,22 @@ fn a_killed_or_hung_agent_falls_back_to_the_archive_and_the_overlord() {
 }
 
 /// `druid-log-agent logs` with the user's kubeconfig, through the API server's service
-/// proxy to the gateway Service, and with `--gateway`: the log on stdout and exit 0, a
+/// proxy to the gateway Service (the Druid credentials in X-Druid-Authorization, as the API
+/// server consumes Authorization), and with `--gateway`: the log on stdout and exit 0, a
 /// follow until the task ends, Druid's 404 text on stderr and exit 1 for a task nobody
 /// has, exit 2 when the way there is wrong (no such Service).
 #[test]
 fn logs_command_through_the_api_server_and_direct() {
+    let task = "index_kafka_logs_cmd_1";
+    let overlord = FakeOverlord::start(ALLOWED.strip_prefix("Authorization: ").unwrap(), &[task]);
     let c = Cluster::start(Setup {
-        gateway: "authorize = \"none\"".into(),
+        gateway: format!(
+            "authorize = \"druid\"\noverlord_url = \"{}\"",
+            overlord.url()
+        ),
         agent_args: &[],
     });
+    let creds = ALLOWED.strip_prefix("Authorization: ").unwrap();
     let gw_addr: std::net::SocketAddr = c.gw.addr.parse().unwrap();
     c.api
         .add_service(AGENT_NS, "druid-log-gateway", "http", gw_addr);
@@ -575,7 +582,6 @@ fn logs_command_through_the_api_server_and_direct() {
             .env_remove("DLA_AUTHORIZATION");
         cmd
     };
-    let task = "index_kafka_logs_cmd_1";
     let (mut pod, mut log) = c.run_peon("node-b", "peon-c", task);
     write(&mut log, 10, 60 << 10);
     wait_for_bytes_with(
@@ -587,7 +593,13 @@ fn logs_command_through_the_api_server_and_direct() {
     );
     c.wait_gateway_metric("druid_log_gateway_known_tasks", 1);
 
+    // Druid decides through the API server too: without credentials the overlord says 401.
     let out = logs(&[task, "-n", AGENT_NS]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let out = logs(&[task, "-n", AGENT_NS, "--authorization", creds])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -595,9 +607,17 @@ fn logs_command_through_the_api_server_and_direct() {
     );
     assert_same_log(&out.stdout, &log.expected);
     let gw_url = format!("http://{}", c.gw.addr);
-    let out = logs(&[task, "--offset", "-100", "--gateway", &gw_url])
-        .output()
-        .unwrap();
+    let out = logs(&[
+        task,
+        "--offset",
+        "-100",
+        "--gateway",
+        &gw_url,
+        "--authorization",
+        creds,
+    ])
+    .output()
+    .unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout, &log.expected[log.expected.len() - 100..]);
     // The request went through the API server's proxy path.
@@ -610,7 +630,7 @@ fn logs_command_through_the_api_server_and_direct() {
     );
 
     // A follow through the API server prints until the task ends.
-    let follower = logs(&[task, "-n", AGENT_NS, "--follow"])
+    let follower = logs(&[task, "-n", AGENT_NS, "--follow", "--authorization", creds])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -624,9 +644,15 @@ fn logs_command_through_the_api_server_and_direct() {
     assert!(out.status.success());
     assert_same_log(&out.stdout, &log.expected);
 
-    let out = logs(&["index_nobody_has_2", "-n", AGENT_NS])
-        .output()
-        .unwrap();
+    let out = logs(&[
+        "index_nobody_has_2",
+        "-n",
+        AGENT_NS,
+        "--authorization",
+        creds,
+    ])
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert_eq!(
