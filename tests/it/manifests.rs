@@ -767,8 +767,19 @@ fn source_text() -> String {
 
 /// Every `druid_log_agent_<name>` in a text (names ending in `_` are wildcards and skipped).
 pub(crate) fn metric_names(text: &str) -> BTreeSet<String> {
-    let prefix = "druid_log_agent_";
+    names_with_prefix(text, "druid_log_agent_")
+}
+
+/// Every `<prefix><name>` in a text that starts a word (names ending in `_` are wildcards and
+/// skipped): `process_` names in docs/operations.md, where "process" alone is a plain word.
+pub(crate) fn names_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
     text.match_indices(prefix)
+        .filter(|(i, _)| {
+            !text[..*i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
         .map(|(i, _)| {
             let rest = &text[i + prefix.len()..];
             let end = rest

@@ -14,7 +14,8 @@
 
 use crate::common::{AgentProc, Node, http_get};
 use crate::manifests::{
-    NAMESPACE, kind_of, kustomize, metric_names, repo, run, text, validated, yaml_documents,
+    NAMESPACE, kind_of, kustomize, metric_names, names_with_prefix, repo, run, text, validated,
+    yaml_documents,
 };
 use druid_log_agent_testkit::kubeapi::FakeApi;
 
@@ -585,27 +586,6 @@ fn selected_metrics(expr: &str) -> BTreeSet<String> {
         }
     }
     names
-}
-
-/// Every `<prefix><name>` in a text that starts a word (names ending in `_` are wildcards and
-/// skipped): `process_` names in docs/operations.md, where "process" alone is a plain word.
-fn names_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
-    text.match_indices(prefix)
-        .filter(|(i, _)| {
-            !text[..*i]
-                .chars()
-                .next_back()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-        .map(|(i, _)| {
-            let rest = &text[i + prefix.len()..];
-            let end = rest
-                .find(|ch: char| !(ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_'))
-                .unwrap_or(rest.len());
-            format!("{prefix}{}", &rest[..end])
-        })
-        .filter(|n| !n.ends_with('_'))
-        .collect()
 }
 
 /// The query reader and the variable filling on the forms the dashboard and the alerts use,
