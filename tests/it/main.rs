@@ -13,6 +13,7 @@ mod e2e;
 mod fuzz_regressions;
 mod gateway;
 mod gateway_cluster;
+mod gateway_manifests;
 mod http;
 mod kube;
 mod kubeapi_harness;

@@ -85,7 +85,7 @@ pub(crate) fn kustomize(dir: &Path) -> String {
 }
 
 /// The rendered documents as JSON (PyYAML, which kubernetes-validate depends on).
-fn documents() -> &'static [Value] {
+pub(crate) fn documents() -> &'static [Value] {
     static D: OnceLock<Vec<Value>> = OnceLock::new();
     D.get_or_init(|| yaml_documents(rendered()))
 }
@@ -120,7 +120,7 @@ fn one(kind: &str, name: Option<&str>) -> &'static Value {
 }
 
 /// The one document of `kind` (and `name`, if given) in `docs`.
-fn one_in<'a>(docs: &'a [Value], kind: &str, name: Option<&str>) -> &'a Value {
+pub(crate) fn one_in<'a>(docs: &'a [Value], kind: &str, name: Option<&str>) -> &'a Value {
     let found: Vec<&Value> = docs
         .iter()
         .filter(|d| kind_of(d) == kind)
@@ -134,18 +134,18 @@ fn one_in<'a>(docs: &'a [Value], kind: &str, name: Option<&str>) -> &'a Value {
     found[0]
 }
 
-fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
+pub(crate) fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
     v.as_str()
         .unwrap_or_else(|| panic!("{what} should be a string, is {v}"))
 }
 
-fn array_of<'a>(v: &'a Value, what: &str) -> &'a [Value] {
+pub(crate) fn array_of<'a>(v: &'a Value, what: &str) -> &'a [Value] {
     v.as_array()
         .map(|a| a.as_slice())
         .unwrap_or_else(|| panic!("{what} should be a list, is {v}"))
 }
 
-fn daemonset() -> &'static Value {
+pub(crate) fn daemonset() -> &'static Value {
     one("DaemonSet", None)
 }
 
@@ -153,7 +153,7 @@ fn pod_spec() -> &'static Value {
     &daemonset()["spec"]["template"]["spec"]
 }
 
-fn agent_container() -> &'static Value {
+pub(crate) fn agent_container() -> &'static Value {
     let containers = array_of(&pod_spec()["containers"], "the DaemonSet's containers");
     assert_eq!(
         containers.len(),
@@ -214,7 +214,7 @@ fn config_toml() -> (String, String) {
 }
 
 /// `druid-log-agent check-config` on the ConfigMap's config: the effective settings it prints.
-fn effective_config() -> &'static toml::Table {
+pub(crate) fn effective_config() -> &'static toml::Table {
     static C: OnceLock<toml::Table> = OnceLock::new();
     C.get_or_init(|| check_config(&config_toml().1, "manifests/config.toml"))
 }
@@ -318,7 +318,7 @@ fn manifests_render_with_kustomize() {
 }
 
 /// Every namespaced document of `docs` is in the agent's namespace, the others in none.
-fn assert_in_namespace(docs: &[Value]) {
+pub(crate) fn assert_in_namespace(docs: &[Value]) {
     for d in docs {
         let cluster_scoped = matches!(
             kind_of(d),
@@ -709,7 +709,7 @@ fn minio_example_config_passes_check_config_and_changes_only_the_store() {
 }
 
 /// The settings of a check-config output by their dotted names (`archive.bucket`).
-fn flat_settings(table: &toml::Table) -> BTreeMap<String, toml::Value> {
+pub(crate) fn flat_settings(table: &toml::Table) -> BTreeMap<String, toml::Value> {
     fn walk(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, toml::Value>) {
         for (key, value) in table {
             let name = format!("{prefix}{key}");

@@ -7,12 +7,15 @@
 //! dashboard (`dashboard.json`, shipped as a ConfigMap for Grafana's sidecar) has every query
 //! parsed by promtool, written as recording rules with Grafana's variables filled in. Every
 //! metric the rules, the dashboard and docs/operations.md name must be in a live agent's
-//! `/metrics`, so a renamed metric fails here rather than on an operator's screen.
+//! `/metrics` (the gateway's `druid_log_gateway_*` in a live gateway's), so a renamed metric
+//! fails here rather than on an operator's screen. The gateway's PodMonitor selects the pods of
+//! `manifests/gateway/`.
 //!
 //! Needs what tests/it/manifests.rs needs, and `promtool` (Debian's `prometheus` package;
 //! `.ci/run` installs it). A missing tool fails the test: these checks are never skipped.
 
 use crate::common::{AgentProc, Node, http_get};
+use crate::gateway::gateway_with;
 use crate::manifests::{
     NAMESPACE, kind_of, kustomize, metric_names, names_with_prefix, repo, run, text, validated,
     yaml_documents,
@@ -30,9 +33,13 @@ const PROMTOOL_HINT: &str = "promtool is needed (Debian's prometheus package: ap
      --no-install-recommends prometheus; .ci/run installs it); set PROMTOOL to use another";
 /// The CRDs of the Prometheus Operator: kubernetes-validate has no schema for them.
 const OPERATOR_KINDS: [&str; 2] = ["PodMonitor", "PrometheusRule"];
-/// The job the PodMonitor gives its targets (its `jobLabel` names the pods' label), and the
-/// job the alerts select.
+/// The job the agents' PodMonitor gives its targets (its `jobLabel` names the pods' label), and
+/// the job the agents' alerts select.
 const JOB: &str = "druid-log-agent";
+/// The same for the cluster gateway's PodMonitor and alerts.
+const GATEWAY_JOB: &str = "druid-log-gateway";
+/// The prefix of the gateway's own metrics: these are looked for in a live gateway.
+const GATEWAY_METRICS: &str = "druid_log_gateway_";
 
 fn component() -> PathBuf {
     repo().join("manifests/monitoring")
@@ -77,9 +84,60 @@ fn documents() -> &'static [Value] {
 }
 
 fn one(kind: &str) -> &'static Value {
-    let found: Vec<&Value> = documents().iter().filter(|d| kind_of(d) == kind).collect();
+    let found = all(kind);
     assert_eq!(found.len(), 1, "expected exactly one {kind}");
     found[0]
+}
+
+fn all(kind: &str) -> Vec<&'static Value> {
+    documents().iter().filter(|d| kind_of(d) == kind).collect()
+}
+
+/// The PodMonitor named `name`.
+fn pod_monitor(name: &str) -> &'static Value {
+    let found: Vec<&Value> = all("PodMonitor")
+        .into_iter()
+        .filter(|d| d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one PodMonitor {name}");
+    found[0]
+}
+
+/// The pod template of the gateway's Deployment, as `manifests/gateway/` renders it.
+fn gateway_pod_template() -> &'static Value {
+    static T: OnceLock<Value> = OnceLock::new();
+    T.get_or_init(|| {
+        let docs = yaml_documents(&kustomize(&repo().join("manifests/gateway")));
+        let found: Vec<&Value> = docs.iter().filter(|d| kind_of(d) == "Deployment").collect();
+        assert_eq!(found.len(), 1, "manifests/gateway/ has one Deployment");
+        found[0]["spec"]["template"].clone()
+    })
+}
+
+/// Checks a PodMonitor against the pods it is for: it selects them, its job is `job`, and it
+/// scrapes `/metrics` on a named port of their first container.
+fn assert_scrapes(pm: &Value, template: &Value, job: &str) {
+    let name = &pm["metadata"]["name"];
+    let pm = &pm["spec"];
+    let pod_labels = &template["metadata"]["labels"];
+    for (k, v) in pm["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "PodMonitor {name} selects the pods");
+    }
+    let job_label = pm["jobLabel"].as_str().expect("jobLabel is set");
+    assert_eq!(pod_labels[job_label], job, "the job the alerts select");
+    let endpoints = pm["podMetricsEndpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    let port = &endpoints[0]["port"];
+    let containers = template["spec"]["containers"].as_array().unwrap();
+    assert!(
+        containers[0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| &p["name"] == port),
+        "PodMonitor {name}: its port {port} is a named port of the container"
+    );
+    assert_eq!(endpoints[0]["path"], "/metrics");
 }
 
 /// Every alerting rule of the rendered PrometheusRule.
@@ -127,34 +185,33 @@ fn component_renders_beside_the_agent() {
     for kind in OPERATOR_KINDS.iter().chain(&["DaemonSet", "Service"]) {
         assert!(kinds.contains(kind), "{kind} is rendered: {kinds:?}");
     }
-    let daemonset = one("DaemonSet");
-    let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
     for kind in OPERATOR_KINDS {
-        assert_eq!(one(kind)["metadata"]["namespace"], NAMESPACE, "{kind}");
+        for d in all(kind) {
+            assert_eq!(d["metadata"]["namespace"], NAMESPACE, "{kind}");
+        }
     }
 
-    // The PodMonitor scrapes the agent's pods, on the container port named in the DaemonSet.
-    let pm = &one("PodMonitor")["spec"];
-    for (k, v) in pm["selector"]["matchLabels"].as_object().unwrap() {
-        assert_eq!(&pod_labels[k], v, "the PodMonitor selects the agent's pods");
-    }
-    let job_label = pm["jobLabel"].as_str().expect("jobLabel is set");
-    assert_eq!(pod_labels[job_label], JOB, "the job the alerts select");
-    let endpoints = pm["podMetricsEndpoints"].as_array().unwrap();
-    assert_eq!(endpoints.len(), 1);
-    let port = &endpoints[0]["port"];
-    let containers = daemonset["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .unwrap();
-    assert!(
-        containers[0]["ports"]
-            .as_array()
+    // One PodMonitor for the agents' pods and one for the gateway's, each on the container
+    // port named in its workload; neither selects the other's pods.
+    assert_eq!(all("PodMonitor").len(), 2);
+    let agents = &one("DaemonSet")["spec"]["template"];
+    let agents_pm = pod_monitor(JOB);
+    let gateway_pm = pod_monitor(GATEWAY_JOB);
+    assert_scrapes(agents_pm, agents, JOB);
+    assert_scrapes(gateway_pm, gateway_pod_template(), GATEWAY_JOB);
+    for (pm, other) in [(agents_pm, gateway_pod_template()), (gateway_pm, agents)] {
+        let labels = &other["metadata"]["labels"];
+        let selects = pm["spec"]["selector"]["matchLabels"]
+            .as_object()
             .unwrap()
             .iter()
-            .any(|p| &p["name"] == port),
-        "the PodMonitor's port {port} is a named port of the agent container"
-    );
-    assert_eq!(endpoints[0]["path"], "/metrics");
+            .all(|(k, v)| &labels[k] == v);
+        assert!(
+            !selects,
+            "PodMonitor {} selects the other workload's pods",
+            pm["metadata"]["name"]
+        );
+    }
 }
 
 /// kubernetes-validate knows the built-in kinds only: for the Prometheus Operator's kinds it
@@ -186,21 +243,33 @@ fn documents_validate_and_operator_kinds_are_checked_by_hand() {
 
     // The operator's kinds: their API version, and only fields of their CRDs
     // (monitoring.coreos.com/v1 PodMonitorSpec, PodMetricsEndpoint, PrometheusRuleSpec).
-    let keys = |v: &Value| -> BTreeSet<String> {
-        v.as_object()
-            .unwrap_or_else(|| panic!("{v} is an object"))
-            .keys()
-            .cloned()
-            .collect()
-    };
-    let allowed =
-        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
     for kind in OPERATOR_KINDS {
-        let d = one(kind);
-        assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1", "{kind}");
-        assert!(keys(d).is_subset(&allowed(&["apiVersion", "kind", "metadata", "spec"])));
+        for d in all(kind) {
+            assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1", "{kind}");
+            assert!(keys(d).is_subset(&allowed(&["apiVersion", "kind", "metadata", "spec"])));
+        }
     }
-    let pm = &one("PodMonitor")["spec"];
+    for pm in all("PodMonitor") {
+        check_pod_monitor_fields(&pm["spec"]);
+    }
+    assert_eq!(keys(&one("PrometheusRule")["spec"]), allowed(&["groups"]));
+}
+
+/// The field names of a JSON object.
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("{v} is an object"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn allowed(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// A PodMonitor's spec against the fields of its CRD that the component uses.
+fn check_pod_monitor_fields(pm: &Value) {
     assert!(
         keys(pm).is_subset(&allowed(&[
             "jobLabel",
@@ -227,7 +296,6 @@ fn documents_validate_and_operator_kinds_are_checked_by_hand() {
             keys(e)
         );
     }
-    assert_eq!(keys(&one("PrometheusRule")["spec"]), allowed(&["groups"]));
 }
 
 #[test]
@@ -815,6 +883,12 @@ fn exposes(live: &BTreeMap<String, String>, name: &str) -> bool {
         })
 }
 
+/// The families of a live agent's `/metrics` and of a live gateway's, read once.
+fn live() -> &'static (BTreeMap<String, String>, BTreeMap<String, String>) {
+    static L: OnceLock<(BTreeMap<String, String>, BTreeMap<String, String>)> = OnceLock::new();
+    L.get_or_init(|| (live_families(), live_gateway_families()))
+}
+
 /// The families of a live agent's `/metrics`. The agent runs with the Kubernetes pod watch on
 /// (against the fake API server), so the watch's own gauge is there too.
 fn live_families() -> BTreeMap<String, String> {
@@ -832,8 +906,27 @@ fn live_families() -> BTreeMap<String, String> {
     live
 }
 
+/// The families of a live gateway's `/metrics`: routing to the agents (against the fake API
+/// server), so the routing table's gauges are declared; no archive, no overlord. Families with
+/// labels (requests, latency, upstream errors) are declared before their first sample.
+fn live_gateway_families() -> BTreeMap<String, String> {
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let gw = gateway_with(
+        &format!("authorize = \"none\"\nkubernetes = true\nagent_namespace = \"{NAMESPACE}\"\n"),
+        |cmd| {
+            cmd.env("KUBECONFIG", &kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST");
+        },
+    );
+    let reply = http_get(&gw.addr, "/metrics", &[]);
+    assert_eq!(reply.status, 200);
+    families(&String::from_utf8(reply.body).unwrap())
+}
+
 #[test]
-fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_metrics() {
+fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_or_gateways_metrics() {
     // Where each name is used, so a failure says which alert, panel or page to fix.
     let mut uses: Vec<(String, BTreeSet<String>)> = Vec::new();
 
@@ -841,9 +934,15 @@ fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_metrics(
     for rule in alerts() {
         let expr = rule["expr"].as_str().unwrap();
         let mut names = selected_metrics(expr);
-        // The one metric not the agent's own: Prometheus's `up` of the PodMonitor's job.
+        // The one metric not the agent's or the gateway's own: Prometheus's `up` of a
+        // PodMonitor's job.
         if names.remove("up") {
-            assert!(expr.contains(&format!("up{{job=\"{JOB}\"}}")), "{expr}");
+            assert!(
+                [JOB, GATEWAY_JOB]
+                    .iter()
+                    .any(|job| expr.contains(&format!("up{{job=\"{job}\"}}"))),
+                "{expr}"
+            );
         }
         // A cross-check of the query reader: it finds every name the plain text scan finds.
         let scanned = metric_names(expr);
@@ -857,6 +956,10 @@ fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_metrics(
     assert!(
         alerts_use.len() >= 8,
         "the alerts use the agent's metrics: {alerts_use:?}"
+    );
+    assert!(
+        alerts_use.iter().any(|n| n.starts_with(GATEWAY_METRICS)),
+        "the alerts use the gateway's metrics: {alerts_use:?}"
     );
 
     // The dashboard's queries, and the metrics its titles and descriptions name.
@@ -875,21 +978,64 @@ fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_metrics(
     let doc = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
     let mut guide = metric_names(&doc);
     guide.extend(names_with_prefix(&doc, "process_"));
+    guide.extend(names_with_prefix(&doc, GATEWAY_METRICS));
     assert!(guide.len() >= 30, "{guide:?}");
     uses.push(("docs/operations.md".to_owned(), guide));
 
-    let live = live_families();
+    // The gateway's own metrics in the gateway's /metrics, the others in the agent's.
+    let (agent, gateway) = live();
     let missing: Vec<String> = uses
         .iter()
         .filter_map(|(place, names)| {
-            let gone: Vec<&String> = names.iter().filter(|n| !exposes(&live, n)).collect();
+            let gone: Vec<&String> = names
+                .iter()
+                .filter(|n| {
+                    let live = if n.starts_with(GATEWAY_METRICS) {
+                        gateway
+                    } else {
+                        agent
+                    };
+                    !exposes(live, n)
+                })
+                .collect();
             (!gone.is_empty()).then(|| format!("{place}: {gone:?}"))
         })
         .collect();
     assert!(
         missing.is_empty(),
-        "metrics a live agent does not expose:\n{}\n(live: {:?})",
+        "metrics a live agent (or, for {GATEWAY_METRICS}*, a live gateway) does not expose:\n{}\n\
+         (agent: {:?})\n(gateway: {:?})",
         missing.join("\n"),
-        live.keys().collect::<Vec<_>>()
+        agent.keys().collect::<Vec<_>>(),
+        gateway.keys().collect::<Vec<_>>()
     );
+}
+
+/// The gateway is the same binary and shares some metrics with the agents (`process_*`, the
+/// build info): the dashboard's variables list the pods by a metric only agents have, so that
+/// a scraped gateway is not counted as an agent.
+#[test]
+fn dashboard_variables_list_agents_not_gateways() {
+    let (agent, gateway) = live();
+    let values = variable_values();
+    let variables: Vec<Query> = queries()
+        .into_iter()
+        .filter(|q| q.place.starts_with("variable $"))
+        .collect();
+    assert!(!variables.is_empty());
+    for q in variables {
+        let expr = substitute(&q.expr, &values).unwrap_or_else(|e| panic!("{}: {e}", q.place));
+        for name in selected_metrics(&expr) {
+            assert!(
+                exposes(agent, &name),
+                "{}: {name} is not an agent's",
+                q.place
+            );
+            assert!(
+                !exposes(gateway, &name),
+                "{}: gateways expose {name} too",
+                q.place
+            );
+        }
+    }
 }
