@@ -1,5 +1,4 @@
-//! Counters every stage adds to, and the histogram type of the latency figures, read by
-//! `/metrics` (`serve/metrics.rs`).
+//! Counters and histograms every stage adds to, read by `/metrics` (`serve/metrics.rs`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -7,9 +6,30 @@ use std::time::Duration;
 
 macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
-        /// Monotonic counters (Prometheus `_total` semantics).
-        #[derive(Debug, Default)]
-        pub struct Metrics { $(#[doc = $doc] pub $name: AtomicU64,)* }
+        /// Monotonic counters (Prometheus `_total` semantics), and the archive's histograms.
+        #[derive(Debug)]
+        pub struct Metrics {
+            $(#[doc = $doc] pub $name: AtomicU64,)*
+            /// How long the archive jobs that completed an archive took, from ingest handing
+            /// the job to the worker to ingest recording its success: one attempt at S3's or
+            /// the directory's speed, with the wait for a free worker slot.
+            pub archive_duration: Histogram<{ ARCHIVE_BUCKETS.len() }>,
+            /// From a task's log end to its archive being complete: what a user waits for
+            /// after a task ends before Druid reads its log from the archive (the end's
+            /// commit, failed attempts and their backoff included). Tasks that ended before the
+            /// agent's last restart are not observed: their end time is not checkpointed.
+            pub archive_delay: Histogram<{ ARCHIVE_BUCKETS.len() }>,
+        }
+
+        impl Default for Metrics {
+            fn default() -> Self {
+                Metrics {
+                    $($name: AtomicU64::new(0),)*
+                    archive_duration: Histogram::new(&ARCHIVE_BUCKETS),
+                    archive_delay: Histogram::new(&ARCHIVE_BUCKETS),
+                }
+            }
+        }
 
         impl Metrics {
             /// `(name, help, value)` for every counter, for exposition and tests.
@@ -55,8 +75,15 @@ pub const HTTP_BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
+/// Upper bounds, in seconds, of the archive histograms' buckets: from a small last part sent
+/// to a nearby S3 (tens of milliseconds) to a whole large log written to a slow shared volume,
+/// or retries backing off up to `archive_retry_max` (a minute by default), ten minutes at most.
+pub const ARCHIVE_BUCKETS: [f64; 13] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// A histogram of durations in Prometheus' cumulative form, updated without a lock: the
-/// agent's and the gateway's HTTP sides observe every request with it.
+/// agent's and the gateway's HTTP sides observe every request with it, ingest every archive.
 /// Its `N` bucket bounds are given at construction; the default `N` is the HTTP one's, so
 /// `Histogram::default()` is an HTTP latency histogram.
 #[derive(Debug)]
@@ -132,8 +159,9 @@ mod tests {
 
     #[test]
     fn bucket_bounds_ascend() {
-        let bounds = &HTTP_BUCKETS;
-        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        for bounds in [&HTTP_BUCKETS[..], &ARCHIVE_BUCKETS[..]] {
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        }
     }
 
     /// The bounds given decide the buckets; the counts are cumulative, and a histogram with no
