@@ -106,6 +106,7 @@ impl Ingest {
         t.writer.release_tail();
         // The tail is empty now, so this snapshot is a valid checkpoint of the whole log.
         t.phase = Phase::Ended;
+        t.ended_at = Some(Instant::now());
         t.snapshot = Some(snapshot(t));
         t.unsaved = true;
         t.snapshot_gen += 1;
@@ -165,8 +166,11 @@ impl Ingest {
     /// committed bytes may leave the node: after a crash the spool is cut back to them, and an
     /// archive must never hold bytes the spool then lacks, nor an end a crash could undo.
     pub(super) fn queue_archives(&mut self, now: Instant) {
+        // Not `now`, taken before this round's reads: the caller hands the jobs to the worker
+        // right after this, and the archive histogram measures from there.
+        let handed = Instant::now();
         for t in self.tasks.values_mut() {
-            if t.job_in_flight || t.archive_retry_at.is_some_and(|at| now < at) {
+            if t.job_since.is_some() || t.archive_retry_at.is_some_and(|at| now < at) {
                 continue;
             }
             let task = match &t.identity {
@@ -203,7 +207,7 @@ impl Ingest {
                 }
                 _ => continue,
             };
-            t.job_in_flight = true;
+            t.job_since = Some(handed);
             self.jobs.push(Job {
                 pod_dir: t.pod.clone(),
                 task,
@@ -232,7 +236,7 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(o.pod_dir()) else {
             return;
         };
-        t.job_in_flight = false;
+        let since = t.job_since.take();
         match o {
             Outcome::Skipped { .. } => return,
             Outcome::Progress { state, .. } => {
@@ -254,6 +258,10 @@ impl Ingest {
                 ..
             } => {
                 self.metrics.archives.fetch_add(1, Relaxed);
+                if let Some(since) = since {
+                    let took = now.saturating_duration_since(since);
+                    self.metrics.archive_duration.observe(took);
+                }
                 info!(task = %task, location = %location, bytes = len.get(), "log archived");
                 t.archive_retry_at = None;
                 t.archive_failures = 0;
@@ -266,6 +274,10 @@ impl Ingest {
                         at_ms: now_ms(),
                         archived_len: *len,
                     };
+                    if let Some(ended) = t.ended_at.take() {
+                        let waited = now.saturating_duration_since(ended);
+                        self.metrics.archive_delay.observe(waited);
+                    }
                 }
             }
             Outcome::Failed {

@@ -120,8 +120,11 @@ struct Task {
     /// Counts changes of `snapshot`, so a commit that ran in the background clears `unsaved`
     /// only if nothing changed meanwhile.
     snapshot_gen: u64,
-    /// An archive job for this task is with the worker.
-    job_in_flight: bool,
+    /// When the archive job with the worker was handed to it; `None` while none is.
+    job_since: Option<Instant>,
+    /// When this agent ended the task's log, for the end-to-archive histogram; `None` while
+    /// it runs, and for a task restored as ended (the checkpoint keeps no end time).
+    ended_at: Option<Instant>,
     archive_retry_at: Option<Instant>,
     /// Consecutive failed archive attempts, for the backoff.
     archive_failures: u32,
@@ -162,7 +165,8 @@ impl Task {
             snapshot: None,
             unsaved: false,
             snapshot_gen: 0,
-            job_in_flight: false,
+            job_since: None,
+            ended_at: None,
             archive_retry_at: None,
             archive_failures: 0,
             seal_failures: 0,

@@ -1,6 +1,6 @@
 //! Prometheus exposition of `/metrics`, and the HTTP side's own figures (requests by route
 //! and status, latency histograms, refused connections); the process figures are in
-//! `process.rs`.
+//! `process.rs`, the ingest counters and archive histograms in `crate::metrics`.
 //!
 //! Written by hand rather than with `prometheus-client`: that crate encodes only OpenMetrics
 //! text (`# TYPE x counter` for a sample named `x_total`, a `# EOF` line, another content
@@ -111,6 +111,23 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
             help,
             v,
         );
+    }
+    // Written before any archive too, all zero: dashboards and alerts find the series at once.
+    let m = &http.metrics;
+    for (name, help, h) in [
+        (
+            "druid_log_agent_archive_duration_seconds",
+            "Time of an archive job that completed an archive, from its handing to the archive worker to its success.",
+            &m.archive_duration,
+        ),
+        (
+            "druid_log_agent_archive_delay_seconds",
+            "Time from a task's log end to its archive complete, failed attempts included.",
+            &m.archive_delay,
+        ),
+    ] {
+        head(out, name, "histogram", help);
+        h.write(out, name, "");
     }
     let tasks = http.registry.all();
     head(

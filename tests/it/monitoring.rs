@@ -157,10 +157,15 @@ fn alerts() -> Vec<&'static Value> {
 }
 
 fn promtool(args: &[&str], dir: &Path) -> Output {
+    promtool_fed(args, dir, b"")
+}
+
+/// [`promtool`] with `input` on its standard input.
+fn promtool_fed(args: &[&str], dir: &Path, input: &[u8]) -> Output {
     let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
     run(
         Command::new(promtool).args(args).current_dir(dir),
-        b"",
+        input,
         PROMTOOL_HINT,
     )
 }
@@ -889,8 +894,10 @@ fn live() -> &'static (BTreeMap<String, String>, BTreeMap<String, String>) {
     L.get_or_init(|| (live_families(), live_gateway_families()))
 }
 
-/// The families of a live agent's `/metrics`. The agent runs with the Kubernetes pod watch on
-/// (against the fake API server), so the watch's own gauge is there too.
+/// The families of a live agent's `/metrics`, which `promtool check metrics` finds valid
+/// (written by hand, a malformed series would only show as a failed scrape). The agent runs
+/// with the Kubernetes pod watch on (against the fake API server), so the watch's own gauge is
+/// there too.
 fn live_families() -> BTreeMap<String, String> {
     let api = FakeApi::start();
     let node = Node::new();
@@ -901,6 +908,13 @@ fn live_families() -> BTreeMap<String, String> {
     let agent = AgentProc::spawn(cmd);
     let reply = http_get(&agent.http_addr(), "/metrics", &[]);
     assert_eq!(reply.status, 200);
+    let check = promtool_fed(&["check", "metrics"], node.tmp.path(), &reply.body);
+    assert!(
+        check.status.success(),
+        "promtool check metrics on a live agent's /metrics:\n{}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
     let live = families(&String::from_utf8(reply.body).unwrap());
     assert!(agent.terminate().success());
     live

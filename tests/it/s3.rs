@@ -1,6 +1,7 @@
 //! The S3 archive against a real S3-compatible server (moto, which enforces the 5 MiB minimum
 //! part size): keys and content exactly as Druid reads them, multipart while the task runs,
-//! kill -9 in the middle of an upload, injected faults, and a permanent error.
+//! kill -9 in the middle of an upload, injected faults, a permanent error, and the archive
+//! histograms an archive moves.
 
 use crate::common;
 
@@ -379,6 +380,55 @@ fn count_parts(agent: &AgentProc, until: usize) -> Vec<u32> {
         parts.push(n);
     }
     parts
+}
+
+/// A sample of the agent's `/metrics` as a float (`_sum` series are not integers).
+fn sample(addr: &str, series: &str) -> f64 {
+    let text = String::from_utf8(common::http_get(addr, "/metrics", &[]).body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+/// An archive moves both archive histograms, once each: the job's own time, and the wait from
+/// the task's end, which holds that job and so is never shorter.
+#[test]
+fn an_archive_is_timed() {
+    const DURATION: &str = "druid_log_agent_archive_duration_seconds";
+    const DELAY: &str = "druid_log_agent_archive_delay_seconds";
+    let moto = Moto::start();
+    create_bucket_now(&moto, "logs");
+    let node = Node::new();
+    let task = "index-kafka-timed";
+    let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
+    let agent = agent_s3(&node, &moto.endpoint, "logs", &["--idle-timeout-secs", "1"]);
+    let addr = agent.http_addr();
+    for h in [DURATION, DELAY] {
+        assert_eq!(
+            sample(&addr, &format!("{h}_count")),
+            0.0,
+            "{h} before any archive"
+        );
+    }
+    write_log(&mut w, 8, 64 << 10, false);
+    // Logged once the outcome is recorded, histograms included.
+    agent.wait_for_line("log archived", LONG);
+    let archives = sample(&addr, "druid_log_agent_archives_total");
+    assert_eq!(archives, 1.0);
+    for h in [DURATION, DELAY] {
+        assert_eq!(sample(&addr, &format!("{h}_count")), archives, "{h}");
+        assert_eq!(
+            sample(&addr, &format!("{h}_bucket{{le=\"+Inf\"}}")),
+            archives,
+            "{h}"
+        );
+        assert!(sample(&addr, &format!("{h}_sum")) > 0.0, "{h}");
+    }
+    assert!(sample(&addr, &format!("{DELAY}_sum")) >= sample(&addr, &format!("{DURATION}_sum")));
+    let key = format!("druid/indexing-logs/{task}/log");
+    let got = wait_for_object(&moto.endpoint, "logs", &key, w.expected.len(), LONG);
+    assert_same_log(&got, &w.expected);
+    assert!(agent.terminate().success());
 }
 
 /// kill -9 while a multipart upload is under way; the next agent resumes it from the
