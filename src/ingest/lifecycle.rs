@@ -67,6 +67,11 @@ impl Ingest {
         for name in &names {
             self.publish(name);
         }
+        self.publish_pending();
+    }
+
+    /// Readers see the pods still waiting for their identity (`/tasks`).
+    fn publish_pending(&self) {
         self.registry.set_pending(
             self.tasks
                 .values()
@@ -120,10 +125,13 @@ impl Ingest {
     /// (empty) spool removed.
     pub(super) fn drop_task(&mut self, name: &str) {
         if let Some(t) = self.tasks.remove(name) {
-            info!(pod_dir = %name, "not a peon pod; its log is not read");
             let _ = fs::remove_file(t.writer.spool().path());
             self.ignored.insert(name.to_owned());
             self.checkpoint_dirty = true;
+            // At once, not on the next poll, and before the line: whoever reads the line must
+            // not still find the pod listed as pending in `/tasks`.
+            self.publish_pending();
+            info!(pod_dir = %name, "not a peon pod; its log is not read");
         }
     }
 
