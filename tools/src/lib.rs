@@ -1,0 +1,242 @@
+//! What the benchmark commands share: the clients, the percentiles and the readings of /proc
+//! that `bench` (the agent) and `gwbench` (the gateway against the agent) report.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use druid_log_agent::loadgen::{LineGen, PeonWriter};
+use druid_log_agent_testkit::http;
+
+/// The machine's 1, 5 and 15 minute load averages: a figure is only worth quoting with the
+/// load it was measured under.
+pub fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(f64::NAN));
+    [(); 3].map(|_| it.next().unwrap_or(f64::NAN))
+}
+
+/// The time of a run in UTC, for the record a figure is quoted with.
+pub fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// When a paced client's requests are due: `rate` a second, client `i` of `n` offset so that
+/// the clients do not all send at once.
+pub struct Pace {
+    period: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    pub fn new(rate: f64, i: usize, n: usize) -> Pace {
+        let period = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+        let offset = period.map_or(Duration::ZERO, |p| p.mul_f64(i as f64 / n.max(1) as f64));
+        Pace {
+            period,
+            next: Instant::now() + offset,
+        }
+    }
+
+    /// The time the next request is due (and moves on), or `None` when not paced.
+    pub fn due(&mut self) -> Option<Instant> {
+        let p = self.period?;
+        let due = self.next;
+        self.next += p;
+        Some(due)
+    }
+
+    /// Sleeps until the next request is due; returns when it was due (now, if not paced).
+    pub fn wait(&mut self) -> Instant {
+        match self.due() {
+            Some(due) => {
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                due
+            }
+            None => Instant::now(),
+        }
+    }
+}
+
+/// `n` clients as tasks of one single-threaded event loop, each on a kept-alive connection,
+/// client `i` asking for `targets[i % len]` (a path and query) `rate` times a second (0: as
+/// soon as answered), until `stop`; returns the latencies of the successful requests in ms.
+/// One thread for all: on a small machine, a thread per client competes with the server for
+/// the cores and counts its wait for a core as latency.
+pub fn async_snapshot_clients(
+    addr: &str,
+    targets: &[String],
+    n: usize,
+    rate: f64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (addr, stop) = (addr.to_owned(), stop.clone());
+            let target = targets[i % targets.len()].clone();
+            let mut pace = Pace::new(rate, i, n);
+            handles.push(tokio::spawn(async move {
+                let req = format!("GET {target} HTTP/1.1\r\nHost: b\r\n\r\n");
+                let mut lat = Vec::new();
+                let mut conn: Option<tokio::net::TcpStream> = None;
+                let mut buf = Vec::with_capacity(16 << 10);
+                while !stop.load(Ordering::Relaxed) {
+                    let s = match &conn {
+                        Some(s) => s,
+                        None => {
+                            let s = tokio::net::TcpStream::connect(&addr)
+                                .await
+                                .expect("connect to agent");
+                            let _ = s.set_nodelay(true);
+                            conn.insert(s)
+                        }
+                    };
+                    let t = match pace.due() {
+                        Some(due) => {
+                            tokio::time::sleep_until(due.into()).await;
+                            due
+                        }
+                        None => Instant::now(),
+                    };
+                    let mut sent = 0;
+                    let mut ok = true;
+                    while sent < req.len() {
+                        if s.writable().await.is_err() {
+                            ok = false;
+                            break;
+                        }
+                        match s.try_write(&req.as_bytes()[sent..]) {
+                            Ok(k) => sent += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    buf.clear();
+                    let mut done = None;
+                    while ok && done.is_none() {
+                        if s.readable().await.is_err() {
+                            break;
+                        }
+                        let at = buf.len();
+                        buf.resize(at + (16 << 10), 0);
+                        match s.try_read(&mut buf[at..]) {
+                            Ok(0) => ok = false,
+                            Ok(k) => {
+                                buf.truncate(at + k);
+                                done = http::complete(&buf).map(|c| (c.status, c.end, c.close));
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                buf.truncate(at)
+                            }
+                            Err(_) => ok = false,
+                        }
+                    }
+                    match done {
+                        Some((status, _, close)) => {
+                            if status == 200 {
+                                lat.push(ms(t.elapsed()));
+                            }
+                            if close {
+                                conn = None;
+                            }
+                        }
+                        None => conn = None,
+                    }
+                }
+                lat
+            }));
+        }
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+/// A field of /proc/PID/status (or another `key: value` file of /proc/PID), in its unit (kB
+/// for memory); 0 when absent.
+pub fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of a process, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU seconds of a process (not of the machine), from /proc/PID/stat.
+pub fn cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
+    let field = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / ticks;
+    (field(11), field(12))
+}
+
+/// The `p` quantile (0 to 1) of `v` by the nearest rank; sorts `v`.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A duration in milliseconds, as every latency is reported.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Writes about `bytes` of generated Druid lines to `w`, dropping the writer's model copy
+/// (the benchmarks compare counts, not bytes).
+pub fn write_mib(w: &mut PeonWriter, g: &mut LineGen, bytes: u64) {
+    let mut line = Vec::new();
+    let target = w.expected.len() as u64 + bytes;
+    while (w.expected.len() as u64) < target {
+        g.next_line(&mut line);
+        w.write_line("stdout", &line).expect("write log");
+    }
+    // The model copy is not needed here; keep memory flat.
+    w.expected.clear();
+    w.expected.shrink_to(0);
+}
