@@ -98,6 +98,34 @@ struct Args {
     /// A, B, ... so a change in the machine's load hits both alike.
     #[arg(long)]
     agent_b: Option<PathBuf>,
+    /// The text the peons write: `plain` (log4j lines that compress about 6x at level 1) or
+    /// `varied` (metrics JSON, request logs and ids mixed in: about 4x, like a real peon's).
+    #[arg(long, value_enum, default_value_t = Data::Plain)]
+    data: Data,
+}
+
+/// What the simulated peons write; compression is most of the agent's cost, so the ratio of
+/// the text decides the figures.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Data {
+    Plain,
+    Varied,
+}
+
+impl Data {
+    fn lines(self, seed: u64) -> LineGen {
+        match self {
+            Data::Plain => LineGen::new(seed),
+            Data::Varied => LineGen::varied(seed),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Data::Plain => "plain",
+            Data::Varied => "varied",
+        }
+    }
 }
 
 /// The figures a comparison summarises (JSON pointers into one run's output).
@@ -281,6 +309,7 @@ fn create_pods(
     pods: usize,
     rotate_bytes: u64,
     seed: u64,
+    data: Data,
 ) -> Vec<(PeonWriter, LineGen, PathBuf)> {
     (0..pods)
         .map(|i| {
@@ -288,7 +317,7 @@ fn create_pods(
                 "druid_{name}-peon-{i}_00000000-0000-4000-{uid_group}-{i:012}"
             ));
             let w = PeonWriter::create(&pod.join("main"), rotate_bytes).expect("create pod");
-            (w, LineGen::new(seed + i as u64), pod)
+            (w, data.lines(seed + i as u64), pod)
         })
         .collect()
 }
@@ -327,6 +356,7 @@ fn main() {
         args.pods,
         args.rotate_mib * mib,
         0,
+        args.data,
     );
     for (w, g, _) in &mut writers {
         // No rotation before the start: a first start reads live and uncompressed files only.
@@ -494,6 +524,7 @@ fn main() {
         args.pods,
         args.rotate_mib * mib,
         1000,
+        args.data,
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -610,6 +641,7 @@ fn main() {
     let gib = (1u64 << 30) as f64;
     let out = serde_json::json!({
         "pods": args.pods,
+        "data": args.data.name(),
         "bytes_in": written,
         "text_bytes": text_total,
         "archive": if args.s3_endpoint.is_some() { "s3" } else { "dir" },
