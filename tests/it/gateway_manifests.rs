@@ -6,8 +6,9 @@
 //! binary's `gateway --check-config`, and the settings it prints must match the Deployment
 //! (port, probes, args) and the agents (`manifests/`: their archive, peon selector, retention,
 //! pod labels, port name, namespace, token). The examples of `examples/gateway/` are checked
-//! for what they promise: the IAM policy reads the agents' key and nothing else, and the
-//! Ingress and the HTTPRoute send Druid's task-log path, and only it, to the gateway's Service.
+//! for what they promise: the IAM policy reads the agents' key and nothing else, the Ingress
+//! and the HTTPRoute send Druid's task-log path, and only it, to the gateway's Service, and the
+//! logs reader's Role allows the service proxy path `druid-log-agent logs` asks, and only it.
 //! The HTTPRoute and its ReferenceGrant are Gateway API kinds (CRDs) that kubernetes-validate
 //! has no schema for: they are checked by hand against the fields of their CRDs, as
 //! tests/it/monitoring.rs does for the Prometheus Operator's kinds.
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use druid_log_agent::config::ArchiveConfig;
 use druid_log_agent::task::TaskId;
+use druid_log_agent_testkit::kubeapi::FakeApi;
 use regex::Regex;
 use serde_json::{Value, json};
 
@@ -991,5 +993,81 @@ fn httproute_example_sends_only_task_logs_to_the_gateway() {
                 && t["kind"] == "Service"
                 && (t["name"].is_null() || t["name"] == gw_name.as_str())),
         "the grant covers the gateway's Service"
+    );
+}
+
+/// `examples/gateway/logs-reader-rbac.yaml` lets a user run `druid-log-agent logs` through the
+/// API server and do nothing else: RBAC authorises the service proxy as `get` on
+/// `services/proxy` named by the path's `{service}:{port}` segment as written, so the Role's
+/// one name must be the gateway Service's name and port name (manifests/gateway/) and the very
+/// segment the real command puts in its path (seen by the fake API server).
+#[test]
+fn logs_reader_rbac_example_grants_only_the_proxy_the_logs_command_uses() {
+    let (yaml, docs) = example("logs-reader-rbac.yaml");
+    let report = validated(&yaml);
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        docs.len(),
+        "every document of logs-reader-rbac.yaml is validated:\n{report}"
+    );
+    let kinds: Vec<&str> = docs.iter().map(kind_of).collect();
+    assert_eq!(kinds, ["Role", "RoleBinding"]);
+    let (role, binding) = (&docs[0], &docs[1]);
+    let (svc_ns, svc_name, _, svc_port_name) = gateway_service();
+    for d in &docs {
+        assert_eq!(
+            d["metadata"]["namespace"],
+            svc_ns.as_str(),
+            "{} {}: the gateway Service's namespace",
+            kind_of(d),
+            d["metadata"]["name"]
+        );
+    }
+    let proxied = format!("{svc_name}:{svc_port_name}");
+    assert_eq!(
+        role["rules"],
+        json!([{
+            "apiGroups": [""],
+            "resources": ["services/proxy"],
+            "resourceNames": [proxied],
+            "verbs": ["get"],
+        }])
+    );
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]})
+    );
+    let subjects = array_of(&binding["subjects"], "subjects");
+    assert_eq!(subjects.len(), 1, "one placeholder subject");
+    assert_eq!(subjects[0]["kind"], "Group");
+    assert_eq!(subjects[0]["apiGroup"], "rbac.authorization.k8s.io");
+
+    // The real command with its defaults, against the fake API server (which has no such
+    // Service, so the answer is the API's 404 Status: exit 2). What it asked is what RBAC
+    // sees, and it asks nothing else the Role would have to allow.
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let task = "index_kafka_wikipedia_rbac_1";
+    let out = Command::new(env!("CARGO_BIN_EXE_druid-log-agent"))
+        .args(["logs", task, "-n", &svc_ns])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("DLA_GATEWAY_URL")
+        .env_remove("DLA_AUTHORIZATION")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "no such Service in the fake API: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        api.requests(),
+        [format!(
+            "/api/v1/namespaces/{svc_ns}/services/{proxied}/proxy/druid/indexer/v1/task/{task}/log?offset=0"
+        )],
+        "the logs command asks the proxy named in the Role, and nothing else"
     );
 }

@@ -741,7 +741,7 @@ fn dashboard_follows_its_variables_and_is_documented() {
         .map(|v| (v["name"].as_str().unwrap(), v["type"].as_str().unwrap()))
         .collect();
     assert_eq!(kinds.get("datasource"), Some(&"datasource"), "{kinds:?}");
-    for name in ["namespace", "pod"] {
+    for name in ["namespace", "pod", "gateway"] {
         assert_eq!(kinds.get(name), Some(&"query"), "${name}: {kinds:?}");
     }
     for var in variables().iter().filter(|v| v["type"] == "query") {
@@ -775,9 +775,15 @@ fn dashboard_follows_its_variables_and_is_documented() {
                     "panel \"{t}\": a rate over [$__rate_interval]: {expr}"
                 );
             }
-            // Every series is narrowed to the chosen pods: each selector of each metric.
+            // Every series is narrowed to the chosen pods, the gateway's metrics to the chosen
+            // gateways and every other to the chosen agents: each selector of each metric.
             let name_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
             for metric in selected_metrics(expr) {
+                let pods = if metric.starts_with(GATEWAY_METRICS) {
+                    "pod=~\"$gateway\""
+                } else {
+                    "pod=~\"$pod\""
+                };
                 for (at, _) in expr.match_indices(&metric) {
                     let after = &expr[at + metric.len()..];
                     if expr[..at].chars().next_back().is_some_and(name_char)
@@ -793,9 +799,8 @@ fn dashboard_follows_its_variables_and_is_documented() {
                             panic!("panel \"{t}\": {metric} without label matchers: {expr}")
                         });
                     assert!(
-                        matchers.contains("namespace=~\"$namespace\"")
-                            && matchers.contains("pod=~\"$pod\""),
-                        "panel \"{t}\": {metric} is not narrowed to $namespace and $pod: {expr}"
+                        matchers.contains("namespace=~\"$namespace\"") && matchers.contains(pods),
+                        "panel \"{t}\": {metric} is not narrowed to $namespace and {pods}: {expr}"
                     );
                 }
             }
@@ -987,6 +992,7 @@ fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_or_gatew
     let text = dashboard_text();
     let mut described = metric_names(&text);
     described.extend(names_with_prefix(&text, "process_"));
+    described.extend(names_with_prefix(&text, GATEWAY_METRICS));
     uses.push(("dashboard.json, its text".to_owned(), described));
 
     let doc = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
@@ -1026,30 +1032,58 @@ fn every_metric_the_alerts_dashboard_and_guide_name_is_in_a_live_agents_or_gatew
 }
 
 /// The gateway is the same binary and shares some metrics with the agents (`process_*`, the
-/// build info): the dashboard's variables list the pods by a metric only agents have, so that
-/// a scraped gateway is not counted as an agent.
+/// build info): `$pod` lists the pods by a metric only agents have, so that a scraped gateway
+/// is not counted as an agent, and `$gateway` by one only gateways have. A panel shows agents
+/// or gateways, never both: its queries use `$pod` or `$gateway`, not the two.
 #[test]
-fn dashboard_variables_list_agents_not_gateways() {
+fn dashboard_variables_list_agents_and_gateways_apart() {
     let (agent, gateway) = live();
     let values = variable_values();
-    let variables: Vec<Query> = queries()
-        .into_iter()
-        .filter(|q| q.place.starts_with("variable $"))
-        .collect();
-    assert!(!variables.is_empty());
-    for q in variables {
-        let expr = substitute(&q.expr, &values).unwrap_or_else(|e| panic!("{}: {e}", q.place));
-        for name in selected_metrics(&expr) {
+    // Each pod variable: whose pods it lists, and the other's variable.
+    let pod_variables = [
+        ("pod", agent, gateway, "gateway"),
+        ("gateway", gateway, agent, "pod"),
+    ];
+    for (var, own, other, other_var) in pod_variables {
+        let place = format!("variable ${var}");
+        let found: Vec<Query> = queries().into_iter().filter(|q| q.place == place).collect();
+        assert_eq!(found.len(), 1, "the dashboard has one {place}");
+        let q = &found[0];
+        assert!(
+            !q.expr.contains(&format!("${other_var}")),
+            "{place} depends on ${other_var}: {}",
+            q.expr
+        );
+        let expr = substitute(&q.expr, &values).unwrap_or_else(|e| panic!("{place}: {e}"));
+        let names = selected_metrics(&expr);
+        assert!(!names.is_empty(), "{place}: no metric in {expr}");
+        for name in names {
             assert!(
-                exposes(agent, &name),
-                "{}: {name} is not an agent's",
-                q.place
+                exposes(own, &name),
+                "{place}: {name} is not in the /metrics of the pods it lists"
             );
             assert!(
-                !exposes(gateway, &name),
-                "{}: gateways expose {name} too",
-                q.place
+                !exposes(other, &name),
+                "{place}: {name} is in the other workload's /metrics too (the ${other_var} pods)"
             );
         }
+    }
+    let mut panels: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for q in queries()
+        .into_iter()
+        .filter(|q| !q.place.starts_with("variable $"))
+    {
+        let used = panels.entry(q.place).or_default();
+        used.extend(
+            ["$pod", "$gateway"]
+                .into_iter()
+                .filter(|v| q.expr.contains(v)),
+        );
+    }
+    for (panel, used) in panels {
+        assert!(
+            used.len() < 2,
+            "panel \"{panel}\" mixes agents and gateways: {used:?}"
+        );
     }
 }
