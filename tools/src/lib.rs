@@ -9,6 +9,35 @@ use std::time::{Duration, Instant};
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http;
 
+/// How fast this machine, as it is now, runs the agent's main cost: gzip level 1 of
+/// Druid-style text (64 MiB of the bench's plain lines, three passes, one thread), in MiB of
+/// text per second, the median pass. Two machines of the same kind, or one machine on two
+/// days, have differed by a factor of two in CPU-s/GiB on the same code; a figure quoted with
+/// this one beside it can be compared with another only when the two calibrations agree.
+pub fn gzip1_mib_s() -> f64 {
+    use std::io::Write;
+    let mut text = Vec::with_capacity(65 << 20);
+    let (mut lines, mut line) = (LineGen::new(7), Vec::new());
+    while text.len() < 64 << 20 {
+        lines.next_line(&mut line);
+        text.extend_from_slice(&line);
+        text.push(b'\n');
+    }
+    let mut passes: Vec<f64> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let mut gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(text.len() / 4),
+                flate2::Compression::fast(),
+            );
+            // A Vec sink cannot fail; the output is dropped, only the time counts.
+            let _ = gz.write_all(&text).and_then(|_| gz.finish().map(drop));
+            text.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64()
+        })
+        .collect();
+    pct(&mut passes, 0.5)
+}
+
 /// The machine's 1, 5 and 15 minute load averages: a figure is only worth quoting with the
 /// load it was measured under.
 pub fn loadavg() -> [f64; 3] {

@@ -25,8 +25,8 @@ use druid_log_agent::demo::dir_size;
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
 use druid_log_agent_tools::{
-    Pace, async_snapshot_clients, cpu_seconds, cpu_split, loadavg, ms, now_utc, pct, proc_field,
-    write_mib,
+    Pace, async_snapshot_clients, cpu_seconds, cpu_split, gzip1_mib_s, loadavg, ms, now_utc, pct,
+    proc_field, write_mib,
 };
 
 #[derive(Parser)]
@@ -143,6 +143,7 @@ const HEADLINE: &[&str] = &[
     "/write_to_visible_ms/p99",
     "/load_before/0",
     "/load_after/0",
+    "/machine/gzip1_mib_s",
 ];
 
 /// This command line without `--runs`, `--agent-b` and `--agent` (and their values): what one
@@ -333,6 +334,7 @@ fn main() {
         return series(&args, a);
     }
     let load_before = loadavg();
+    let calibration = gzip1_mib_s();
     let tmp = args
         .dir
         .clone()
@@ -670,7 +672,7 @@ fn main() {
         "date": now_utc(),
         "load_before": load_before,
         "load_after": loadavg(),
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model},
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration},
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     drop(agent);

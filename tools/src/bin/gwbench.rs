@@ -23,7 +23,7 @@ use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http;
 use druid_log_agent_testkit::kubeapi::{FakeApi, PodModel, RestartPolicy};
 use druid_log_agent_tools::{
-    async_snapshot_clients, cpu_seconds, loadavg, now_utc, pct, write_mib,
+    async_snapshot_clients, cpu_seconds, gzip1_mib_s, loadavg, now_utc, pct, write_mib,
 };
 
 #[derive(Parser)]
@@ -199,6 +199,7 @@ fn write_peon(dir: &Path, i: usize, bytes: u64) -> (String, u64) {
 fn main() {
     let args = Args::parse();
     let load_before = loadavg();
+    let calibration = gzip1_mib_s();
     let bin = args.agent.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -378,7 +379,7 @@ fn main() {
         "rounds": rounds,
         "load_before": load_before,
         "load_after": loadavg(),
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model},
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration},
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     drop(gateway);
