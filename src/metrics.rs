@@ -71,8 +71,10 @@ counters! {
 
 /// Upper bounds, in seconds, of the HTTP latency histograms' buckets: from half a millisecond
 /// (a snapshot served from the page cache) to seconds (an upstream that is slow to answer).
-pub const HTTP_BUCKETS: [f64; 10] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+/// The last is the gateway's default first-byte timeout, so an upstream that times out shows
+/// as 10 s in a quantile, not as the 2.5 s of the bucket below.
+pub const HTTP_BUCKETS: [f64; 11] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5, 10.0,
 ];
 
 /// Upper bounds, in seconds, of the archive histograms' buckets: from a small last part sent
