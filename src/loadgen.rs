@@ -99,6 +99,18 @@ impl LineGen {
         }
     }
 
+    /// At least `bytes` of this generator's lines, each ended by a newline: the decoded text
+    /// a peon's log holds, for what compresses or uploads text rather than CRI records.
+    pub fn text(&mut self, bytes: usize) -> Vec<u8> {
+        let (mut out, mut line) = (Vec::with_capacity(bytes + 4096), Vec::new());
+        while out.len() < bytes {
+            self.next_line(&mut line);
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+        out
+    }
+
     /// Writes the next line, without its newline, into `out` (cleared first).
     pub fn next_line(&mut self, out: &mut Vec<u8>) {
         out.clear();
@@ -395,12 +407,7 @@ mod tests {
 
     /// The size of 8 MiB of `g`'s lines over its gzip size at level 1 (the agent's default).
     fn ratio(mut g: LineGen) -> f64 {
-        let (mut text, mut line) = (Vec::new(), Vec::new());
-        while text.len() < 8 << 20 {
-            g.next_line(&mut line);
-            text.extend_from_slice(&line);
-            text.push(b'\n');
-        }
+        let text = g.text(8 << 20);
         let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
         z.write_all(&text).unwrap();
         text.len() as f64 / z.finish().unwrap().len() as f64

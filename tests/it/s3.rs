@@ -43,15 +43,7 @@ async fn target(endpoint: &str) -> S3Target {
 }
 
 fn text(bytes: usize, seed: u64) -> Vec<u8> {
-    let mut g = LineGen::new(seed);
-    let mut line = Vec::new();
-    let mut out = Vec::with_capacity(bytes + 4096);
-    while out.len() < bytes {
-        g.next_line(&mut line);
-        out.extend_from_slice(&line);
-        out.push(b'\n');
-    }
-    out
+    LineGen::new(seed).text(bytes)
 }
 
 fn spool_of(dir: &std::path::Path, content: &[u8]) -> Arc<Spool> {

@@ -16,13 +16,7 @@ use druid_log_agent_testkit::http;
 /// this one beside it can be compared with another only when the two calibrations agree.
 pub fn gzip1_mib_s() -> f64 {
     use std::io::Write;
-    let mut text = Vec::with_capacity(65 << 20);
-    let (mut lines, mut line) = (LineGen::new(7), Vec::new());
-    while text.len() < 64 << 20 {
-        lines.next_line(&mut line);
-        text.extend_from_slice(&line);
-        text.push(b'\n');
-    }
+    let text = LineGen::new(7).text(64 << 20);
     let mut passes: Vec<f64> = (0..3)
         .map(|_| {
             let started = Instant::now();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use druid_log_agent::demo::dir_size;
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
@@ -106,7 +106,7 @@ struct Args {
 
 /// What the simulated peons write; compression is most of the agent's cost, so the ratio of
 /// the text decides the figures.
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, ValueEnum)]
 enum Data {
     Plain,
     Varied,
@@ -117,13 +117,6 @@ impl Data {
         match self {
             Data::Plain => LineGen::new(seed),
             Data::Varied => LineGen::varied(seed),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Data::Plain => "plain",
-            Data::Varied => "varied",
         }
     }
 }
@@ -643,7 +636,7 @@ fn main() {
     let gib = (1u64 << 30) as f64;
     let out = serde_json::json!({
         "pods": args.pods,
-        "data": args.data.name(),
+        "data": args.data.to_possible_value().map(|v| v.get_name().to_owned()),
         "bytes_in": written,
         "text_bytes": text_total,
         "archive": if args.s3_endpoint.is_some() { "s3" } else { "dir" },
