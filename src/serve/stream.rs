@@ -69,7 +69,8 @@ async fn stream_log(
             snapshot_len
         };
         while pos < end {
-            let to = end.min(pos + CHUNK);
+            // On a block boundary: a block split between two chunks would be inflated twice.
+            let to = entry.spool.piece_end(pos, end, CHUNK);
             let spool = entry.spool.clone();
             let read = tokio::task::spawn_blocking(move || spool.read_to_vec(pos, to)).await;
             let chunk = match read {

@@ -188,6 +188,73 @@ mod tests {
     }
 
     #[test]
+    fn pieces_end_where_blocks_end_and_together_are_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SpoolWriter::open(&dir.path().join("t.gz"), SpoolFileOffset::ZERO).unwrap();
+        let mut p = Packer::new(1);
+        let all = text(300_000, 11);
+        // Blocks of 70 000 bytes, then 20 000 unsealed.
+        for chunk in all.chunks(70_000) {
+            w.append(|t| t.extend_from_slice(chunk));
+            if chunk.len() == 70_000 {
+                w.seal(&mut p).unwrap();
+            }
+        }
+        let s = w.spool().clone();
+        for (start, limit, want) in [
+            (0, 300_000, 100_000),
+            (5, 290_000, 30_000),
+            (69_999, 150_000, 1),
+        ] {
+            let (mut pos, mut got) = (start, Vec::new());
+            while pos < limit {
+                let end = s.piece_end(pos, limit, want);
+                assert!(end > pos && end <= limit, "{pos} -> {end}");
+                assert!(
+                    end == limit || end.is_multiple_of(70_000) || end >= 280_000,
+                    "piece {pos}..{end} ends inside a block"
+                );
+                got.extend(s.read_to_vec(pos, end).unwrap());
+                pos = end;
+            }
+            assert_eq!(got, &all[start as usize..limit as usize]);
+        }
+        assert_eq!(
+            s.piece_end(10, 100_000, 100),
+            70_000,
+            "within one block: its end"
+        );
+        assert_eq!(s.piece_end(10, 50, 100), 50, "never past the limit");
+        assert_eq!(
+            s.piece_end(281_000, 300_000, 1000),
+            282_000,
+            "in the tail: as asked"
+        );
+    }
+
+    #[test]
+    fn a_damaged_block_is_corrupt_for_every_reader_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gz");
+        let mut w = SpoolWriter::open(&path, SpoolFileOffset::ZERO).unwrap();
+        let mut p = Packer::new(1);
+        let all = text(100_000, 5);
+        w.append(|t| t.extend_from_slice(&all));
+        w.seal(&mut p).unwrap();
+        let s = w.spool().clone();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Past the 24-byte header: the deflate stream itself.
+        for b in &mut bytes[40..400] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let whole = s.read_to_vec(0, 100_000).unwrap_err();
+        assert!(matches!(whole, SpoolError::Corrupt { .. }), "{whole}");
+        let part = s.read_range(10, 20, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(part, SpoolError::Corrupt { .. }), "{part}");
+    }
+
+    #[test]
     fn reopen_cuts_to_committed_length_and_rebuilds_index() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gz");

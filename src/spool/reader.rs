@@ -65,13 +65,10 @@ impl Spool {
     }
 
     /// Log bytes `[start, end)` in one buffer, for callers that need them whole (a part, a
-    /// response chunk); keep ranges small.
+    /// response chunk); keep ranges small. Whole blocks are inflated straight into the buffer.
     pub fn read_to_vec(&self, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
         let mut buf = Vec::with_capacity(end.saturating_sub(start) as usize);
-        self.read_range(start, end, &mut |c| {
-            buf.extend_from_slice(c);
-            Ok(())
-        })?;
+        self.read(start, end, Out::Vec(&mut buf))?;
         Ok(buf)
     }
 
@@ -83,6 +80,33 @@ impl Spool {
         end: u64,
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<(), SpoolError> {
+        self.read(start, end, Out::Sink(sink))
+    }
+
+    /// Where a caller that reads `[from, limit)` in pieces of about `want` bytes should end
+    /// the piece that starts at `from`: on a block boundary where one lies within the piece
+    /// (else at the end of the block `from` is in), so that consecutive pieces inflate each
+    /// block once rather than the block they split twice. Always after `from` when
+    /// `from < limit`, never after `limit`.
+    pub fn piece_end(&self, from: u64, limit: u64, want: u64) -> u64 {
+        let target = from.saturating_add(want.max(1));
+        if target >= limit {
+            return limit;
+        }
+        let i = self.read_inner();
+        if target >= i.sealed_raw {
+            // In the unsealed tail: nothing is inflated there.
+            return target;
+        }
+        let b = i.blocks[i.blocks.partition_point(|b| b.raw_start <= target) - 1];
+        if b.raw_start > from {
+            b.raw_start
+        } else {
+            (b.raw_start + b.raw_len as u64).min(limit)
+        }
+    }
+
+    fn read(&self, start: u64, end: u64, mut out: Out<'_>) -> Result<(), SpoolError> {
         let mut pos = start;
         let mut packed = Vec::new();
         let mut raw = Vec::new();
@@ -94,45 +118,67 @@ impl Spool {
                     let from = (pos - i.sealed_raw) as usize;
                     let to = ((end - i.sealed_raw) as usize).min(i.tail.len());
                     if from < to {
-                        sink(&i.tail[from..to]).map_err(|e| self.io("write", e))?;
+                        out.put(&i.tail[from..to])
+                            .map_err(|e| self.io("write", e))?;
                     }
                     return Ok(());
                 }
                 let idx = i.blocks.partition_point(|b| b.raw_start <= pos) - 1;
                 i.blocks[idx]
             };
+            let block_end = block.raw_start + block.raw_len as u64;
+            if let Out::Vec(v) = &mut out
+                && pos == block.raw_start
+                && end >= block_end
+            {
+                self.inflate_block(&block, &mut inflate, &mut packed, v)?;
+                pos = block_end;
+                continue;
+            }
+            raw.clear();
             self.inflate_block(&block, &mut inflate, &mut packed, &mut raw)?;
             let from = (pos - block.raw_start) as usize;
             let to = ((end - block.raw_start) as usize).min(raw.len());
-            sink(&raw[from..to]).map_err(|e| self.io("write", e))?;
+            out.put(&raw[from..to]).map_err(|e| self.io("write", e))?;
             pos = block.raw_start + to as u64;
         }
         Ok(())
     }
 
+    /// Appends the text of block `b` to `out`, inflated into its spare capacity (no zeroing,
+    /// no copy).
     fn inflate_block(
         &self,
         b: &Block,
         inflate: &mut Decompress,
         packed: &mut Vec<u8>,
-        raw: &mut Vec<u8>,
+        out: &mut Vec<u8>,
     ) -> Result<(), SpoolError> {
         packed.resize(b.deflate_len as usize, 0);
         self.file
             .read_exact_at(packed, b.file_off + HEADER_LEN as u64)
             .map_err(|e| self.io("read block", e))?;
-        raw.clear();
-        raw.resize(b.raw_len as usize, 0);
+        out.reserve(b.raw_len as usize);
         inflate.reset(false);
         let corrupt = |what| SpoolError::Corrupt {
             path: self.path.clone(),
             offset: b.file_off,
             what,
         };
-        match inflate.decompress(packed, raw, FlushDecompress::Finish) {
+        // decompress_vec writes into the spare capacity and never grows `out`; text beyond
+        // the header's length is caught by the count below and cut off again.
+        let before = out.len();
+        let status = inflate.decompress_vec(packed, out, FlushDecompress::Finish);
+        match status {
             Ok(Status::StreamEnd) if inflate.total_out() == b.raw_len as u64 => Ok(()),
-            Ok(_) => Err(corrupt("block shorter or longer than its header says")),
-            Err(_) => Err(corrupt("invalid deflate data")),
+            Ok(_) => {
+                out.truncate(before);
+                Err(corrupt("block shorter or longer than its header says"))
+            }
+            Err(_) => {
+                out.truncate(before);
+                Err(corrupt("invalid deflate data"))
+            }
         }
     }
 
@@ -141,6 +187,25 @@ impl Spool {
             path: self.path.clone(),
             op,
             source,
+        }
+    }
+}
+
+/// Where [`Spool::read`] puts text: a caller's sink, or a buffer whole blocks are inflated
+/// straight into.
+enum Out<'a> {
+    Sink(&'a mut dyn FnMut(&[u8]) -> io::Result<()>),
+    Vec(&'a mut Vec<u8>),
+}
+
+impl Out<'_> {
+    fn put(&mut self, text: &[u8]) -> io::Result<()> {
+        match self {
+            Out::Sink(sink) => sink(text),
+            Out::Vec(v) => {
+                v.extend_from_slice(text);
+                Ok(())
+            }
         }
     }
 }

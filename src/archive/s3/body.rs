@@ -73,7 +73,13 @@ impl http_body::Body for SpoolBody {
         }
         let reading = this.reading.get_or_insert_with(|| {
             let (spool, gzip, from) = (this.spool.clone(), this.gzip, this.pos);
-            let to = this.end.min(from + BODY_CHUNK);
+            // The spool file is cut anywhere; the text where its blocks end, so a block is
+            // inflated once, not once for each of the two reads it would be split between.
+            let to = if gzip {
+                this.end.min(from + BODY_CHUNK)
+            } else {
+                spool.piece_end(from, this.end, BODY_CHUNK)
+            };
             tokio::task::spawn_blocking(move || {
                 if gzip {
                     spool.read_file(from, to)
