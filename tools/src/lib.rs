@@ -263,3 +263,134 @@ pub fn write_mib(w: &mut PeonWriter, g: &mut LineGen, bytes: u64) {
     w.expected.clear();
     w.expected.shrink_to(0);
 }
+
+/// What the whole machine did over a phase, read from /proc before and after it: a latency
+/// measured while the load generator and the agent share two cores means something only beside
+/// how busy the cores were and how long runnable threads waited for one.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineSample {
+    at: Instant,
+    busy_ticks: u64,
+    all_ticks: u64,
+    cpu_wait_us: u64,
+}
+
+impl MachineSample {
+    /// Reads /proc/stat (the first `cpu` line) and /proc/pressure/cpu (PSI, `some total=`);
+    /// zeros where the kernel offers neither.
+    pub fn now() -> MachineSample {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+        let all: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let psi = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+        MachineSample {
+            at: Instant::now(),
+            busy_ticks: all.saturating_sub(idle),
+            all_ticks: all,
+            cpu_wait_us: psi_some_total(&psi),
+        }
+    }
+
+    /// From `self` to `later`: the cores busy on average (of `cpus`), and the share of the
+    /// time in which at least one runnable thread waited for a core (PSI's "some").
+    pub fn since(&self, later: &MachineSample, cpus: usize) -> serde_json::Value {
+        let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let all = later.all_ticks.saturating_sub(self.all_ticks).max(1) as f64;
+        let busy = later.busy_ticks.saturating_sub(self.busy_ticks) as f64;
+        let wait_s = later.cpu_wait_us.saturating_sub(self.cpu_wait_us) as f64 / 1e6;
+        serde_json::json!({
+            "seconds": secs,
+            "busy_cores": busy / all * cpus as f64,
+            "cpu_wait_pct": wait_s / secs * 100.0,
+        })
+    }
+}
+
+/// The `some total=` microseconds of /proc/pressure/cpu; 0 when absent.
+fn psi_some_total(psi: &str) -> u64 {
+    psi.lines()
+        .find(|l| l.starts_with("some "))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("total=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The cumulative buckets (`le` in seconds, count) of one histogram series in Prometheus text,
+/// `+Inf` last: the agent's own view of a request, to set beside what a client measured.
+pub fn histogram_buckets(metrics: &str, name: &str, labels: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{{labels},le=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound under which at least the `p` share of the requests counted
+/// between two readings of a histogram ([`histogram_buckets`]) fell: an upper bound of the
+/// `p` quantile, as exact as the buckets are; `None` without requests in between.
+pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let need = (total as f64 * p).ceil() as u64;
+    delta.iter().find(|&&(_, n)| n >= need).map(|&(le, _)| le)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_quantile_reads_the_requests_between_two_readings() {
+        let text = |a: u64, b: u64, c: u64| {
+            format!(
+                "x_bucket{{route=\"log\",le=\"0.001\"}} {a}\nx_bucket{{route=\"log\",le=\"0.01\"}} {b}\n\
+                 x_bucket{{route=\"log\",le=\"+Inf\"}} {c}\nx_bucket{{route=\"other\",le=\"0.001\"}} 99\n"
+            )
+        };
+        let before = histogram_buckets(&text(10, 10, 10), "x", "route=\"log\"");
+        assert_eq!(before.len(), 3);
+        // 100 new requests: 90 under 1 ms, 9 under 10 ms, 1 above.
+        let after = histogram_buckets(&text(100, 109, 110), "x", "route=\"log\"");
+        assert_eq!(bucket_quantile(&before, &after, 0.5), Some(0.001));
+        assert_eq!(bucket_quantile(&before, &after, 0.99), Some(0.01));
+        assert_eq!(bucket_quantile(&before, &after, 1.0), Some(f64::INFINITY));
+        assert_eq!(bucket_quantile(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn psi_total_is_read_from_the_some_line() {
+        let psi = "some avg10=1.00 avg60=0.50 avg300=0.10 total=123456\n\
+                   full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n";
+        assert_eq!(psi_some_total(psi), 123456);
+        assert_eq!(psi_some_total(""), 0);
+    }
+}

@@ -25,8 +25,8 @@ use druid_log_agent::demo::dir_size;
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
 use druid_log_agent_tools::{
-    Pace, async_snapshot_clients, cpu_seconds, cpu_split, gzip1_mib_s, loadavg, ms, now_utc, pct,
-    proc_field, write_mib,
+    MachineSample, Pace, async_snapshot_clients, bucket_quantile, cpu_seconds, cpu_split,
+    gzip1_mib_s, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
 };
 
 #[derive(Parser)]
@@ -134,6 +134,12 @@ const HEADLINE: &[&str] = &[
     "/whole_log_stream_mib_s",
     "/snapshot_offset_-8192_ms/p99",
     "/write_to_visible_ms/p99",
+    "/snapshot_offset_-8192_ms/p50",
+    "/live_phase/agent_log_route_ms_at_most/p99",
+    "/live_phase/machine/busy_cores",
+    "/live_phase/machine/cpu_wait_pct",
+    "/live_phase/load_generator_cpu_s/user",
+    "/live_phase/agent_cpu_s/user",
     "/load_before/0",
     "/load_after/0",
     "/machine/gzip1_mib_s",
@@ -279,6 +285,16 @@ fn fetch(ka: &mut Option<KeepAlive>, addr: &str, target: &str) -> (u16, Vec<u8>)
             .map_or((0, Vec::new()), |r| (r.status, r.body)),
         None => get(addr, target),
     }
+}
+
+/// The agent's histogram of its log route (time to the response head), cumulative.
+fn server_log_buckets(addr: &str) -> Vec<(f64, u64)> {
+    let (_, m) = get(addr, "/metrics");
+    histogram_buckets(
+        &String::from_utf8_lossy(&m),
+        "druid_log_agent_http_request_duration_seconds",
+        "route=\"log\"",
+    )
 }
 
 /// One request on a new connection; status 0 when it failed (the bench counts, never stops).
@@ -512,6 +528,13 @@ fn main() {
     // Phase 4: new pods written at a set rate while clients read snapshots and a probe
     // measures how soon a written line is visible.
     let cpu_before_live = cpu_seconds(pid);
+    // The load generator (this process: writers, clients, probe) shares the two cores with
+    // the agent; its CPU, the machine's and the agent's own latency histogram are read around
+    // the phase so a client-side p99 can be split into time in the agent and time waiting.
+    let live_machine = MachineSample::now();
+    let live_bench_cpu = cpu_split(std::process::id());
+    let live_agent_cpu = cpu_split(pid);
+    let live_buckets = server_log_buckets(&agent.addr);
     let mut writers = create_pods(
         &pods_dir,
         "live",
@@ -619,6 +642,19 @@ fn main() {
     let snap_max = snap.iter().cloned().fold(0.0, f64::max);
 
     let live_cpu = cpu_seconds(pid) - cpu_before_live;
+    let live = {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let machine = live_machine.since(&MachineSample::now(), cpus);
+        let (bench_now, agent_now) = (cpu_split(std::process::id()), cpu_split(pid));
+        let after = server_log_buckets(&agent.addr);
+        let q = |p| bucket_quantile(&live_buckets, &after, p).map(|s| s * 1000.0);
+        serde_json::json!({
+            "machine": machine,
+            "agent_cpu_s": {"user": agent_now.0 - live_agent_cpu.0, "system": agent_now.1 - live_agent_cpu.1},
+            "load_generator_cpu_s": {"user": bench_now.0 - live_bench_cpu.0, "system": bench_now.1 - live_bench_cpu.1},
+            "agent_log_route_ms_at_most": {"p50": q(0.5), "p99": q(0.99)},
+        })
+    };
     let total_cpu = cpu_seconds(pid);
     peaks.insert("live".into(), phase_peak_mib(pid).into());
     let peak_rss_mib = peaks
@@ -654,6 +690,7 @@ fn main() {
         "async_clients": args.async_clients,
         "client_rate": args.client_rate,
         "write_to_visible_ms": {"first": first_visible, "slowest_markers": slowest, "p50": pct(&mut visible, 0.5), "p99": pct(&mut visible, 0.99), "slowest_single_request": probe_get_max},
+        "live_phase": live,
         "snapshot_offset_-8192_ms": {"clients": args.clients, "requests": snap.len(), "p50": pct(&mut snap, 0.5), "p99": pct(&mut snap, 0.99), "max": snap_max},
         "whole_log_stream_mib_s": stream_mib_s,
         "task_end_to_archive_ms": {"p50": pct(&mut end_to_archive, 0.5), "p99": pct(&mut end_to_archive, 0.99)},
