@@ -69,10 +69,13 @@ async fn stream_log(
             snapshot_len
         };
         while pos < end {
-            // On a block boundary: a block split between two chunks would be inflated twice.
-            let to = entry.spool.piece_end(pos, end, CHUNK);
             let spool = entry.spool.clone();
-            let read = tokio::task::spawn_blocking(move || spool.read_to_vec(pos, to)).await;
+            // Ends on a block boundary: a block split between two chunks would be inflated
+            // twice. Worked out on the blocking pool, as it takes the spool's lock.
+            let read = tokio::task::spawn_blocking(move || {
+                spool.read_to_vec(pos, spool.piece_end(pos, end, CHUNK))
+            })
+            .await;
             let chunk = match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
@@ -82,7 +85,11 @@ async fn stream_log(
                 }
                 Err(_) => return,
             };
-            pos = to;
+            if chunk.is_empty() {
+                // Cannot happen below the spool's length; never spin if it does.
+                return;
+            }
+            pos += chunk.len() as u64;
             if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return; // the client went away
             }

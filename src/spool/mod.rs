@@ -204,7 +204,7 @@ mod tests {
         for (start, limit, want) in [
             (0, 300_000, 100_000),
             (5, 290_000, 30_000),
-            (69_999, 150_000, 1),
+            (69_999, 150_000, 20_000),
         ] {
             let (mut pos, mut got) = (start, Vec::new());
             while pos < limit {
@@ -220,9 +220,14 @@ mod tests {
             assert_eq!(got, &all[start as usize..limit as usize]);
         }
         assert_eq!(
-            s.piece_end(10, 100_000, 100),
+            s.piece_end(10, 100_000, 20_000),
             70_000,
             "within one block: its end"
+        );
+        assert_eq!(
+            s.piece_end(10, 100_000, 100),
+            110,
+            "a block more than four pieces long is split"
         );
         assert_eq!(s.piece_end(10, 50, 100), 50, "never past the limit");
         assert_eq!(

@@ -85,9 +85,9 @@ impl Spool {
 
     /// Where a caller that reads `[from, limit)` in pieces of about `want` bytes should end
     /// the piece that starts at `from`: on a block boundary where one lies within the piece
-    /// (else at the end of the block `from` is in), so that consecutive pieces inflate each
-    /// block once rather than the block they split twice. Always after `from` when
-    /// `from < limit`, never after `limit`.
+    /// (else at the end of the block `from` is in, unless that is more than four pieces away),
+    /// so that consecutive pieces inflate each block once rather than the block they split
+    /// twice. Always after `from` when `from < limit`, never after `limit`.
     pub fn piece_end(&self, from: u64, limit: u64, want: u64) -> u64 {
         let target = from.saturating_add(want.max(1));
         if target >= limit {
@@ -99,10 +99,15 @@ impl Spool {
             return target;
         }
         let b = i.blocks[i.blocks.partition_point(|b| b.raw_start <= target) - 1];
+        let block_end = b.raw_start + b.raw_len as u64;
         if b.raw_start > from {
             b.raw_start
+        } else if block_end - from > want.saturating_mul(4) {
+            // A block far larger than a piece (block_bytes can be set to 64 MiB): the piece
+            // stays bounded, and the block is inflated once per piece instead.
+            target
         } else {
-            (b.raw_start + b.raw_len as u64).min(limit)
+            block_end.min(limit)
         }
     }
 

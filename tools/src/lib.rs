@@ -270,6 +270,9 @@ pub fn write_mib(w: &mut PeonWriter, g: &mut LineGen, bytes: u64) {
 #[derive(Debug, Clone, Copy)]
 pub struct MachineSample {
     at: Instant,
+    /// Online CPUs, as /proc/stat counts them (its `cpu` line sums them all, whatever this
+    /// process's affinity).
+    cpus: usize,
     busy_ticks: u64,
     all_ticks: u64,
     cpu_wait_us: u64,
@@ -296,15 +299,23 @@ impl MachineSample {
         let psi = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
         MachineSample {
             at: Instant::now(),
+            cpus: stat
+                .lines()
+                .filter(|l| {
+                    l.strip_prefix("cpu")
+                        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+                })
+                .count(),
             busy_ticks: all.saturating_sub(idle),
             all_ticks: all,
             cpu_wait_us: psi_some_total(&psi),
         }
     }
 
-    /// From `self` to `later`: the cores busy on average (of `cpus`), and the share of the
-    /// time in which at least one runnable thread waited for a core (PSI's "some").
-    pub fn since(&self, later: &MachineSample, cpus: usize) -> serde_json::Value {
+    /// From `self` to `later`: the cores busy on average, and the share of the time in which
+    /// at least one runnable thread waited for a core (PSI's "some").
+    pub fn since(&self, later: &MachineSample) -> serde_json::Value {
+        let cpus = later.cpus;
         let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let all = later.all_ticks.saturating_sub(self.all_ticks).max(1) as f64;
         let busy = later.busy_ticks.saturating_sub(self.busy_ticks) as f64;
@@ -349,6 +360,10 @@ pub fn histogram_buckets(metrics: &str, name: &str, labels: &str) -> Vec<(f64, u
 /// between two readings of a histogram ([`histogram_buckets`]) fell: an upper bound of the
 /// `p` quantile, as exact as the buckets are; `None` without requests in between.
 pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> Option<f64> {
+    // A failed reading (an empty answer) must not pass for "no requests before".
+    if before.len() != after.len() {
+        return None;
+    }
     let delta: Vec<(f64, u64)> = after
         .iter()
         .map(|&(le, n)| {
@@ -384,6 +399,7 @@ mod tests {
         assert_eq!(bucket_quantile(&before, &after, 0.99), Some(0.01));
         assert_eq!(bucket_quantile(&before, &after, 1.0), Some(f64::INFINITY));
         assert_eq!(bucket_quantile(&after, &after, 0.5), None);
+        assert_eq!(bucket_quantile(&[], &after, 0.5), None, "no first reading");
     }
 
     #[test]

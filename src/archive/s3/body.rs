@@ -72,19 +72,16 @@ impl http_body::Body for SpoolBody {
             return Poll::Ready(None);
         }
         let reading = this.reading.get_or_insert_with(|| {
-            let (spool, gzip, from) = (this.spool.clone(), this.gzip, this.pos);
-            // The spool file is cut anywhere; the text where its blocks end, so a block is
-            // inflated once, not once for each of the two reads it would be split between.
-            let to = if gzip {
-                this.end.min(from + BODY_CHUNK)
-            } else {
-                spool.piece_end(from, this.end, BODY_CHUNK)
-            };
+            let (spool, gzip, from, end) = (this.spool.clone(), this.gzip, this.pos, this.end);
             tokio::task::spawn_blocking(move || {
                 if gzip {
-                    spool.read_file(from, to)
+                    spool.read_file(from, end.min(from + BODY_CHUNK))
                 } else {
-                    spool.read_to_vec(from, to)
+                    // The spool file is cut anywhere, the text where its blocks end, so a
+                    // block is inflated once, not once for each of two reads that split it.
+                    // Here, not in poll_frame: it takes the spool's lock, which ingest holds
+                    // for a whole decode, and a runtime worker must not wait for that.
+                    spool.read_to_vec(from, spool.piece_end(from, end, BODY_CHUNK))
                 }
             })
         });

@@ -643,8 +643,7 @@ fn main() {
 
     let live_cpu = cpu_seconds(pid) - cpu_before_live;
     let live = {
-        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let machine = live_machine.since(&MachineSample::now(), cpus);
+        let machine = live_machine.since(&MachineSample::now());
         let (bench_now, agent_now) = (cpu_split(std::process::id()), cpu_split(pid));
         let after = server_log_buckets(&agent.addr);
         let q = |p| bucket_quantile(&live_buckets, &after, p).map(|s| s * 1000.0);
