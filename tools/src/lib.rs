@@ -364,12 +364,11 @@ pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> O
     if before.len() != after.len() {
         return None;
     }
+    // Both readings list the same bounds in the same order (one histogram, one label set).
     let delta: Vec<(f64, u64)> = after
         .iter()
-        .map(|&(le, n)| {
-            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
-            (le, n.saturating_sub(was))
-        })
+        .zip(before)
+        .map(|(&(le, n), &(_, was))| (le, n.saturating_sub(was)))
         .collect();
     let total = delta.last()?.1;
     if total == 0 {
