@@ -15,21 +15,49 @@ use druid_log_agent_testkit::http;
 /// days, have differed by a factor of two in CPU-s/GiB on the same code; a figure quoted with
 /// this one beside it can be compared with another only when the two calibrations agree.
 pub fn gzip1_mib_s() -> f64 {
-    use std::io::Write;
-    let text = LineGen::new(7).text(64 << 20);
-    let mut passes: Vec<f64> = (0..3)
+    gzip1_speeds(&LineGen::new(7).text(64 << 20)).0
+}
+
+/// What gzip level 1 alone costs on `text`, as (deflate, inflate) in MiB of text per second,
+/// the median of three passes on one thread, one stream each. The agent compresses the same
+/// text into its spool and, for a plain-text archive, inflates it once more: these two speeds
+/// are the floor under its CPU-s/GiB on that text, whatever else it does.
+pub fn gzip1_speeds(text: &[u8]) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let mib =
+        |started: Instant| text.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
+    let mut packed = Vec::new();
+    let mut deflate: Vec<f64> = (0..3)
         .map(|_| {
             let started = Instant::now();
             let mut gz = flate2::write::GzEncoder::new(
                 Vec::with_capacity(text.len() / 4),
                 flate2::Compression::fast(),
             );
-            // A Vec sink cannot fail; the output is dropped, only the time counts.
-            let _ = gz.write_all(&text).and_then(|_| gz.finish().map(drop));
-            text.len() as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64()
+            // A Vec sink cannot fail.
+            if let Ok(out) = gz.write_all(text).and_then(|_| gz.finish()) {
+                packed = out;
+            }
+            mib(started)
         })
         .collect();
-    pct(&mut passes, 0.5)
+    let mut out = Vec::with_capacity(text.len());
+    let mut inflate: Vec<f64> = (0..3)
+        .map(|_| {
+            out.clear();
+            let started = Instant::now();
+            // Our own output read back from memory: cannot fail.
+            let _ = flate2::read::GzDecoder::new(packed.as_slice()).read_to_end(&mut out);
+            mib(started)
+        })
+        .collect();
+    // A round trip that does not give the text back measured nothing: say so, not a speed.
+    let inflate = if out == text {
+        pct(&mut inflate, 0.5)
+    } else {
+        f64::NAN
+    };
+    (pct(&mut deflate, 0.5), inflate)
 }
 
 /// The machine's 1, 5 and 15 minute load averages: a figure is only worth quoting with the
@@ -381,6 +409,14 @@ pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The floor's inflate speed is only a speed when the round trip gave the text back.
+    #[test]
+    fn gzip1_speeds_are_of_a_round_trip() {
+        let (deflate, inflate) = gzip1_speeds(&LineGen::varied(3).text(1 << 20));
+        assert!(deflate.is_finite() && deflate > 0.0, "deflate {deflate}");
+        assert!(inflate.is_finite() && inflate > 0.0, "inflate {inflate}");
+    }
 
     #[test]
     fn bucket_quantile_reads_the_requests_between_two_readings() {

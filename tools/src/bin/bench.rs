@@ -26,7 +26,7 @@ use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
 use druid_log_agent_tools::{
     MachineSample, Pace, async_snapshot_clients, bucket_quantile, cpu_seconds, cpu_split,
-    gzip1_mib_s, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
+    gzip1_mib_s, gzip1_speeds, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
 };
 
 #[derive(Parser)]
@@ -150,6 +150,8 @@ const HEADLINE: &[&str] = &[
     "/load_before/0",
     "/load_after/0",
     "/machine/gzip1_mib_s",
+    "/floor_cpu_s_per_gib/ingest",
+    "/floor_cpu_s_per_gib/end_to_end",
 ];
 
 /// This command line without `--runs`, `--agent-b` and `--agent` (and their values): what one
@@ -351,6 +353,7 @@ fn main() {
     }
     let load_before = loadavg();
     let calibration = gzip1_mib_s();
+    let (data_deflate, data_inflate) = gzip1_speeds(&args.data.lines(7).text(64 << 20));
     let tmp = args
         .dir
         .clone()
@@ -692,6 +695,11 @@ fn main() {
         })
         .unwrap_or_default();
     let gib = (1u64 << 30) as f64;
+    let text_per_gib_in = text_total as f64 / written.max(1) as f64 * 1024.0;
+    let (floor_deflate, floor_inflate) = (
+        text_per_gib_in / data_deflate,
+        text_per_gib_in / data_inflate,
+    );
     let out = serde_json::json!({
         "pods": args.pods,
         "data": args.data.to_possible_value().map(|v| v.get_name().to_owned()),
@@ -725,7 +733,11 @@ fn main() {
         "date": now_utc(),
         "load_before": load_before,
         "load_after": loadavg(),
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration},
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration, "data_gzip1_mib_s": data_deflate, "data_gunzip_mib_s": data_inflate},
+        // gzip level 1 alone on this run's text, per GiB of CRI input: what the spool's
+        // compression (ingest) and one more inflate for a plain-text archive (end to end)
+        // cost before the agent does anything else.
+        "floor_cpu_s_per_gib": {"ingest": floor_deflate, "end_to_end": floor_deflate + floor_inflate},
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     drop(agent);
