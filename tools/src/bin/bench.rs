@@ -26,7 +26,7 @@ use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
 use druid_log_agent_tools::{
     MachineSample, Pace, async_snapshot_clients, bucket_quantile, cpu_seconds, cpu_split,
-    gzip1_mib_s, gzip1_speeds, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
+    gzip1_speeds, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
 };
 
 #[derive(Parser)]
@@ -121,7 +121,6 @@ impl Data {
     }
 }
 
-/// The figures a comparison summarises (JSON pointers into one run's output).
 /// How often the bench asks the agent whether it has read everything: each answer costs the
 /// agent a metrics render (and a count of its open files), so a tight loop would add to the
 /// very CPU measured; 20 ms is 1 % of a 2 s ingest.
@@ -129,6 +128,7 @@ const POLL_INGEST: Duration = Duration::from_millis(20);
 /// How often the bench asks which ended tasks are archived (one `/tasks` list for all).
 const POLL_ARCHIVE: Duration = Duration::from_millis(10);
 
+/// The figures a comparison summarises (JSON pointers into one run's output).
 const HEADLINE: &[&str] = &[
     "/ingest_mib_s",
     "/ingest_cpu_s_per_gib",
@@ -352,8 +352,13 @@ fn main() {
         return series(&args, a);
     }
     let load_before = loadavg();
-    let calibration = gzip1_mib_s();
-    let (data_deflate, data_inflate) = gzip1_speeds(&args.data.lines(7).text(64 << 20));
+    // The plain text is the calibration's own: measured once, it is both.
+    let plain = gzip1_speeds(&Data::Plain.lines(7).text(64 << 20));
+    let calibration = plain.0;
+    let (data_deflate, data_inflate) = match args.data {
+        Data::Plain => plain,
+        Data::Varied => gzip1_speeds(&args.data.lines(7).text(64 << 20)),
+    };
     let tmp = args
         .dir
         .clone()
@@ -480,6 +485,7 @@ fn main() {
             .unwrap_or(0);
         if read >= written {
             text_total = total_bytes(&agent.addr);
+            ingest_polls += 1;
             break;
         }
         std::thread::sleep(POLL_INGEST);
@@ -696,6 +702,13 @@ fn main() {
         .unwrap_or_default();
     let gib = (1u64 << 30) as f64;
     let text_per_gib_in = text_total as f64 / written.max(1) as f64 * 1024.0;
+    // No text counted (the agent's /tasks failed) is no floor, not a floor of 0 (NaN prints
+    // as null).
+    let text_per_gib_in = if text_total == 0 {
+        f64::NAN
+    } else {
+        text_per_gib_in
+    };
     let (floor_deflate, floor_inflate) = (
         text_per_gib_in / data_deflate,
         text_per_gib_in / data_inflate,
