@@ -393,7 +393,15 @@ fn an_archive_is_timed() {
     let node = Node::new();
     let task = "index-kafka-timed";
     let mut w = PeonWriter::create(&node.pod_dir(task).join("main"), 0).unwrap();
-    let agent = agent_s3(&node, &moto.endpoint, "logs", &["--idle-timeout-secs", "1"]);
+    // The task ends when its pod directory goes, after the whole log is written: an idle
+    // timeout could end it in a pause of a loaded machine mid-write, and the log written after
+    // that reopens the task, whose first archive then has no end to be timed from.
+    let agent = agent_s3(
+        &node,
+        &moto.endpoint,
+        "logs",
+        &["--idle-timeout-secs", "3600"],
+    );
     let addr = agent.http_addr();
     for h in [DURATION, DELAY] {
         assert_eq!(
@@ -403,6 +411,7 @@ fn an_archive_is_timed() {
         );
     }
     write_log(&mut w, 8, 64 << 10, false);
+    std::fs::remove_dir_all(node.pod_dir(task)).unwrap();
     // Logged once the outcome is recorded, histograms included.
     agent.wait_for_line("log archived", LONG);
     let archives = sample(&addr, "druid_log_agent_archives_total");
