@@ -207,6 +207,18 @@ fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`;
+/// the state follows the command name's closing parenthesis, and a name may hold one).
+fn all_threads_stopped(pid: &str) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.into_iter().all(|t| {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            == Some("T")
+    })
+}
+
 /// The value of the sample `series` (name and labels, exactly as exposed) in `addr`'s
 /// `/metrics`.
 fn sample(addr: &str, series: &str, extra: &[&str]) -> Option<u64> {
@@ -534,7 +546,15 @@ fn a_killed_or_hung_agent_falls_back_to_the_archive_and_the_overlord() {
                 .success()
         );
     };
+    assert!(!all_threads_stopped(&pid), "agent a runs before the signal");
     signal("-STOP");
+    // kill(2) returns once the signal is queued; the group stop then spreads from the one
+    // thread that takes it, and on a loaded machine another thread woken by the gateway's
+    // connection could answer first (seen in CI: the agent served the log, no timeout was
+    // counted). Stopped is when the kernel shows every thread stopped.
+    wait_until(LONG, "every thread of agent a is stopped", || {
+        all_threads_stopped(&pid)
+    });
     // A read timeout far above the gateway's first-byte timeout: a gateway that hangs on
     // the stopped agent fails the test instead of hanging it.
     let r = common::http::get(&c.gw.addr, &log_path(done_a, 0), &[], Some(LONG));
