@@ -29,8 +29,11 @@ const READ_BUDGET: u64 = 64 << 10;
 pub(super) const READ_BUF: usize = 256 << 10;
 /// The smallest read: a containerd record is at most 16 KiB plus its header.
 const MIN_READ: usize = 32 << 10;
-/// Read past a turn's budget by this much: a turn ends with the record that crosses its
-/// budget, and most records are a few hundred bytes.
+/// Read past a turn's budget by this much. Meant to hold the record that crosses the budget,
+/// but it seldom saves a read: a step whose record does not fit in what is left of the
+/// budget reads again at `MIN_READ` or more, past the slack (taking the slack first was tried
+/// and read no less, docs/performance.md). Small, so the bytes read past the
+/// turn and read again next turn stay few.
 const TURN_SLACK: usize = 4 << 10;
 /// How many drained files a task remembers so a rescan never reads them again; the kubelet
 /// keeps far fewer files per container.
