@@ -173,6 +173,11 @@ pub fn get(
     parse(&raw)
 }
 
+/// How long a [`KeepAlive`] (and a benchmark's one-off request) waits for the next bytes of
+/// an answer: a server that stopped answering fails the request rather than hang its caller
+/// for good.
+pub const IDLE_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// GETs on one kept-alive connection, connecting again when the server closed it.
 pub struct KeepAlive {
     addr: String,
@@ -207,6 +212,7 @@ impl KeepAlive {
             None => {
                 let s = TcpStream::connect(&self.addr)?;
                 s.set_nodelay(true)?;
+                s.set_read_timeout(Some(IDLE_READ_TIMEOUT))?;
                 self.conn.insert(s)
             }
         };

@@ -306,9 +306,12 @@ fn server_log_buckets(addr: &str) -> Vec<(f64, u64)> {
     )
 }
 
-/// One request on a new connection; status 0 when it failed (the bench counts, never stops).
+/// One request on a new connection; status 0 when it failed (the bench counts, never stops),
+/// or when the agent sent nothing for a minute: a hung agent ends the bench's waits instead
+/// of hanging it.
 fn get(addr: &str, target: &str) -> (u16, Vec<u8>) {
-    http::get(addr, target, &[], None).map_or((0, Vec::new()), |r| (r.status, r.body))
+    http::get(addr, target, &[], Some(http::IDLE_READ_TIMEOUT))
+        .map_or((0, Vec::new()), |r| (r.status, r.body))
 }
 
 fn total_bytes(addr: &str) -> u64 {
