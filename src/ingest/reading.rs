@@ -29,11 +29,9 @@ const READ_BUDGET: u64 = 64 << 10;
 pub(super) const READ_BUF: usize = 256 << 10;
 /// The smallest read: a containerd record is at most 16 KiB plus its header.
 const MIN_READ: usize = 32 << 10;
-/// Read past a turn's budget by this much. Meant to hold the record that crosses the budget,
-/// but it seldom saves a read: a step whose record does not fit in what is left of the
-/// budget reads again at `MIN_READ` or more, past the slack (taking the slack first was tried
-/// and read no less, docs/performance.md). Small, so the bytes read past the
-/// turn and read again next turn stay few.
+/// Read past a turn's budget by this much: a turn ends with the record that crosses its
+/// budget, most records are a few hundred bytes, and a step whose record does not fit in what
+/// is left of the budget takes what the buffer holds before it reads again.
 const TURN_SLACK: usize = 4 << 10;
 /// How many drained files a task remembers so a rescan never reads them again; the kubelet
 /// keeps far fewer files per container.
@@ -223,6 +221,13 @@ impl Ahead {
         let from = at.checked_sub(self.offset)?;
         (from + want as u64 <= self.len as u64).then_some(from as usize)
     }
+
+    /// How many bytes from file offset `at` on the buffer holds (0 if none).
+    fn held_from(&self, at: u64) -> usize {
+        at.checked_sub(self.offset)
+            .and_then(|from| (self.len as u64).checked_sub(from))
+            .map_or(0, |n| n as usize)
+    }
 }
 
 enum Step {
@@ -313,8 +318,15 @@ fn read_step(
         };
         if used == 0 && n == want {
             if want < room {
-                // The record is longer than the read budget left: read up to the block.
-                want = (want * 2).max(MIN_READ).min(room);
+                // The record is longer than the read budget left: what the buffer holds past
+                // the budget first (the turn's read took the slack for it), then read up to
+                // the block.
+                let held = ahead.held_from(at);
+                want = if held > want {
+                    held.min(room)
+                } else {
+                    (want * 2).max(MIN_READ).min(room)
+                };
                 continue;
             }
             if writer.tail_len() > 0 {
