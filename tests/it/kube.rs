@@ -548,7 +548,7 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
     let api = FakeApi::start();
     let node = Node::new();
     let agent = start(&node, &api, &["--pending-timeout-secs", "2"]);
-    wait_ready(&agent);
+    let addr = wait_ready(&agent);
 
     api.set_outage(Some(outage));
     let task = format!("index_kafka_outage_{name}");
@@ -575,6 +575,18 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
         created.elapsed().unwrap() >= Duration::from_secs(2),
         "the warning came before the pending timeout, so the outage may not outlast it: {line}"
     );
+    // What the alert reads: the held directory's age grows for as long as the outage lasts.
+    assert_eq!(metric(&addr, "druid_log_agent_pending_pods"), Some(1));
+    let age = |addr: &str| metric(addr, "druid_log_agent_pending_oldest_seconds").unwrap();
+    let first = age(&addr);
+    let deadline = std::time::Instant::now() + LONG;
+    while age(&addr) <= first {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pending age stays at {first}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     write(&mut log, 2, 50 << 10);
     api.set_outage(None);
     write(&mut log, 3, 50 << 10);
@@ -584,6 +596,8 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
         &wait_for_archive(&archived_with(&node, &task), log.expected.len(), LONG),
         &log.expected,
     );
+    assert_eq!(metric(&addr, "druid_log_agent_pending_pods"), Some(0));
+    assert_eq!(age(&addr), 0, "no directory is pending");
     assert!(agent.terminate().success());
 }
 
