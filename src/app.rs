@@ -606,14 +606,6 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat, &str)) -> Result<()
     // Only once the state directory is locked and the checkpoint restored: a refused start
     // must not read as a started agent.
     tracing::info!(log_root = %cfg.log_root.display(), state_dir = %cfg.state_dir.display(), "agent started");
-    if cfg.block_max_age > crate::config::SAFE_BLOCK_AGE {
-        tracing::warn!(
-            block_max_age = ?cfg.block_max_age,
-            safe = ?crate::config::SAFE_BLOCK_AGE,
-            "block_max_age is long: after a crash, text not yet sealed of a file the kubelet \
-             rotated twice meanwhile is lost"
-        );
-    }
     let http = serve::Http::new(
         agent.registry().clone(),
         agent.metrics().clone(),

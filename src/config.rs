@@ -58,7 +58,7 @@ pub struct Config {
     ///
     /// This bounds what must be read again from the source files after a crash, and must stay
     /// well below the kubelet's 10 s rotation period: a rotated file is gzipped (and gone) at
-    /// the next rotation. More than 0; above 5s the agent warns at start.
+    /// the next rotation.
     #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
     #[serde(with = "units::duration")]
     pub block_max_age: Duration,
@@ -373,11 +373,6 @@ pub enum ConfigError {
     S3(#[from] crate::archive::s3::S3ConfigError),
 }
 
-/// The longest `block_max_age` that cannot lose text: unsealed text is read again from its
-/// file after a crash, and the kubelet gzips a rotated file (gone for us) at its next
-/// rotation, checked every 10 s; half of that leaves room for the commit after a seal.
-pub const SAFE_BLOCK_AGE: Duration = Duration::from_secs(5);
-
 impl Config {
     /// Parses `path`. Does not validate: call [`Config::validate`] once environment variables
     /// and flags are applied on top (as [`Config::load`] does).
@@ -477,11 +472,6 @@ impl Config {
         }
         if !(4096..=(64 << 20)).contains(&self.block_bytes) {
             return bad("block_bytes", "between 4KiB (4096) and 64MiB (67108864)");
-        }
-        // None would seal a block of a few bytes per read. A long one is only warned about
-        // at start (`SAFE_BLOCK_AGE`): tests hold text in the tail with it.
-        if self.block_max_age.is_zero() {
-            return bad("block_max_age", "more than 0 (2s by default)");
         }
         if self.compression_level > 9 {
             return bad("compression_level", "0 to 9");

@@ -42,12 +42,6 @@ const REFUSED: &[Case] = &[
         needle: "block_bytes",
     },
     Case {
-        name: "a block age of nothing",
-        file: BASE,
-        env: &[("DLA_BLOCK_MAX_AGE", "0s")],
-        needle: "block_max_age",
-    },
-    Case {
         name: "a log level that is no level",
         file: "log_level = \"inf\"\n",
         env: &[],

@@ -32,8 +32,6 @@ fn every_offset_rule_of_druid_is_byte_exact() {
         &node,
         &["--idle-timeout-secs", "0", "--block-max-age-ms", "3600000"],
     );
-    // An age a kubelet's rotations could outrun after a crash: said at start.
-    agent.wait_for_line("block_max_age is long", LONG);
     let addr = agent.http_addr();
     let want = &w.expected;
     let len = want.len() as i64;
