@@ -56,9 +56,9 @@ pub struct Config {
     pub block_bytes: usize,
     /// Seal a block that has held text this long even if not full.
     ///
-    /// This bounds what must be read again from the source files after a crash, and must stay
-    /// well below the kubelet's 10 s rotation period: a rotated file is gzipped (and gone) at
-    /// the next rotation.
+    /// This bounds what must be read again from the source files after a crash (from its
+    /// `.gz` when the kubelet compressed a rotated file meanwhile; lost only if the kubelet
+    /// deleted it, `containerLogMaxFiles` rotations later).
     #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
     #[serde(with = "units::duration")]
     pub block_max_age: Duration,

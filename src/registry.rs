@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use crate::checkpoint::Phase;
 use crate::spool::Spool;
@@ -66,6 +67,10 @@ pub struct PendingPod {
     /// When the agent first saw the directory (ms since the epoch; the pending timeout counts
     /// from the directory's creation as the file system dates it).
     pub since_ms: u64,
+    /// When this process first saw it (a monotonic clock): what the pending age in `/metrics`
+    /// counts from, so that neither a clock step nor an agent restart, after which the
+    /// directory is held again only until a current pod list has not shown it, moves it.
+    pub held_since: Instant,
 }
 
 /// The tasks (and pending pod directories) of this node, as readers may see them.

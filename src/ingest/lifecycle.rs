@@ -79,6 +79,7 @@ impl Ingest {
                 .map(|t| PendingPod {
                     pod: t.pod.clone(),
                     since_ms: t.first_seen_ms,
+                    held_since: t.seen_at,
                 })
                 .collect(),
         );

@@ -140,6 +140,10 @@ struct Task {
     /// The spool file length of that commit.
     committed_file_len: SpoolFileOffset,
     first_seen_ms: u64,
+    /// When this process first saw the directory: `first_seen_ms` may come from an earlier
+    /// run's checkpoint and is wall-clock time, so how long a directory has been held here is
+    /// counted from this.
+    seen_at: Instant,
 }
 
 impl Task {
@@ -177,6 +181,7 @@ impl Task {
             committed_len: LogOffset::ZERO,
             committed_file_len: SpoolFileOffset::ZERO,
             first_seen_ms: now_ms(),
+            seen_at: Instant::now(),
         }
     }
 

@@ -159,16 +159,13 @@ pub(super) async fn metrics(State(http): State<Arc<Http>>) -> Result<Response, I
     );
     // What the alert asks: a count stays up on a node that starts other pods' directories
     // more often than the pending timeout lets each go, an age only when one is stuck.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let oldest_ms = pending.iter().map(|p| p.since_ms).min();
+    let oldest = pending.iter().map(|p| p.held_since.elapsed()).max();
     single(
         out,
         "druid_log_agent_pending_oldest_seconds",
         "gauge",
-        "How long the longest-held pending pod log directory has been held (0 when none).",
-        oldest_ms.map_or(0, |since| now_ms.saturating_sub(since) / 1000),
+        "How long this agent has held the longest-held pending pod log directory (0 when none).",
+        oldest.map_or(0, |d| d.as_secs()),
     );
     let sum = |f: &dyn Fn(&TaskEntry) -> u64| tasks.iter().map(|t| f(t)).sum::<u64>();
     single(

@@ -576,7 +576,8 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
         "the warning came before the pending timeout, so the outage may not outlast it: {line}"
     );
     // What the alert reads: the held directory's age grows for as long as the outage lasts.
-    assert_eq!(metric(&addr, "druid_log_agent_pending_pods"), Some(1));
+    // The pending list is published at the end of a tick, which may follow the warning.
+    wait_for_metric(&addr, "druid_log_agent_pending_pods", 1);
     let age = |addr: &str| metric(addr, "druid_log_agent_pending_oldest_seconds").unwrap();
     let first = age(&addr);
     let deadline = std::time::Instant::now() + LONG;
@@ -596,9 +597,22 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
         &wait_for_archive(&archived_with(&node, &task), log.expected.len(), LONG),
         &log.expected,
     );
-    assert_eq!(metric(&addr, "druid_log_agent_pending_pods"), Some(0));
+    wait_for_metric(&addr, "druid_log_agent_pending_pods", 0);
     assert_eq!(age(&addr), 0, "no directory is pending");
     assert!(agent.terminate().success());
+}
+
+/// Waits until the agent's unlabelled metric `name` is `want`.
+fn wait_for_metric(addr: &str, name: &str, want: u64) {
+    let deadline = std::time::Instant::now() + LONG;
+    while metric(addr, name) != Some(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never became {want}: {:?}",
+            metric(addr, name)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
