@@ -14,11 +14,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, s3_args, s3_env,
-    wait_for_bytes_with, wait_for_object,
+    wait_for_bytes_with, wait_for_object, wait_until,
 };
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::kubeapi::{FakeApi, PodModel, RestartPolicy};
@@ -194,16 +194,6 @@ fn start_agent(
         node,
         agent: Some(agent),
         addr,
-    }
-}
-
-/// Polls `done` until it holds: for states no event announces (a process's readiness, a
-/// metric of another process).
-fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     AgentProc, Moto, Node, assert_same_log, create_bucket_now, http_get, metric, s3_args, s3_env,
-    task_entry, wait_for_archive, wait_for_bytes, wait_for_object,
+    task_entry, wait_for_archive, wait_for_bytes, wait_for_object, wait_until,
 };
 use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::kubeapi::{FakeApi, Outage, PodModel, RestartPolicy, pod};
@@ -577,17 +577,13 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
     );
     // What the alert reads: the held directory's age grows for as long as the outage lasts.
     // The pending list is published at the end of a tick, which may follow the warning.
-    wait_for_metric(&addr, "druid_log_agent_pending_pods", 1);
+    let pending = |addr: &str| metric(addr, "druid_log_agent_pending_pods");
+    wait_until(LONG, "the directory is listed as pending", || {
+        pending(&addr) == Some(1)
+    });
     let age = |addr: &str| metric(addr, "druid_log_agent_pending_oldest_seconds").unwrap();
     let first = age(&addr);
-    let deadline = std::time::Instant::now() + LONG;
-    while age(&addr) <= first {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pending age stays at {first}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(LONG, "the pending age grows", || age(&addr) > first);
     write(&mut log, 2, 50 << 10);
     api.set_outage(None);
     write(&mut log, 3, 50 << 10);
@@ -597,22 +593,11 @@ fn outage_longer_than_the_pending_timeout(outage: Outage, name: &str, uid: &str)
         &wait_for_archive(&archived_with(&node, &task), log.expected.len(), LONG),
         &log.expected,
     );
-    wait_for_metric(&addr, "druid_log_agent_pending_pods", 0);
+    wait_until(LONG, "no directory is pending", || {
+        pending(&addr) == Some(0)
+    });
     assert_eq!(age(&addr), 0, "no directory is pending");
     assert!(agent.terminate().success());
-}
-
-/// Waits until the agent's unlabelled metric `name` is `want`.
-fn wait_for_metric(addr: &str, name: &str, want: u64) {
-    let deadline = std::time::Instant::now() + LONG;
-    while metric(addr, name) != Some(want) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} never became {want}: {:?}",
-            metric(addr, name)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -248,6 +248,16 @@ impl AgentProc {
 
 pub use druid_log_agent_testkit::http::{self, Reply};
 
+/// Polls `done` until it holds: for states no event announces (a process's readiness, a
+/// metric of another process).
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of an unlabelled metric in the agent's `/metrics` answer.
 pub fn metric(addr: &str, name: &str) -> Option<u64> {
     let metrics = String::from_utf8(http_get(addr, "/metrics", &[]).body).unwrap();
