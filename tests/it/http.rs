@@ -155,8 +155,13 @@ fn bearer_token_is_required_except_for_probes() {
     assert_eq!(http_get(&addr, "/metrics", &[]).status, 401);
     assert_eq!(http_get(&addr, "/healthz", &[]).status, 200);
     assert_eq!(http_get(&addr, "/readyz", &[]).status, 200);
-    let ok = http_get(&addr, &path, &["Authorization: Bearer s3cret-token"]);
+    // Listening comes before the agent has found the task's directory (a loaded machine
+    // answered 404 here): wait until it holds the log, asking with the token.
+    let bearer = "Authorization: Bearer s3cret-token";
+    wait_for_bytes_with(&addr, task, w.expected.len(), LONG, &[bearer]);
+    let ok = http_get(&addr, &path, &[bearer]);
     assert_eq!(ok.status, 200);
+    assert!(ok.body == w.expected);
     assert!(agent.terminate().success());
 }
 
