@@ -261,16 +261,47 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
         .split_whitespace()
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    let ticks = Command::new("getconf")
+    let ticks = clock_ticks();
+    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
+    let field = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / ticks;
+    (field(11), field(12))
+}
+
+/// User plus system CPU seconds of a process's threads, summed by thread name: where a phase's
+/// CPU went (the agent's `ingest` thread against its `archive-append` writer, say). Threads
+/// that already ended are missing; [`cpu_split`] still counts them.
+pub fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let ticks = clock_ticks();
+    let mut by = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by;
+    };
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let (Some((head, _)), Some((_, after))) = (stat.rsplit_once(')'), stat.rsplit_once(')'))
+        else {
+            continue;
+        };
+        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("?");
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let secs =
+            (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / ticks;
+        *by.entry(name.to_owned()).or_insert(0.0) += secs;
+    }
+    by
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
-    let field = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / ticks;
-    (field(11), field(12))
+        .unwrap_or(100.0)
 }
 
 /// The `p` quantile (0 to 1) of `v` by the nearest rank; sorts `v`.
