@@ -123,7 +123,12 @@ impl Agent {
         };
         // Before the checkpoint is read: a second agent must not even restore from it.
         let state_lock = lock_state_dir(&cfg.state_dir)?;
-        let ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
+        let mut ingest = Ingest::open(cfg, identity, Box::new(watcher), metrics.clone())?;
+        if let Target::Dir(d) = &target
+            && let Some(h) = d.handoff()
+        {
+            ingest.hand_sealed_text_to(h);
+        }
         let registry = ingest.registry().clone();
 
         let (jobs_tx, jobs_rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
@@ -574,11 +579,11 @@ pub fn run(cfg: Config, init_logging: impl FnOnce(LogFormat, &str)) -> Result<()
         kube: kube_client,
     } = rt.block_on(startup(cfg))?;
     init_logging(cfg.log_format, &cfg.log_level);
+    let metrics = Arc::new(Metrics::default());
     let target = match &cfg.archive {
-        ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::new(dir)),
+        ArchiveConfig::Dir { dir } => Target::Dir(DirArchive::appending(dir, metrics.clone())),
         ArchiveConfig::S3(s3) => Target::S3(rt.block_on(S3Target::new(s3.clone()))),
     };
-    let metrics = Arc::new(Metrics::default());
     let mut watch = None;
     let (identity, pod_cache): (Box<dyn TaskIdentity>, _) =
         if let Some((client, node)) = kube_client {

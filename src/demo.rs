@@ -8,13 +8,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::app::{Agent, AgentEvent, StartError};
 use crate::archive::{DirArchive, Outcome, Target};
 use crate::config::{ArchiveConfig, Config};
 use crate::loadgen::{LineGen, PeonWriter};
+use crate::metrics::Metrics;
 use crate::task::{BadTaskId, DirNameIdentity, TaskId};
 
 /// What `druid-log-agent demo` does: synthetic peons write a temporary log tree, the agent
@@ -109,13 +110,14 @@ pub fn run(opts: &DemoOptions) -> Result<bool, DemoError> {
         .enable_all()
         .build()
         .map_err(DemoError::Runtime)?;
+    let metrics = Arc::new(Metrics::default());
     let agent = Agent::start(
         &cfg,
         Box::new(DirNameIdentity),
-        Target::Dir(DirArchive::new(&archive_dir)),
+        Target::Dir(DirArchive::appending(&archive_dir, metrics.clone())),
         Some(obs_tx),
         rt.handle(),
-        Default::default(),
+        metrics,
     )?;
 
     let mut handles = Vec::new();

@@ -63,6 +63,8 @@ counters! {
     upload_parts: "Multipart parts stored while tasks ran (S3).",
     upload_bytes: "Bytes stored in multipart parts while tasks ran (S3).",
     archive_errors: "Failed archive attempts; retried.",
+    dir_archives_renamed: "Directory archives made by renaming the file written as the task ran (no inflate of the spool).",
+    dir_archives_written: "Directory archives written whole from the spool: the task resumed after a restart, or its file written as it ran had a gap or failed.",
     rescans: "Full rescans of the log tree.",
     watch_errors: "inotify errors (queue overflow, watch limit); each triggers a rescan.",
     backpressure_pauses: "Times reading paused because the spools reached spool_max_bytes.",

@@ -96,6 +96,10 @@ struct World {
 
 impl World {
     fn new() -> World {
+        Self::with_archive(|dir| DirArchive::appending(dir, Arc::default()))
+    }
+
+    fn with_archive(archive: impl FnOnce(PathBuf) -> DirArchive) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("pods");
         let archive_dir = tmp.path().join("archive");
@@ -112,7 +116,10 @@ impl World {
         let dir = pod_dir.join("main");
         fs::create_dir_all(&dir).unwrap();
         let identity = Scripted::default();
-        let ingest = open(&cfg, &identity);
+        // One appender for the whole test, across the engine's simulated crashes: an agent's
+        // crash ends it too, so this asks more of its checks by position than a crash does.
+        let archive = archive(archive_dir);
+        let ingest = open(&cfg, &identity, &archive);
         World {
             _tmp: tmp,
             cfg,
@@ -124,7 +131,7 @@ impl World {
             },
             identity,
             ingest,
-            archive: DirArchive::new(archive_dir),
+            archive,
             now: Instant::now(),
         }
     }
@@ -143,7 +150,10 @@ impl World {
             let JobKind::Finish { len, .. } = job.kind else {
                 panic!("the directory archive takes no parts");
             };
-            let location = self.archive.put(&job.task, &job.spool, len).unwrap();
+            let location = self
+                .archive
+                .finish(&job.pod_dir.name, &job.task, &job.spool, len)
+                .unwrap();
             let outcome = Outcome::Done {
                 pod_dir: job.pod_dir,
                 task: job.task.clone(),
@@ -201,14 +211,19 @@ impl World {
     }
 }
 
-fn open(cfg: &Config, identity: &Scripted) -> Ingest {
-    Ingest::open(
+/// An engine as the agent starts one, handing sealed text to the archive's appender.
+fn open(cfg: &Config, identity: &Scripted, archive: &DirArchive) -> Ingest {
+    let mut ingest = Ingest::open(
         cfg,
         Box::new(identity.clone()),
         Box::new(NoWatch),
         Arc::new(Metrics::default()),
     )
-    .unwrap()
+    .unwrap();
+    if let Some(h) = archive.handoff() {
+        ingest.hand_sealed_text_to(h);
+    }
+    ingest
 }
 
 fn assert_same(got: &[u8], want: &[u8]) {
@@ -334,7 +349,9 @@ fn set_fd_limit(soft: u64) -> u64 {
 #[test]
 fn restore_under_emfile_retries_and_doubles_nothing() {
     let _turn = serial();
-    let mut w = World::new();
+    // No appender: its partial, opened on its own thread whenever it gets there, would take
+    // the descriptor counted as room below.
+    let mut w = World::with_archive(DirArchive::new);
     w.files.append("0.log", 60);
     w.round();
     w.round(); // committed: the checkpoint names 0.log and how far it was read
@@ -343,7 +360,7 @@ fn restore_under_emfile_retries_and_doubles_nothing() {
     // container directory or opening the log file.
     let (old, fillers) = fd_limit_with_room_for(1);
     // kill -9 before, and the new agent starts now.
-    let mut reopened = open(&w.cfg, &w.identity);
+    let mut reopened = open(&w.cfg, &w.identity, &w.archive);
     // The first rounds still fail to open anything.
     reopened.tick(w.now);
     set_fd_limit(old);
@@ -386,7 +403,7 @@ fn archived_task_with_a_damaged_spool_is_not_archived_again() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    w.ingest = open(&w.cfg, &w.identity);
+    w.ingest = open(&w.cfg, &w.identity, &w.archive);
     for _ in 0..5 {
         assert!(w.round().is_none(), "archived again");
     }
@@ -429,7 +446,7 @@ fn spool_that_cannot_be_opened_stops_the_start_and_loses_nothing() {
         panic!("started without its spool");
     };
     assert!(e.to_string().contains("cannot open the spool"), "{e}");
-    w.ingest = open(&w.cfg, &w.identity);
+    w.ingest = open(&w.cfg, &w.identity, &w.archive);
     w.set_finished(true);
     let archive = w.archive.path_of(&TaskId::new(TASK).unwrap());
     for _ in 0..20 {
@@ -454,7 +471,7 @@ fn spool_removed_by_retention_before_the_last_commit_is_not_damage() {
     fs::remove_dir_all(&w.pod_dir).unwrap();
     let spool = w.spool_file();
     fs::remove_file(&spool).unwrap();
-    w.ingest = open(&w.cfg, &w.identity);
+    w.ingest = open(&w.cfg, &w.identity, &w.archive);
     w.round();
     let errors = w
         .ingest

@@ -10,10 +10,12 @@
 //! module imports from one that imports it back:
 //! - [`upload`]: upload progress and S3's part limits; depends on nothing in `archive`.
 //! - [`job`]: the job/outcome vocabulary; depends on `upload`.
-//! - [`dir`] and [`s3`]: the targets; depend on `job` and `upload`.
+//! - [`append`]: a directory archive written as the task runs; depends on nothing in `archive`.
+//! - [`dir`] and [`s3`]: the targets; depend on `job` and `upload` (`dir` also on `append`).
 //! - [`target`]: the two targets as one; depends on `dir`, `s3`, `job`, `upload`.
 //! - [`worker`]: runs jobs on a target; depends on `target` and `job`.
 
+pub mod append;
 pub mod dir;
 pub mod job;
 pub mod s3;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::oneline::OneLine;
 use tracing::{debug, error, info};
 
+use crate::archive::append::Handoff;
 use crate::checkpoint::{self, SourceState, State, TaskState};
 use crate::metrics::Metrics;
 use crate::spool::{LogOffset, Packer, SpoolFileOffset};
@@ -245,16 +246,49 @@ impl Ingest {
     }
 }
 
+/// What a seal needs besides the task: one per ingest thread.
+pub(super) struct Sealer {
+    pub(super) packer: Packer,
+    /// Where sealed text goes for a directory archive written as tasks run.
+    pub(super) handoff: Option<Handoff>,
+}
+
+impl Sealer {
+    /// Sends the text handed over since the last flush to the appender.
+    pub(super) fn flush(&mut self) {
+        if let Some(h) = &mut self.handoff {
+            h.flush();
+        }
+    }
+
+    fn seal(&mut self, t: &mut Task) -> Result<(), crate::spool::SpoolError> {
+        let Some(h) = &mut self.handoff else {
+            return t.writer.seal(&mut self.packer);
+        };
+        let mut text = h.spare();
+        match t.writer.seal_taking(&mut self.packer, &mut text) {
+            Ok(start) => {
+                h.send(&t.pod.name, start, text);
+                Ok(())
+            }
+            Err(e) => {
+                h.unused(text);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Seals the tail and takes the task's checkpoint snapshot. Returns false if the spool write
 /// failed (the tail is kept for a retry).
-pub(super) fn seal(t: &mut Task, packer: &mut Packer, m: &Metrics) -> bool {
+pub(super) fn seal(t: &mut Task, sealer: &mut Sealer, m: &Metrics) -> bool {
     if t.writer.tail_len() == 0 {
         return true;
     }
     if t.seal_retry_at.is_some_and(|at| Instant::now() < at) {
         return false;
     }
-    match t.writer.seal(packer) {
+    match sealer.seal(t) {
         Ok(()) => {
             m.blocks_sealed.fetch_add(1, Relaxed);
             if t.seal_failures > 0 {

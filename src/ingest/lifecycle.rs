@@ -44,7 +44,7 @@ impl Ingest {
             }
             if t.tail_since
                 .is_some_and(|s| now.duration_since(s) >= self.s.block_max_age)
-                && seal(t, &mut self.packer, &self.metrics)
+                && seal(t, &mut self.sealer, &self.metrics)
             {
                 // A slow task: no need to hold a block's worth of buffer until its next line.
                 t.writer.release_tail();
@@ -105,7 +105,7 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(name) else {
             return;
         };
-        if !seal(t, &mut self.packer, &self.metrics) {
+        if !seal(t, &mut self.sealer, &self.metrics) {
             return; // retried on the next tick
         }
         // An ended task rarely writes again: its spool stays for readers, its buffer need not.
@@ -127,6 +127,9 @@ impl Ingest {
     pub(super) fn drop_task(&mut self, name: &str) {
         if let Some(t) = self.tasks.remove(name) {
             let _ = fs::remove_file(t.writer.spool().path());
+            if let Some(h) = &mut self.sealer.handoff {
+                h.forget(name);
+            }
             self.ignored.insert(name.to_owned());
             self.checkpoint_dirty = true;
             // At once, not on the next poll, and before the line: whoever reads the line must
@@ -237,6 +240,9 @@ impl Ingest {
     /// Jobs decided since the last call, for the caller to hand to the archive worker; the
     /// worker's answer comes back through [`Ingest::archive_finished`].
     pub fn take_archive_jobs(&mut self) -> Vec<Job> {
+        // A directory archive takes a task's partial when its job runs: the text sealed
+        // before must be on its way first.
+        self.sealer.flush();
         std::mem::take(&mut self.jobs)
     }
 
@@ -326,8 +332,9 @@ impl Ingest {
         self.dirty_read.extend(names);
         while self.process(Instant::now()) && Instant::now() < deadline {}
         for t in self.tasks.values_mut() {
-            seal(t, &mut self.packer, &self.metrics);
+            seal(t, &mut self.sealer, &self.metrics);
         }
+        self.sealer.flush();
         self.commit(Instant::now())
     }
 }

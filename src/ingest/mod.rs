@@ -40,8 +40,8 @@ use crate::tail::SourceOffset;
 use crate::task::{Identity, PodDir, TaskId, TaskIdentity};
 
 pub use crate::tail::{DirWatcher, NoWatch};
-use commit::InFlight;
 pub use commit::{CommitDone, CommitError, CommitJob};
+use commit::{InFlight, Sealer};
 use reading::READ_BUF;
 use restore::aside_bytes;
 
@@ -241,7 +241,7 @@ pub struct Ingest {
     /// on every poll.
     degraded: bool,
     registry: Registry,
-    packer: Packer,
+    sealer: Sealer,
     /// Reading is paused because the spools reached `spool_max_bytes`.
     backpressure: bool,
     /// A spool was created since the last commit: the next one syncs the spool directory.
@@ -308,7 +308,10 @@ impl Ingest {
             jobs: Vec::new(),
             degraded: false,
             registry: Registry::default(),
-            packer: Packer::new(cfg.compression_level),
+            sealer: Sealer {
+                packer: Packer::new(cfg.compression_level),
+                handoff: None,
+            },
             backpressure: false,
             spool_dir_unsynced: false,
             aside_bytes: 0,
@@ -357,6 +360,13 @@ impl Ingest {
                 })
                 .sum(),
         });
+    }
+
+    /// Hands the text of every block sealed from now on to a directory archive that writes
+    /// logs as tasks run ([`crate::archive::DirArchive::handoff`]). Blocks sealed before are
+    /// not handed over; their tasks' archives are written whole.
+    pub fn hand_sealed_text_to(&mut self, handoff: crate::archive::append::Handoff) {
+        self.sealer.handoff = Some(handoff);
     }
 
     /// The registry this engine publishes its tasks to, for readers.

@@ -70,6 +70,8 @@ impl Ingest {
             // Says so (log, metric) the moment the bound is reached.
             self.spool_room();
         }
+        // Once per round, not per block: each send wakes the appender.
+        self.sealer.flush();
         more && room > 0
     }
 
@@ -131,7 +133,7 @@ impl Ingest {
         let mut ahead = Ahead::default();
         loop {
             if t.writer.tail_len() >= self.s.block_bytes
-                && !seal(t, &mut self.packer, &self.metrics)
+                && !seal(t, &mut self.sealer, &self.metrics)
             {
                 // Disk full or similar: stop reading until the tail can be sealed.
                 break;
@@ -155,7 +157,7 @@ impl Ingest {
             ) {
                 Step::Read(n) => total += n,
                 Step::Full => {
-                    if !seal(t, &mut self.packer, &self.metrics) {
+                    if !seal(t, &mut self.sealer, &self.metrics) {
                         break;
                     }
                 }
@@ -168,7 +170,7 @@ impl Ingest {
                     ahead = Ahead::default();
                     // What was read before the cut exists nowhere else now: make it durable
                     // before anything else, with the file's offset already back at 0.
-                    seal(t, &mut self.packer, &self.metrics);
+                    seal(t, &mut self.sealer, &self.metrics);
                     self.commit_now = true;
                 }
             }

@@ -179,10 +179,30 @@ impl SpoolWriter {
     /// cut back to its last good length and the tail is kept, so a retry (e.g. after the disk
     /// has space again) neither loses nor repeats text.
     pub fn seal(&mut self, packer: &mut Packer) -> Result<(), SpoolError> {
+        self.seal_swapping(packer, None).map(drop)
+    }
+
+    /// [`SpoolWriter::seal`] that also gives the sealed text away, for a directory archive
+    /// written as the task runs ([`crate::archive::append`]): on success `text` holds it, the
+    /// tail continues in `text`'s former buffer (cleared), and the text's position in the log
+    /// is returned. On error nothing is swapped.
+    pub fn seal_taking(
+        &mut self,
+        packer: &mut Packer,
+        text: &mut Vec<u8>,
+    ) -> Result<LogOffset, SpoolError> {
+        self.seal_swapping(packer, Some(text))
+    }
+
+    fn seal_swapping(
+        &mut self,
+        packer: &mut Packer,
+        swap: Option<&mut Vec<u8>>,
+    ) -> Result<LogOffset, SpoolError> {
         let (file_off, raw_len) = {
             let i = self.spool.read_inner();
             if i.tail.is_empty() {
-                return Ok(());
+                return Ok(LogOffset(i.sealed_raw));
             }
             encode_member(&mut packer.compress, &i.tail, &mut packer.scratch);
             (i.sealed_file, i.tail.len())
@@ -203,13 +223,21 @@ impl SpoolWriter {
         });
         i.sealed_raw += raw_len as u64;
         i.sealed_file += packer.scratch.len() as u64;
-        i.tail.clear();
-        if i.tail.capacity() > (4 << 20) {
-            // One huge read batch must not pin memory for the life of the task.
-            i.tail.shrink_to(1 << 16);
+        match swap {
+            Some(text) => {
+                text.clear();
+                std::mem::swap(&mut i.tail, text);
+            }
+            None => {
+                i.tail.clear();
+                if i.tail.capacity() > (4 << 20) {
+                    // One huge read batch must not pin memory for the life of the task.
+                    i.tail.shrink_to(1 << 16);
+                }
+            }
         }
         self.unsynced = true;
-        Ok(())
+        Ok(LogOffset(raw_start))
     }
 
     /// Whether blocks were sealed since the last sync; clears the flag, for a sync that runs

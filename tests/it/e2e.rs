@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{AgentProc, Node, assert_same_log, wait_for_archive, write_log};
+use common::{AgentProc, Node, assert_same_log, metric, wait_for_archive, wait_until, write_log};
 use druid_log_agent::loadgen::{LineGen, PeonWriter, Rng};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -93,9 +93,19 @@ fn startup_on_existing_logs_without_checkpoint() {
     w.rotate(false).unwrap(); // the first rotation is gzipped now
     write_log(&mut w, &mut lines, 100 << 10, None);
     let agent = AgentProc::start(&node, &["--idle-timeout-secs", "1"]);
+    let addr = agent.http_addr();
     let want = &w.expected[gz_part..];
     let got = wait_for_archive(&node.archived(task), want.len(), LONG);
     assert_same_log(&got, want);
+    // One run read the whole log: the file written as it was read became the archive, and
+    // the spool was not inflated for it.
+    wait_until(LONG, "the archive counted as renamed", || {
+        metric(&addr, "druid_log_agent_dir_archives_renamed_total") == Some(1)
+    });
+    assert_eq!(
+        metric(&addr, "druid_log_agent_dir_archives_written_total"),
+        Some(0)
+    );
     assert!(agent.terminate().success());
 }
 

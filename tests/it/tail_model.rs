@@ -105,7 +105,7 @@ impl World {
             writer,
             lines,
             ingest: None,
-            archive: DirArchive::new(archive_dir),
+            archive: DirArchive::appending(archive_dir, Arc::default()),
             now: Instant::now(),
         };
         w.start();
@@ -113,13 +113,14 @@ impl World {
     }
 
     fn start(&mut self) {
-        let ingest = Ingest::open(
+        let mut ingest = Ingest::open(
             &self.cfg,
             Box::new(DirNameIdentity),
             Box::new(NoWatch),
             Arc::new(Metrics::default()),
         )
         .unwrap();
+        ingest.hand_sealed_text_to(self.archive.handoff().unwrap());
         self.ingest = Some(ingest);
         self.process();
     }
@@ -223,9 +224,17 @@ impl World {
                 self.ingest().commit(now);
             }
             Op::Crash => {
+                // A crash ends the appender too; its partial files stay behind.
                 self.ingest = None;
+                let ArchiveConfig::Dir { dir } = &self.cfg.archive else {
+                    unreachable!("a directory archive")
+                };
+                self.archive = DirArchive::appending(dir, Arc::default());
                 self.start();
             }
+            // The appender outlives this stop (in the agent it ends with the process): the
+            // engine that starts next hands it blocks that may not continue its partials, which
+            // asks more of its checks by position than a real stop does.
             Op::Stop => {
                 self.ingest()
                     .shutdown(druid_log_agent::shutdown::READ_DRAIN);
@@ -248,7 +257,10 @@ impl World {
                 let JobKind::Finish { len, .. } = job.kind else {
                     panic!("the directory archive takes no parts");
                 };
-                let location = self.archive.put(&job.task, &job.spool, len).unwrap();
+                let location = self
+                    .archive
+                    .finish(&job.pod_dir.name, &job.task, &job.spool, len)
+                    .unwrap();
                 let outcome = Outcome::Done {
                     pod_dir: job.pod_dir,
                     task: job.task,
