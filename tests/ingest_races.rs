@@ -84,7 +84,6 @@ fn append(path: &Path, nanos: &mut u64, lines: usize, expected: &Mutex<Vec<u8>>)
 }
 
 struct World {
-    _tmp: tempfile::TempDir,
     cfg: Config,
     pod_dir: PathBuf,
     files: Files,
@@ -92,6 +91,9 @@ struct World {
     ingest: Ingest,
     archive: DirArchive,
     now: Instant,
+    /// Last: fields drop in order, and the engine and the appender still write here as they
+    /// go (the engine's hand-over flushes on drop).
+    _tmp: tempfile::TempDir,
 }
 
 impl World {
@@ -314,6 +316,26 @@ fn highest_fd() -> u64 {
 /// Takes every free fd number up to the highest in use (open() takes the lowest), then sets the
 /// limit so that `room` more can be opened at the same time. Returns the old limit and the
 /// fds that fill the gaps (close them after restoring the limit).
+/// Waits until this process has no thread of that name: a thread's end is no event a test can
+/// wait on.
+fn wait_until_no_thread_named(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alive = fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .any(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name));
+        if !alive {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a thread {name} is still running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn fd_limit_with_room_for(room: u64) -> (u64, Vec<fs::File>) {
     let mut fillers = Vec::new();
     let highest = highest_fd();
@@ -350,7 +372,10 @@ fn set_fd_limit(soft: u64) -> u64 {
 fn restore_under_emfile_retries_and_doubles_nothing() {
     let _turn = serial();
     // No appender: its partial, opened on its own thread whenever it gets there, would take
-    // the descriptor counted as room below.
+    // the descriptor counted as room below. For the same reason the appenders of the tests
+    // before must be gone (their threads end once their engine and archive are dropped).
+    wait_until_no_thread_named("archive-append");
+    wait_until_no_thread_named("archive-sweep");
     let mut w = World::with_archive(DirArchive::new);
     w.files.append("0.log", 60);
     w.round();

@@ -98,7 +98,7 @@ struct Pool {
 impl Shared {
     /// `text` was written (or will never be): it no longer counts as in flight.
     fn done(&self, text: Vec<u8>) {
-        self.in_flight.fetch_sub(text.len(), Relaxed);
+        self.in_flight.fetch_sub(text.capacity(), Relaxed);
         self.recycle(text);
     }
 
@@ -171,15 +171,17 @@ impl Handoff {
 
     /// Hands over `text`, sealed at `start` of the log of `pod_dir`, with the next
     /// [`Handoff::flush`]. Over the in-flight bound (unless nothing is in flight) the text is
-    /// not written: the partial of that task is then dropped at its next block, and its
-    /// archive written whole. Never blocks.
-    pub fn send(&mut self, pod_dir: &str, start: LogOffset, text: Vec<u8>) {
+    /// not taken and `false` returned: the partial of that task is then dropped at its next
+    /// block, and its archive written whole. Never blocks.
+    pub fn send(&mut self, pod_dir: &str, start: LogOffset, text: Vec<u8>) -> bool {
+        // Buffers, not text, are what the bound is for: memory held for the writer.
+        let held = text.capacity();
         let len = text.len();
         // One block is always taken when none is in flight, however long (a 100 MiB line).
-        let before = self.shared.in_flight.fetch_add(len, Relaxed);
-        if before > 0 && before + len > self.shared.in_flight_max {
+        let before = self.shared.in_flight.fetch_add(held, Relaxed);
+        if before > 0 && before + held > self.shared.in_flight_max {
             self.shared.done(text);
-            return;
+            return false;
         }
         self.batch.push(Msg::Block {
             pod_dir: pod_dir.to_owned(),
@@ -190,6 +192,7 @@ impl Handoff {
         if self.batch_bytes >= BATCH_BYTES {
             self.flush();
         }
+        true
     }
 
     /// Gives back a buffer from [`Handoff::spare`] that was not handed over (the seal failed).
@@ -261,14 +264,17 @@ impl Appender {
         std::thread::Builder::new()
             .name("archive-append".into())
             .spawn(move || {
-                // Here, not before the spawn: the directory may be a slow shared volume.
-                sweep(&state.dir, SWEEP_AGE);
                 for batch in rx {
                     for msg in batch {
                         state.handle(msg);
                     }
                 }
             })?;
+        // Apart, so that listing a large shared directory holds up no block and no end.
+        let swept = dir.to_owned();
+        std::thread::Builder::new()
+            .name("archive-sweep".into())
+            .spawn(move || sweep(&swept, SWEEP_AGE))?;
         Ok(Appender { tx, shared })
     }
 
@@ -358,7 +364,12 @@ impl State {
                         None
                     }
                 };
-                let _ = reply.send(partial);
+                // Nobody waits any more (the agent is stopping): nothing will rename it.
+                if let Err(Some(p)) = reply.send(partial)
+                    && p.still_named().unwrap_or(false)
+                {
+                    remove(&p.path);
+                }
             }
             Msg::Forget { pod_dir } => {
                 self.open.remove(&pod_dir);
@@ -417,7 +428,8 @@ impl State {
     }
 }
 
-/// Removes the partials in `dir` (of any node) not modified for `age`.
+/// Removes the partials in `dir` (of any node) not modified for `age`: files named as this
+/// module names them, `.{pod directory}.partial`, nothing else.
 fn sweep(dir: &Path, age: std::time::Duration) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -426,7 +438,11 @@ fn sweep(dir: &Path, age: std::time::Duration) {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if !(name.starts_with('.') && name.ends_with(".partial")) {
+        let ours = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".partial"))
+            .is_some_and(|pod| crate::task::PodDir::parse(pod).is_some());
+        if !ours {
             continue;
         }
         let old = e
@@ -449,5 +465,42 @@ fn remove(path: &Path) {
         && e.kind() != io::ErrorKind::NotFound
     {
         debug!(path = %path.display(), error = %e, "cannot remove a partial archive");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partials of other nodes' agents that will never finish them (the node is gone) are
+    /// removed once a day old; newer ones, and files this module did not name, stay.
+    #[test]
+    fn the_sweep_removes_only_day_old_partials() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let old = dir.join(".ns_gone_uid1.partial");
+        let fresh = dir.join(".ns_live_uid2.partial");
+        let log = dir.join("index_old.log");
+        let foreign = dir.join(".someone-elses.partial");
+        for f in [&old, &fresh, &log, &foreign] {
+            fs::write(f, b"text").unwrap();
+        }
+        let day_ago = std::time::SystemTime::now() - SWEEP_AGE;
+        for f in [&old, &log, &foreign] {
+            File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(day_ago)
+                .unwrap();
+        }
+        sweep(dir, SWEEP_AGE);
+        assert!(!old.exists(), "a day-old partial is removed");
+        assert!(fresh.exists(), "a recent partial stays");
+        assert!(log.exists(), "archived logs are never touched");
+        assert!(
+            foreign.exists(),
+            "a name that is not a pod directory's is not ours"
+        );
     }
 }

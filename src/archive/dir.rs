@@ -225,6 +225,11 @@ impl DirArchive {
         }
         fs::rename(&partial.path, &dest).map_err(|e| io("rename", e))?;
         crate::durable::sync_dir(&parent).map_err(|e| io("fsync directory", e))?;
+        if parent != self.dir {
+            // Into `_unmapped/`: also the name's removal, or a power loss could bring the
+            // partial back (harmless, but kept until the sweep).
+            crate::durable::sync_dir(&self.dir).map_err(|e| io("fsync directory", e))?;
+        }
         Ok(dest.display().to_string())
     }
 
@@ -263,7 +268,6 @@ impl DirArchive {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
@@ -510,38 +514,6 @@ mod tests {
             b"another writer's text, long enough to pass for the log",
             "another writer's file is not touched"
         );
-    }
-
-    /// Partials of other nodes' agents that will never finish them (the node is gone) are
-    /// removed by the next appender to start once they are a day old; newer ones stay.
-    #[test]
-    fn partials_nobody_writes_for_a_day_are_swept_at_start() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let old = dir.join(".ns_gone_uid1.partial");
-        let fresh = dir.join(".ns_live_uid2.partial");
-        let log = dir.join("index_old.log");
-        for f in [&old, &fresh, &log] {
-            fs::write(f, b"text").unwrap();
-        }
-        let day_ago = std::time::SystemTime::now() - crate::archive::append::SWEEP_AGE;
-        for f in [&old, &log] {
-            File::options()
-                .write(true)
-                .open(f)
-                .unwrap()
-                .set_modified(day_ago)
-                .unwrap();
-        }
-        let a = Appender::start(dir, IN_FLIGHT_MAX).unwrap();
-        // Answered after the sweep, which runs first on the appender's thread.
-        assert!(
-            a.take_blocking("ns_other_uid3", LogOffset::new(1))
-                .is_none()
-        );
-        assert!(!old.exists(), "a day-old partial is removed");
-        assert!(fresh.exists(), "a recent partial stays");
-        assert!(log.exists(), "archived logs are never touched");
     }
 
     /// A pod that is not a peon: its partial goes.

@@ -261,14 +261,29 @@ impl Sealer {
         }
     }
 
+    /// Gives the buffer of a released tail back for reuse.
+    pub(super) fn recycle(&mut self, buf: Vec<u8>) {
+        if let Some(h) = &mut self.handoff {
+            h.unused(buf);
+        }
+    }
+
     fn seal(&mut self, t: &mut Task) -> Result<(), crate::spool::SpoolError> {
         let Some(h) = &mut self.handoff else {
             return t.writer.seal(&mut self.packer);
         };
+        if t.partial == Some(false) {
+            return t.writer.seal(&mut self.packer);
+        }
         let mut text = h.spare();
         match t.writer.seal_taking(&mut self.packer, &mut text) {
             Ok(start) => {
-                h.send(&t.pod.name, start, text);
+                if t.partial.is_none() && start != LogOffset::ZERO {
+                    h.unused(text);
+                    t.partial = Some(false);
+                } else {
+                    t.partial = Some(h.send(&t.pod.name, start, text));
+                }
                 Ok(())
             }
             Err(e) => {

@@ -47,7 +47,8 @@ impl Ingest {
                 && seal(t, &mut self.sealer, &self.metrics)
             {
                 // A slow task: no need to hold a block's worth of buffer until its next line.
-                t.writer.release_tail();
+                let buf = t.writer.release_tail();
+                self.sealer.recycle(buf);
             }
             let idle = self
                 .s
@@ -109,7 +110,8 @@ impl Ingest {
             return; // retried on the next tick
         }
         // An ended task rarely writes again: its spool stays for readers, its buffer need not.
-        t.writer.release_tail();
+        let buf = t.writer.release_tail();
+        self.sealer.recycle(buf);
         // The tail is empty now, so this snapshot is a valid checkpoint of the whole log.
         t.phase = Phase::Ended;
         t.ended_at = Some(Instant::now());

@@ -144,6 +144,11 @@ struct Task {
     /// run's checkpoint and is wall-clock time, so how long a directory has been held here is
     /// counted from this.
     seen_at: Instant,
+    /// Whether this run hands the task's sealed text to a directory archive's partial: `None`
+    /// before its first seal, `Some(false)` once it cannot (the log resumed in mid-way, or a
+    /// block was not taken), so that the text of such a task no longer takes the appender's
+    /// room from tasks that can still have one.
+    partial: Option<bool>,
 }
 
 impl Task {
@@ -182,6 +187,7 @@ impl Task {
             committed_file_len: SpoolFileOffset::ZERO,
             first_seen_ms: now_ms(),
             seen_at: Instant::now(),
+            partial: None,
         }
     }
 

@@ -161,11 +161,14 @@ impl SpoolWriter {
         f(&mut self.tail())
     }
 
-    /// Gives back the memory of an empty tail (for tasks that write rarely).
-    pub fn release_tail(&mut self) {
+    /// Gives back the memory of an empty tail (for tasks that write rarely): the buffer is
+    /// returned, for the caller to reuse or drop.
+    pub fn release_tail(&mut self) -> Vec<u8> {
         let mut i = self.spool.inner.write().unwrap_or_else(|e| e.into_inner());
         if i.tail.is_empty() {
-            i.tail = Vec::new();
+            std::mem::take(&mut i.tail)
+        } else {
+            Vec::new()
         }
     }
 

@@ -66,7 +66,6 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 struct World {
-    _tmp: tempfile::TempDir,
     cfg: Config,
     pod_dir: PathBuf,
     task: TaskId,
@@ -75,6 +74,9 @@ struct World {
     ingest: Option<Ingest>,
     archive: DirArchive,
     now: Instant,
+    /// Last: fields drop in order, and the engine and the appender still write here as they
+    /// go (the engine's hand-over flushes on drop).
+    _tmp: tempfile::TempDir,
 }
 
 impl World {
