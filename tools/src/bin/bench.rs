@@ -8,8 +8,9 @@
 //! pod's end to its complete archive, and the spool's compression ratio.
 //!
 //! With `--runs N` (and `--agent-b PATH` to compare two builds) it runs itself N times per
-//! agent, alternating A and B so that both see the same machine, and prints every run and the
-//! median and range of each headline figure. Each run records the machine's load average before
+//! agent, alternating A and B so that both see the same machine, after `--warmup` runs per
+//! agent (1) that are not counted, and prints every run and the median and range of each
+//! headline figure. Each run records the machine's load average before
 //! and after it and the agent process's own user and system CPU: a figure is only worth quoting
 //! with the conditions it was measured in.
 
@@ -98,6 +99,11 @@ struct Args {
     /// A, B, ... so a change in the machine's load hits both alike.
     #[arg(long)]
     agent_b: Option<PathBuf>,
+    /// With --runs or --agent-b: runs per agent before the measured ones, not counted. The
+    /// first run after a build (or another memory-hungry process) pays for page-cache
+    /// refaults: 8.5 against about 5 CPU-s/GiB in one sitting, in both agents alike.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// The text the peons write: `plain` (log4j lines that compress about 6x at level 1) or
     /// `varied` (metrics JSON, request logs and ids mixed in: about 4x, like a real peon's).
     #[arg(long, value_enum, default_value_t = Data::Plain)]
@@ -161,7 +167,7 @@ fn single_run_args() -> Vec<String> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let name = a.split('=').next().unwrap_or("");
-        if matches!(name, "--runs" | "--agent-b" | "--agent") {
+        if matches!(name, "--runs" | "--agent-b" | "--agent" | "--warmup") {
             if !a.contains('=') {
                 args.next();
             }
@@ -181,6 +187,27 @@ fn series(args: &Args, agent_a: PathBuf) {
         agents.push(("b", b.clone()));
     }
     let base = single_run_args();
+    let run = |label: &str, bin: &PathBuf, what: &str| -> serde_json::Value {
+        let out = Command::new(&me)
+            .args(&base)
+            .arg("--agent")
+            .arg(bin)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run bench");
+        assert!(out.status.success(), "bench {what} of agent {label} failed");
+        serde_json::from_slice(&out.stdout).expect("a bench run prints JSON")
+    };
+    for w in 0..args.warmup {
+        for (label, bin) in &agents {
+            let v = run(label, bin, "warm-up run");
+            eprintln!(
+                "warm-up run {} agent {label} (not counted): {}",
+                w + 1,
+                serde_json::to_string(&v).unwrap_or_default()
+            );
+        }
+    }
     let mut runs: Vec<(&str, serde_json::Value)> = Vec::new();
     for i in 0..args.runs {
         // A B, then B A: neither build always runs right after the other.
@@ -189,19 +216,7 @@ fn series(args: &Args, agent_a: PathBuf) {
             order.reverse();
         }
         for (label, bin) in order {
-            let out = Command::new(&me)
-                .args(&base)
-                .arg("--agent")
-                .arg(bin)
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run bench");
-            assert!(
-                out.status.success(),
-                "bench run {i} of agent {label} failed"
-            );
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).expect("a bench run prints JSON");
+            let v = run(label, bin, &format!("run {}", i + 1));
             eprintln!(
                 "run {} agent {label}: {}",
                 i + 1,
@@ -233,7 +248,7 @@ fn series(args: &Args, agent_a: PathBuf) {
         }
         summary.insert(
             label.to_string(),
-            serde_json::json!({"agent": bin.display().to_string(), "runs": args.runs, "figures": figures}),
+            serde_json::json!({"agent": bin.display().to_string(), "runs": args.runs, "warmup_runs": args.warmup, "figures": figures}),
         );
     }
     let out = serde_json::json!({
