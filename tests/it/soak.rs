@@ -40,6 +40,9 @@ fn short_soak_loses_and_doubles_nothing() {
     );
     let summary = soak::run(args).expect("run the soak");
     eprintln!("{summary:#}");
+    if summary["ok"] != true {
+        print_agent_lines_of_failed_tasks(&ledger, &node.join("agent.log"));
+    }
     assert!(summary["ok"] == true, "soak failed: {summary}");
     // The run did what it says: faults happened and tasks were judged.
     for key in [
@@ -67,4 +70,30 @@ fn short_soak_loses_and_doubles_nothing() {
         rows.lines().count() as u64,
         summary["tasks"].as_u64().unwrap()
     );
+}
+
+/// What the agents logged about each task the ledger did not find exact or exposed: the node's
+/// directory goes with the test's temp dir, and a CI machine with it, so this is all there is
+/// to diagnose a rare failure with.
+fn print_agent_lines_of_failed_tasks(ledger: &std::path::Path, agent_log: &std::path::Path) {
+    let rows = std::fs::read_to_string(ledger).unwrap_or_default();
+    let failed: Vec<String> = rows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["verdict"] != "exact" && r["exposed"] != true)
+        .filter_map(|r| r["pod_dir"].as_str().map(str::to_owned))
+        .collect();
+    let log = std::fs::read_to_string(agent_log).unwrap_or_default();
+    for pod_dir in failed {
+        // The uid alone: the watch and the API name a pod by it, the engine by its directory.
+        let uid = pod_dir.rsplit('_').next().unwrap_or(&pod_dir).to_owned();
+        eprintln!("agent log lines about {pod_dir}, agent starts and stops, watch failures:");
+        for line in log.lines().filter(|l| {
+            [uid.as_str(), "agent started", "shutting down", "pod watch"]
+                .iter()
+                .any(|n| l.contains(n))
+        }) {
+            eprintln!("  {line}");
+        }
+    }
 }
