@@ -28,8 +28,10 @@
 //! docs/reliability.md documents: a pod whose log directory was deleted while no agent was
 //! running to drain it (such tasks are reported as `exposed`, and their archive must still be a
 //! prefix of what was written: nothing doubled, nothing out of order). A pod deleted during an API
-//! outage before any client was sent it can only be archived under `_unmapped/<pod dir>`, the
-//! documented fallback; such tasks are judged there and counted as `tasks_unmapped`.
+//! outage before any client was sent it is archived under `_unmapped/<pod dir>`, the documented
+//! fallback, unless a watch resumed from before its creation is sent its events from the history
+//! later (as from a real API server's watch cache) and the agent learns its task id after all;
+//! such tasks are judged where their archive is and counted as `tasks_unmapped`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -220,8 +222,9 @@ struct Task {
     last_op_at: Instant,
     /// The resourceVersion of the pod's creation in the API.
     created_rv: Option<u64>,
-    /// The pod was deleted before any client was sent it (it lived within an API outage):
-    /// its task id cannot be learned, the log goes under `_unmapped/`.
+    /// The pod was deleted before any client was sent it (it lived within an API outage): its
+    /// log goes under `_unmapped/`, unless a watch resumed from before its creation was sent
+    /// its events from the history afterwards (then under its task id; see `archive_id`).
     unmappable: bool,
     /// The pod was deleted while the API was down: an agent restarted since its creation was
     /// sent (to the agent before) lists the API only after the deletion, so it cannot learn
@@ -278,10 +281,17 @@ impl Task {
     fn archive_id(&self, archived: &HashMap<String, i64>) -> String {
         let dir = self.dir.file_name().unwrap_or_default().to_string_lossy();
         let unmapped = format!("_unmapped/{dir}");
-        let either = self.deleted_in_outage
-            && !archived.contains_key(&self.id)
-            && archived.contains_key(&unmapped);
-        if self.unmappable || either {
+        let (under_id, under_unmapped) = (
+            archived.contains_key(&self.id),
+            archived.contains_key(&unmapped),
+        );
+        // Deleted before any response carried it, the pod may still reach the agent: a watch
+        // resumed after the outage from an older resourceVersion is sent the pod's ADDED and
+        // DELETED events from the history, as a real API server's watch cache sends them. The
+        // agent can then archive it under its task id after all.
+        let learnt_late = self.unmappable && under_id && !under_unmapped;
+        let either = self.deleted_in_outage && !under_id && under_unmapped;
+        if (self.unmappable && !learnt_late) || either {
             unmapped
         } else {
             self.id.clone()
