@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    AgentProc, Moto, Node, agent_s3, assert_same_log, create_bucket_now, s3_env, wait_for_object,
+    AgentProc, Moto, Node, agent_s3, assert_same_log, create_bucket_now, s3_env, wait_for_bytes,
+    wait_for_object,
 };
 use druid_log_agent::archive::s3::{PartNumber, PartSizes, S3Config, S3Target};
 use druid_log_agent::archive::{Job, JobKind, Origin, Outcome, Part, UploadState};
@@ -411,6 +412,10 @@ fn an_archive_is_timed() {
         );
     }
     write_log(&mut w, 8, 64 << 10, false);
+    // Held before the directory goes, as a kubelet removes it long after the last write: a
+    // loaded CI machine once removed it before the agent had opened a file, and the archive
+    // was the placeholder.
+    wait_for_bytes(&addr, task, w.expected.len(), LONG);
     std::fs::remove_dir_all(node.pod_dir(task)).unwrap();
     // Logged once the outcome is recorded, histograms included.
     agent.wait_for_line("log archived", LONG);
