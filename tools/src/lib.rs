@@ -256,15 +256,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// User and system CPU seconds of a process (not of the machine), from /proc/PID/stat.
 pub fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
+    let (_, user, system) = parse_stat(&stat).unwrap_or_default();
     let ticks = clock_ticks();
-    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
-    let field = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / ticks;
-    (field(11), field(12))
+    (user as f64 / ticks, system as f64 / ticks)
 }
 
 /// User plus system CPU seconds of a process's threads, summed by thread name: where a phase's
@@ -278,20 +272,22 @@ pub fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
     };
     for t in tasks.flatten() {
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let (Some((head, _)), Some((_, after))) = (stat.rsplit_once(')'), stat.rsplit_once(')'))
-        else {
-            continue;
-        };
-        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("?");
-        let f: Vec<u64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        let secs =
-            (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / ticks;
-        *by.entry(name.to_owned()).or_insert(0.0) += secs;
+        if let Some((name, user, system)) = parse_stat(&stat) {
+            *by.entry(name.to_owned()).or_insert(0.0) += (user + system) as f64 / ticks;
+        }
     }
     by
+}
+
+/// The name, user and system clock ticks of a /proc `stat` line. The name is between the first
+/// `(` and the last `)`, as it may hold either.
+fn parse_stat(stat: &str) -> Option<(&str, u64, u64)> {
+    let (head, after) = stat.rsplit_once(')')?;
+    let name = head.split_once('(').map_or("?", |(_, n)| n);
+    // Fields 14 and 15 of stat; after the ')' they are at index 11 and 12.
+    let mut f = after.split_whitespace().skip(11);
+    let mut next = || f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    Some((name, next(), next()))
 }
 
 fn clock_ticks() -> f64 {
@@ -449,6 +445,14 @@ pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread name may hold a space and a `)`: the fields are counted from the last one.
+    #[test]
+    fn stat_lines_give_name_and_ticks() {
+        let line = "42 (odd) name) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20\n";
+        assert_eq!(parse_stat(line), Some(("odd) name", 70, 30)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
 
     /// The floor's inflate speed is only a speed when the round trip gave the text back.
     #[test]
