@@ -158,8 +158,8 @@ impl std::fmt::Debug for Handoff {
 
 impl Handoff {
     /// An empty buffer to swap with the tail being sealed: a recycled one when there is one, so
-    /// the next tail is written into pages already touched.
-    /// Never waits for the lock: a new buffer does as well.
+    /// the next tail is written into pages already touched. Never waits for the lock: a new
+    /// buffer does as well.
     pub fn spare(&self) -> Vec<u8> {
         let Ok(mut pool) = self.shared.pool.try_lock() else {
             return Vec::new();
@@ -195,8 +195,9 @@ impl Handoff {
         true
     }
 
-    /// Gives back a buffer from [`Handoff::spare`] that was not handed over (the seal failed).
-    pub fn unused(&self, text: Vec<u8>) {
+    /// Keeps a buffer that is not handed over (a failed seal's spare, a released tail, the text
+    /// of a task that has no partial) for a later [`Handoff::spare`].
+    pub fn recycle(&self, text: Vec<u8>) {
         self.shared.recycle(text);
     }
 
@@ -379,14 +380,13 @@ impl State {
     }
 
     fn append(&mut self, pod_dir: String, start: u64, text: &[u8]) {
-        let path = self.path(&pod_dir);
         let room = self.open.len() < MAX_OPEN;
         match self.open.get_mut(&pod_dir) {
             Some(o) if o.len == start => {
                 if let Err(e) = o.file.write_all_at(text, start) {
                     debug!(pod_dir, error = %e, "partial archive dropped; the archive will be written whole");
                     self.open.remove(&pod_dir);
-                    remove(&path);
+                    remove(&self.path(&pod_dir));
                 } else {
                     o.len += text.len() as u64;
                 }
@@ -395,11 +395,12 @@ impl State {
                 // A block was not handed over, or the log was started again: the partial is
                 // no longer the log's prefix.
                 self.open.remove(&pod_dir);
-                remove(&path);
+                remove(&self.path(&pod_dir));
             }
             None if start == 0 && room => {
                 // A new file, not a truncated one: a writer of an earlier run that still held
                 // the old one must not write into this.
+                let path = self.path(&pod_dir);
                 remove(&path);
                 let created = fs::create_dir_all(&self.dir).and_then(|()| {
                     let file = File::options().write(true).create_new(true).open(&path)?;

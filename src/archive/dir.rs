@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -200,12 +200,7 @@ impl DirArchive {
     fn rename(&self, task: &TaskId, partial: &Partial, len: LogOffset) -> Result<String, DirError> {
         let dest = self.path_of(task);
         let parent = dest.parent().unwrap_or(&self.dir).to_owned();
-        let io = |op, source| DirError::Io {
-            task: task.to_string(),
-            target: dest.display().to_string(),
-            op,
-            source,
-        };
+        let io = io_error(task, &dest);
         fs::create_dir_all(&parent).map_err(|e| io("create directory", e))?;
         partial
             .file
@@ -238,12 +233,7 @@ impl DirArchive {
     pub fn put(&self, task: &TaskId, spool: &Spool, len: LogOffset) -> Result<String, DirError> {
         let dest = self.path_of(task);
         let parent = dest.parent().unwrap_or(&self.dir).to_owned();
-        let io = |op, source| DirError::Io {
-            task: task.to_string(),
-            target: dest.display().to_string(),
-            op,
-            source,
-        };
+        let io = io_error(task, &dest);
         fs::create_dir_all(&parent).map_err(|e| io("create directory", e))?;
         crate::durable::replace(
             &dest,
@@ -263,6 +253,19 @@ impl DirArchive {
             io,
         )?;
         Ok(dest.display().to_string())
+    }
+}
+
+/// How a failed step on the file `dest` of `task` reads (the step named: "write", "rename").
+fn io_error<'a>(
+    task: &'a TaskId,
+    dest: &'a Path,
+) -> impl Fn(&'static str, io::Error) -> DirError + Copy + 'a {
+    move |op, source| DirError::Io {
+        task: task.to_string(),
+        target: dest.display().to_string(),
+        op,
+        source,
     }
 }
 

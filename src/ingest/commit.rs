@@ -262,24 +262,22 @@ impl Sealer {
     }
 
     /// Gives the buffer of a released tail back for reuse.
-    pub(super) fn recycle(&mut self, buf: Vec<u8>) {
-        if let Some(h) = &mut self.handoff {
-            h.unused(buf);
+    pub(super) fn recycle(&self, buf: Vec<u8>) {
+        if let Some(h) = &self.handoff {
+            h.recycle(buf);
         }
     }
 
     fn seal(&mut self, t: &mut Task) -> Result<(), crate::spool::SpoolError> {
-        let Some(h) = &mut self.handoff else {
-            return t.writer.seal(&mut self.packer);
+        let h = match &mut self.handoff {
+            Some(h) if t.partial != Some(false) => h,
+            _ => return t.writer.seal(&mut self.packer),
         };
-        if t.partial == Some(false) {
-            return t.writer.seal(&mut self.packer);
-        }
         let mut text = h.spare();
         match t.writer.seal_taking(&mut self.packer, &mut text) {
             Ok(start) => {
                 if t.partial.is_none() && start != LogOffset::ZERO {
-                    h.unused(text);
+                    h.recycle(text);
                     t.partial = Some(false);
                 } else {
                     t.partial = Some(h.send(&t.pod.name, start, text));
@@ -287,7 +285,7 @@ impl Sealer {
                 Ok(())
             }
             Err(e) => {
-                h.unused(text);
+                h.recycle(text);
                 Err(e)
             }
         }
