@@ -1,7 +1,7 @@
 //! What the spool's codec costs on this machine, beside the alternatives worth asking about:
 //! gzip level 1 by zlib-rs (the agent's, through flate2) on text cut into independent members
-//! of several block sizes, libdeflate on the same members, and inflating 64 KiB members with
-//! each. One thread, its own CPU time (`/proc/thread-self/schedstat`, nanoseconds) for the
+//! of several block sizes, libdeflate on the same members, zlib-rs's other strategies at level
+//! 1 (Huffman only, RLE), and inflating 64 KiB members with zlib-rs and libdeflate. One thread, its own CPU time (`/proc/thread-self/schedstat`, nanoseconds) for the
 //! median of three passes over 64 MiB of the bench's text, in CPU-s per GiB of text (the
 //! bench's figures are per GiB of CRI input, 13 to 18 % more bytes). Every compressor writes
 //! each member into one reused buffer, as the spool's packer does, and what is made or read is
@@ -39,12 +39,25 @@ fn main() {
         .collect();
     let (s, packed) = libdeflate_deflate(&text, MEMBER);
     let libdeflate = json!({"block": MEMBER, "cpu_s_per_gib": s, "ratio": ratio(&text, packed)});
+    let strategies: serde_json::Map<_, _> = [
+        ("huffman_only", zlib_rs::Strategy::HuffmanOnly),
+        ("rle", zlib_rs::Strategy::Rle),
+    ]
+    .into_iter()
+    .map(|(name, strategy)| {
+        let (s, packed) = zlib_rs_strategy(&text, strategy);
+        (
+            name.to_owned(),
+            json!({"block": MEMBER, "cpu_s_per_gib": s, "ratio": ratio(&text, packed)}),
+        )
+    })
+    .collect();
     let members = members(&text);
     let out = json!({
         "date": date,
         "data": data,
         "load_before": load_before,
-        "deflate_level_1": {"zlib_rs": zlib_rs, "libdeflate": libdeflate},
+        "deflate_level_1": {"zlib_rs": zlib_rs, "libdeflate": libdeflate, "zlib_rs_strategy": strategies},
         "inflate_64k_members_cpu_s_per_gib": {
             "zlib_rs": zlib_rs_inflate(&members, &text),
             "libdeflate": libdeflate_inflate(&members, &text),
@@ -117,6 +130,35 @@ fn zlib_rs_deflate(text: &[u8], block: usize) -> (f64, usize) {
         total
     });
     check_member(&out, text.chunks(block).last().unwrap_or_default());
+    (s, total)
+}
+
+/// 64 KiB members at level 1 with another of zlib's strategies: still deflate, so any gzip
+/// reader reads them, trading ratio for speed (Huffman codes only, or matches of the byte
+/// before only). Made by zlib-rs itself, which flate2 does not let choose a strategy.
+fn zlib_rs_strategy(text: &[u8], strategy: zlib_rs::Strategy) -> (f64, usize) {
+    let mut c = zlib_rs::Deflate::new_with_config(zlib_rs::DeflateConfig {
+        level: 1,
+        window_bits: -15,
+        strategy,
+        ..zlib_rs::DeflateConfig::default()
+    });
+    let mut out = vec![0u8; zlib_rs::compress_bound(MEMBER)];
+    let mut last = 0;
+    let (s, total) = median_of_three(text, || {
+        text.chunks(MEMBER)
+            .map(|chunk| {
+                c.reset();
+                match c.compress(chunk, &mut out, zlib_rs::DeflateFlush::Finish) {
+                    Ok(zlib_rs::Status::StreamEnd) => {}
+                    other => panic!("a member within its bound in one call: {other:?}"),
+                }
+                last = c.total_out() as usize;
+                last
+            })
+            .sum()
+    });
+    check_member(&out[..last], text.chunks(MEMBER).last().unwrap_or_default());
     (s, total)
 }
 

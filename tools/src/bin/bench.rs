@@ -27,7 +27,8 @@ use druid_log_agent::loadgen::{LineGen, PeonWriter};
 use druid_log_agent_testkit::http::{self, KeepAlive};
 use druid_log_agent_tools::{
     MachineSample, Pace, async_snapshot_clients, bucket_quantile, cpu_by_thread, cpu_seconds,
-    cpu_split, gzip1_speeds, histogram_buckets, loadavg, ms, now_utc, pct, proc_field, write_mib,
+    cpu_split, gzip1_speeds, histogram_buckets, loadavg, ms, now_utc, page_write_speeds, pct,
+    proc_field, write_mib,
 };
 
 #[derive(Parser)]
@@ -156,6 +157,7 @@ const HEADLINE: &[&str] = &[
     "/load_before/0",
     "/load_after/0",
     "/machine/gzip1_mib_s",
+    "/machine/fresh_page_write_mib_s",
     "/floor_cpu_s_per_gib/ingest",
     "/floor_cpu_s_per_gib/end_to_end",
 ];
@@ -416,6 +418,8 @@ fn main() {
                 .unwrap_or(0)
         })
         .sum();
+    // Just before the agent starts, beside its spool: what a new page costs now.
+    let (fresh_page_write, cached_page_write) = page_write_speeds(&tmp);
     let started = Instant::now();
     let mut cmd = match &args.wrap {
         Some(w) => {
@@ -777,7 +781,7 @@ fn main() {
         "date": now_utc(),
         "load_before": load_before,
         "load_after": loadavg(),
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration, "data_gzip1_mib_s": data_deflate, "data_gunzip_mib_s": data_inflate},
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "cpu": cpu_model, "gzip1_mib_s": calibration, "data_gzip1_mib_s": data_deflate, "data_gunzip_mib_s": data_inflate, "fresh_page_write_mib_s": fresh_page_write, "cached_page_write_mib_s": cached_page_write},
         // gzip level 1 alone on this run's text, per GiB of CRI input: what the spool's
         // compression (ingest) and one more inflate for a plain-text archive (end to end)
         // cost before the agent does anything else.
