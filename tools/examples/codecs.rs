@@ -1,11 +1,12 @@
 //! What the spool's codec costs on this machine, beside the alternatives worth asking about:
 //! gzip level 1 by zlib-rs (the agent's, through flate2) on text cut into independent members
 //! of several block sizes, libdeflate on the same members, zlib-rs's other strategies at level
-//! 1 (Huffman only, RLE), and inflating 64 KiB members with zlib-rs and libdeflate. One thread, its own CPU time (`/proc/thread-self/schedstat`, nanoseconds) for the
-//! median of three passes over 64 MiB of the bench's text, in CPU-s per GiB of text (the
-//! bench's figures are per GiB of CRI input, 13 to 18 % more bytes). Every compressor writes
-//! each member into one reused buffer, as the spool's packer does, and what is made or read is
-//! checked against the text. Prints one JSON object with the date and the load.
+//! 1 (Huffman only, RLE), and inflating 64 KiB members with zlib-rs and libdeflate. One thread,
+//! its own CPU time (`/proc/thread-self/schedstat`, nanoseconds) for the median of three passes
+//! over 64 MiB of the bench's text, in CPU-s per GiB of text (the bench's figures are per GiB of
+//! CRI input, 13 to 18 % more bytes). Every compressor writes each member into one reused
+//! buffer, as the spool's packer does, and what is made or read is checked against the text.
+//! Prints one JSON object with the date and the load.
 //!
 //! `cargo run --release -p druid-log-agent-tools --example codecs -- varied` (or `plain`).
 
@@ -133,9 +134,10 @@ fn zlib_rs_deflate(text: &[u8], block: usize) -> (f64, usize) {
     (s, total)
 }
 
-/// 64 KiB members at level 1 with another of zlib's strategies: still deflate, so any gzip
-/// reader reads them, trading ratio for speed (Huffman codes only, or matches of the byte
-/// before only). Made by zlib-rs itself, which flate2 does not let choose a strategy.
+/// 64 KiB members at level 1 with another of zlib's strategies (Huffman codes only, or
+/// matches of the byte before only): still deflate, so any gzip reader reads them, and
+/// reputed to trade ratio for speed, which is what this measures. Made by zlib-rs itself,
+/// which flate2 does not let choose a strategy.
 fn zlib_rs_strategy(text: &[u8], strategy: zlib_rs::Strategy) -> (f64, usize) {
     let mut c = zlib_rs::Deflate::new_with_config(zlib_rs::DeflateConfig {
         level: 1,

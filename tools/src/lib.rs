@@ -67,11 +67,13 @@ fn deflate_passes(text: &[u8]) -> (f64, Vec<u8>) {
 
 /// What writing into the page cache costs on this machine as it is now, in MiB/s on one
 /// thread: 64 MiB written in 1 MiB writes to a new file in `dir` (pages the kernel must
-/// allocate), then the same bytes over it again (pages that exist). The agent writes every
-/// spool block and every directory archive into new pages. On a virtual machine whose host
-/// takes back the guest's free memory (a balloon with free page reporting), a new page can
-/// cost ten times an existing one, and how much depends on what the guest freed in the seconds
-/// before: the system time of the same run moves with it. NaN for a write that failed.
+/// allocate, and on ext4 blocks it must reserve), then the same bytes over it again (pages
+/// that exist). The agent writes every spool block and every directory archive into new
+/// pages. On a virtual machine whose host takes back the guest's free memory (a balloon with
+/// free page reporting), a new page can cost ten times an existing one, depending on what the
+/// guest freed in the seconds before: a record of the machine's state beside a run's figures,
+/// not a correction to them. The 64 MiB it frees again may make the agent's first writes a
+/// little cheaper. NaN for a write that failed.
 pub fn page_write_speeds(dir: &std::path::Path) -> (f64, f64) {
     use std::io::{Seek, Write};
     let chunk = vec![b'x'; 1 << 20];
