@@ -328,7 +328,20 @@ impl Ingest {
     /// re-read. Reads what is left in open files first, for at most `read_for`.
     pub fn shutdown(&mut self, read_for: Duration) -> bool {
         // A file whose pod was deleted moments ago is still open here but gone for the next
-        // agent: read everything there is (bounded) before the last checkpoint.
+        // agent: read everything there is (bounded) before the last checkpoint. That holds for
+        // a pod not known yet (pending through an API outage) too: its log is read into its
+        // spool, still pending, and the next agent archives it once the pod list says what the
+        // pod was (under its task id or `_unmapped/`), or drops the spool if it was not a
+        // peon. Left unread, the log would be lost whole (Druid's placeholder archived
+        // instead). A pending pod whose directory is still there waits unread as always: the
+        // next agent finds its files.
+        for t in self.tasks.values_mut() {
+            if t.identity == Identity::Pending && !self.s.log_root.join(&t.pod.name).is_dir() {
+                info!(pod_dir = %t.pod.name, "pod directory gone while its pod is not known yet; reading its open files into the spool before stopping");
+                t.dir_gone = true;
+                t.read_pending = true;
+            }
+        }
         let deadline = Instant::now() + read_for;
         let names: Vec<String> = self.tasks.keys().map(|p| p.name.clone()).collect();
         self.dirty_read.extend(names);

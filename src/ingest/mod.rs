@@ -149,6 +149,10 @@ struct Task {
     /// block was not taken), so that the text of such a task no longer takes the appender's
     /// room from tasks that can still have one.
     partial: Option<bool>,
+    /// Read although its pod is not known yet: this agent is stopping and the pod's directory
+    /// is gone, so the files it holds open are the last copy of the log (see
+    /// [`Ingest::shutdown`]).
+    read_pending: bool,
 }
 
 impl Task {
@@ -188,6 +192,7 @@ impl Task {
             first_seen_ms: now_ms(),
             seen_at: Instant::now(),
             partial: None,
+            read_pending: false,
         }
     }
 

@@ -117,7 +117,7 @@ impl Ingest {
         let Some(t) = self.tasks.get_mut(name) else {
             return (false, 0);
         };
-        if t.task_id().is_none() || t.restoring.is_some() || t.spool_lost {
+        if (t.task_id().is_none() && !t.read_pending) || t.restoring.is_some() || t.spool_lost {
             return (false, 0);
         }
         let size = |t: &Task| t.writer.spool().file_len() + t.writer.tail_len() as u64;

@@ -717,6 +717,44 @@ fn pending_directory_gone_across_a_restart_is_decided() {
     assert!(agent.terminate().success());
 }
 
+/// A pending directory (its pod came during an API outage) whose pod is deleted while the agent
+/// runs, followed by a SIGTERM before the API is back: the files the agent holds open are the
+/// last copy of the log, so it reads them before it stops, and the next agent archives the log
+/// whole under the fallback name once the pod list is current (the pod is not in it: created
+/// and deleted within the outage).
+#[test]
+fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let args = ["--pending-timeout-secs", "1"];
+    let agent = start(&node, &api, &args);
+    let addr = wait_ready(&agent);
+    api.set_outage(Some(Outage::Refused));
+    let dir = dir_name("druid", "peon-held", "uid-held");
+    let mut log = log_of(&node, "druid", "peon-held", "uid-held", "main");
+    write(&mut log, 1, 200 << 10);
+    agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
+        pending_past_timeout(line, &dir)
+    });
+    // Listed as pending once its files are open (the same pass opens them).
+    wait_until(LONG, "the directory is listed as pending", || {
+        metric(&addr, "druid_log_agent_pending_pods") == Some(1)
+    });
+    write(&mut log, 2, 100 << 10);
+    // The pod is deleted and the kubelet removes its logs while the agent runs; then the
+    // agent is stopped (a rolling update, a node drain) before the API answers again.
+    fs::remove_dir_all(node.pods.join(&dir)).unwrap();
+    assert!(agent.terminate().success());
+    api.set_outage(None);
+    let agent = start(&node, &api, &args);
+    let unmapped = node.archive.join("_unmapped").join(format!("{dir}.log"));
+    assert_same_log(
+        &wait_for_archive(&unmapped, log.expected.len(), LONG),
+        &log.expected,
+    );
+    assert!(agent.terminate().success());
+}
+
 /// The pod watch ends when its turn of the shutdown comes, and lets go of its watch: the API
 /// sees the connection closed while the client and its runtime live on (a watch that only
 /// stopped being read would stay open on the API server).
