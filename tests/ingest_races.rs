@@ -35,10 +35,15 @@ type Hook = Box<dyn FnMut() + Send>;
 struct Scripted {
     finished: Arc<Mutex<bool>>,
     hook: Arc<Mutex<Option<Hook>>>,
+    /// The pod is not known yet (an API outage).
+    pending: Arc<Mutex<bool>>,
 }
 
 impl TaskIdentity for Scripted {
     fn identify(&mut self, pod: &PodDir) -> Identity {
+        if *self.pending.lock().unwrap() {
+            return Identity::Pending;
+        }
         Identity::Task(TaskId::new(pod.pod.clone()).unwrap())
     }
 
@@ -183,6 +188,10 @@ impl World {
 
     fn set_finished(&self, finished: bool) {
         *self.identity.finished.lock().unwrap() = finished;
+    }
+
+    fn set_pending(&self, pending: bool) {
+        *self.identity.pending.lock().unwrap() = pending;
     }
 
     /// The task's spool file.
@@ -402,6 +411,38 @@ fn restore_under_emfile_retries_and_doubles_nothing() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+/// A pod not known yet (the API away) whose directory is gone when the agent stops: the files
+/// the engine holds open are the last copy, so they are read into the spool first. The next
+/// engine, once it learns the pod's name, saves the name before the archive goes out: after a
+/// crash in between, a later agent could name the log otherwise (the pod gone from its cache)
+/// and archive it a second time. The archive is the whole log.
+#[test]
+fn pending_task_read_at_the_stop_is_named_before_it_is_archived() {
+    let _turn = serial();
+    let mut w = World::new();
+    w.set_pending(true);
+    w.files.append("0.log", 60);
+    assert!(w.round().is_none());
+    fs::remove_dir_all(&w.pod_dir).unwrap();
+    assert!(w.ingest.shutdown(Duration::from_secs(3)));
+    // The next engine restores the task, still pending, and commits.
+    w.ingest = open(&w.cfg, &w.identity, &w.archive);
+    assert!(w.round().is_none());
+    // It learns the name between two commits: the archive waits for the next one.
+    w.set_pending(false);
+    let now = w.now + Duration::from_millis(100);
+    w.ingest.scan_all();
+    while w.ingest.process(now) {}
+    w.ingest.tick(now);
+    w.ingest.commit_if_due(now, Duration::from_secs(3600));
+    assert!(
+        w.ingest.take_archive_jobs().is_empty(),
+        "archived before the name it learned was saved"
+    );
+    let got = w.archived();
+    assert_same(&got, &w.expected());
 }
 
 /// An archived task whose spool turns out damaged after a crash keeps its state: what is left

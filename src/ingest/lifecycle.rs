@@ -37,9 +37,20 @@ impl Ingest {
                 t.identity = self.identity.identify(&t.pod);
                 if t.identity == Identity::Ignore {
                     self.drop_task(name);
-                } else {
-                    self.publish(name);
+                    continue;
                 }
+                // A task that ended while pending (read as its agent stopped) has a committed
+                // snapshot without a name: the name goes into the next checkpoint before its
+                // archive may go out (an end is archived only once saved), or a crash in between
+                // could let the next agent name it otherwise (the pod gone from the cache by
+                // then) and archive the log a second time.
+                let id = t.task_id().map(|i| i.to_string());
+                if let (Some(id), Some(s)) = (id, t.snapshot.as_mut()) {
+                    s.task_id = Some(id);
+                    t.unsaved = true;
+                    t.snapshot_gen += 1;
+                }
+                self.publish(name);
                 continue;
             }
             if t.tail_since
@@ -330,11 +341,12 @@ impl Ingest {
         // A file whose pod was deleted moments ago is still open here but gone for the next
         // agent: read everything there is (bounded) before the last checkpoint. That holds for
         // a pod not known yet (pending through an API outage) too: its log is read into its
-        // spool, still pending, and the next agent archives it once the pod list says what the
-        // pod was (under its task id or `_unmapped/`), or drops the spool if it was not a
-        // peon. Left unread, the log would be lost whole (Druid's placeholder archived
-        // instead). A pending pod whose directory is still there waits unread as always: the
-        // next agent finds its files.
+        // spool, still pending, and the next agent archives it under its task id, or under
+        // `_unmapped/` if the pod list never shows it (as a running agent does with a pod gone
+        // before its metadata came, peon or not). Left unread, the log would be lost whole
+        // (Druid's placeholder archived instead). A pending pod whose directory is still there
+        // waits unread as always: the next agent finds its files. Checked here, not by
+        // `dir_gone`: inotify events still queued are not handled any more.
         for t in self.tasks.values_mut() {
             if t.identity == Identity::Pending && !self.s.log_root.join(&t.pod.name).is_dir() {
                 info!(pod_dir = %t.pod.name, "pod directory gone while its pod is not known yet; reading its open files into the spool before stopping");

@@ -736,7 +736,8 @@ fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
     agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
         pending_past_timeout(line, &dir)
     });
-    // Listed as pending once its files are open (the same pass opens them).
+    // Listed as pending once the agent holds the directory; its file, written before, is open
+    // by then (or within moments, on its inotify event: the wait above was a second longer).
     wait_until(LONG, "the directory is listed as pending", || {
         metric(&addr, "druid_log_agent_pending_pods") == Some(1)
     });
@@ -753,6 +754,18 @@ fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
         &log.expected,
     );
     assert!(agent.terminate().success());
+    // The name the log was archived under is in the checkpoint, so a later agent does not
+    // ask again (ingest_races has the order of the two).
+    let state = druid_log_agent::checkpoint::load(&node.state).unwrap();
+    let task = state
+        .tasks
+        .iter()
+        .find(|t| t.pod_dir == dir)
+        .expect("the task is checkpointed");
+    assert_eq!(
+        task.task_id.as_deref(),
+        Some(format!("_unmapped/{dir}").as_str())
+    );
 }
 
 /// The pod watch ends when its turn of the shutdown comes, and lets go of its watch: the API
