@@ -683,30 +683,64 @@ fn deleted_pods_leave_the_cache_after_their_retention() {
     assert!(agent.terminate().success());
 }
 
+/// The pending timeout of the agents in [`held_in_outage`].
+const HELD_ARGS: [&str; 2] = ["--pending-timeout-secs", "1"];
+
+/// An agent holding a pod's log directory pending: the API went away (in the form `outage`)
+/// before the directory appeared with `bytes` of log, and the pending timeout has passed.
+struct Held {
+    api: FakeApi,
+    node: Node,
+    agent: AgentProc,
+    dir: String,
+    log: PeonWriter,
+}
+
+fn held_in_outage(outage: Outage, name: &str, uid: &str, bytes: usize) -> Held {
+    let api = FakeApi::start();
+    let node = Node::new();
+    let agent = start(&node, &api, &HELD_ARGS);
+    let addr = wait_ready(&agent);
+    api.set_outage(Some(outage));
+    let dir = dir_name("druid", name, uid);
+    let mut log = log_of(&node, "druid", name, uid, "main");
+    write(&mut log, 1, bytes);
+    agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
+        pending_past_timeout(line, &dir)
+    });
+    // Listed as pending once the agent holds the directory; its file, written before, is open
+    // by then (or within moments, on its inotify event: the wait above was a second longer).
+    wait_until(LONG, "the directory is listed as pending", || {
+        metric(&addr, "druid_log_agent_pending_pods") == Some(1)
+    });
+    Held {
+        api,
+        node,
+        agent,
+        dir,
+        log,
+    }
+}
+
 /// A directory still pending when the agent stops (its pod came and went during an API
 /// outage), and gone when the next agent starts: once the pod list is current again it is
 /// decided, not held forever. Its files were never read, so what is archived, under the
 /// fallback name, is Druid's placeholder.
 #[test]
 fn pending_directory_gone_across_a_restart_is_decided() {
-    let api = FakeApi::start();
-    let node = Node::new();
-    let args = ["--pending-timeout-secs", "1"];
-    let agent = start(&node, &api, &args);
-    wait_ready(&agent);
-    api.set_outage(Some(Outage::Refused));
-    let dir = dir_name("druid", "peon-gone", "uid-gone");
-    let mut log = log_of(&node, "druid", "peon-gone", "uid-gone", "main");
-    write(&mut log, 1, 10 << 10);
-    agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
-        pending_past_timeout(line, &dir)
-    });
+    let Held {
+        api,
+        node,
+        agent,
+        dir,
+        ..
+    } = held_in_outage(Outage::Refused, "peon-gone", "uid-gone", 10 << 10);
     // The agent stops with the directory pending; the pod is deleted and the kubelet removes
     // its logs meanwhile.
     assert!(agent.terminate().success());
     fs::remove_dir_all(node.pods.join(&dir)).unwrap();
     api.set_outage(None);
-    let agent = start(&node, &api, &args);
+    let agent = start(&node, &api, &HELD_ARGS);
     let unmapped = node.archive.join("_unmapped").join(format!("{dir}.log"));
     let got = wait_for_archive(&unmapped, 1, LONG);
     assert!(
@@ -722,32 +756,21 @@ fn pending_directory_gone_across_a_restart_is_decided() {
 /// last copy of the log, so it reads them before it stops, and the next agent archives the log
 /// whole under the fallback name once the pod list is current (the pod is not in it: created
 /// and deleted within the outage).
-#[test]
-fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
-    let api = FakeApi::start();
-    let node = Node::new();
-    let args = ["--pending-timeout-secs", "1"];
-    let agent = start(&node, &api, &args);
-    let addr = wait_ready(&agent);
-    api.set_outage(Some(Outage::Refused));
-    let dir = dir_name("druid", "peon-held", "uid-held");
-    let mut log = log_of(&node, "druid", "peon-held", "uid-held", "main");
-    write(&mut log, 1, 200 << 10);
-    agent.wait_for_line_where(&format!("that {dir} is pending"), LONG, |line| {
-        pending_past_timeout(line, &dir)
-    });
-    // Listed as pending once the agent holds the directory; its file, written before, is open
-    // by then (or within moments, on its inotify event: the wait above was a second longer).
-    wait_until(LONG, "the directory is listed as pending", || {
-        metric(&addr, "druid_log_agent_pending_pods") == Some(1)
-    });
+fn pending_directory_deleted_before_a_sigterm(outage: Outage, name: &str, uid: &str) {
+    let Held {
+        api,
+        node,
+        agent,
+        dir,
+        mut log,
+    } = held_in_outage(outage, name, uid, 200 << 10);
     write(&mut log, 2, 100 << 10);
     // The pod is deleted and the kubelet removes its logs while the agent runs; then the
     // agent is stopped (a rolling update, a node drain) before the API answers again.
     fs::remove_dir_all(node.pods.join(&dir)).unwrap();
     assert!(agent.terminate().success());
     api.set_outage(None);
-    let agent = start(&node, &api, &args);
+    let agent = start(&node, &api, &HELD_ARGS);
     let unmapped = node.archive.join("_unmapped").join(format!("{dir}.log"));
     assert_same_log(
         &wait_for_archive(&unmapped, log.expected.len(), LONG),
@@ -765,6 +788,21 @@ fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
     assert_eq!(
         task.task_id.as_deref(),
         Some(format!("_unmapped/{dir}").as_str())
+    );
+}
+
+#[test]
+fn pending_directory_deleted_before_a_sigterm_is_archived_whole() {
+    pending_directory_deleted_before_a_sigterm(Outage::Refused, "peon-held", "uid-held");
+}
+
+/// With 503 answers, a client's built-in retries can hide the outage from the watcher.
+#[test]
+fn pending_directory_deleted_before_a_sigterm_in_503s_is_archived_whole() {
+    pending_directory_deleted_before_a_sigterm(
+        Outage::Unavailable,
+        "peon-held-503",
+        "uid-held-503",
     );
 }
 
